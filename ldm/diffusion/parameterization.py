@@ -1,0 +1,131 @@
+"""Network parameterisations and the training objective, converted in this one place.
+
+With x_t = alpha x0 + sigma eps a network may predict
+  eps   (Ho et al. 2020),
+  x0    (the clean sample),
+  v     = alpha eps - sigma x0 (Salimans & Ho 2022, App. D; for VP alpha^2 + sigma^2 = 1),
+  score = grad log p_t(x_t) = -eps / sigma (denoising score matching, Vincent 2011; Song & Ermon 2019).
+Everything downstream (samplers, guidance, likelihoods) consumes (x0, eps) and never branches on the choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ldm.diffusion.sde import GaussianProcess, _bcast, as_time, randn
+
+Tensor = torch.Tensor
+PREDICTIONS = ("eps", "x0", "v", "score")
+WEIGHTINGS = ("uniform", "min_snr")
+
+# (x_t, model_time (B,), cond) -> raw network output
+Denoiser = Callable[[Tensor, Tensor, Any], Tensor]
+
+
+def to_x0_eps(output: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, prediction: str) -> tuple[Tensor, Tensor]:
+    """Convert a network output of the given kind into (x0, eps)."""
+    a, s = _bcast(alpha, x_t), _bcast(sigma, x_t)
+    if prediction == "eps":
+        return (x_t - s * output) / a, output
+    if prediction == "x0":
+        return output, (x_t - a * output) / s
+    if prediction == "v":
+        norm = a**2 + s**2
+        return (a * x_t - s * output) / norm, (s * x_t + a * output) / norm
+    if prediction == "score":
+        eps = -s * output
+        return (x_t - s * eps) / a, eps
+    raise ValueError(f"unknown prediction {prediction!r}; choose from {PREDICTIONS}")
+
+
+def from_x0_eps(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, prediction: str) -> Tensor:
+    """The quantity a network of the given kind should output for (x0, eps): the regression target."""
+    a, s = _bcast(alpha, x0), _bcast(sigma, x0)
+    if prediction == "eps":
+        return eps
+    if prediction == "x0":
+        return x0
+    if prediction == "v":
+        return a * eps - s * x0
+    if prediction == "score":
+        return -eps / s
+    raise ValueError(f"unknown prediction {prediction!r}; choose from {PREDICTIONS}")
+
+
+def score_from_eps(eps: Tensor, sigma: Tensor) -> Tensor:
+    """score = -eps / sigma (Song et al. 2021, Eq. 3 for the Gaussian kernel)."""
+    return -eps / _bcast(sigma, eps)
+
+
+def loss_weight(snr: Tensor, prediction: str, weighting: str = "uniform", gamma: float = 5.0) -> Tensor:
+    """Per-sample weight of the MSE on the target; min-SNR-gamma (Hang et al. 2023) expressed for each target."""
+    if weighting == "uniform":
+        return torch.ones_like(snr)
+    if weighting != "min_snr":
+        raise ValueError(f"unknown weighting {weighting!r}; choose from {WEIGHTINGS}")
+    clipped = snr.clamp(max=gamma)
+    if prediction == "eps":
+        return clipped / snr
+    if prediction == "v":
+        return clipped / (snr + 1)
+    if prediction == "x0":
+        return clipped
+    if prediction == "score":  # ||s - target||^2 = ||eps - target||^2 / sigma^2; sigma^2 reweights to eps-space
+        return clipped / snr / (1 + snr)
+    raise ValueError(f"unknown prediction {prediction!r}")
+
+
+@dataclass
+class Predictor:
+    """A network denoiser seen through its process: (x_t, t) -> (x0, eps), t continuous in [0, 1]."""
+
+    denoiser: Denoiser
+    process: GaussianProcess
+    prediction: str = "eps"
+
+    def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {self.prediction!r}; choose from {PREDICTIONS}")
+
+    def __call__(self, x_t: Tensor, t: float | Tensor, cond: Any = None) -> tuple[Tensor, Tensor]:
+        t = as_time(t)
+        if t.dim() == 0:
+            t = t.expand(x_t.shape[0])
+        out = self.denoiser(x_t, self.process.model_time(t).to(device=x_t.device, dtype=torch.float32), cond)
+        return to_x0_eps(out, x_t, self.process.alpha(t), self.process.sigma(t), self.prediction)
+
+    def score(self, x_t: Tensor, t: float | Tensor, cond: Any = None) -> Tensor:
+        return score_from_eps(self(x_t, t, cond)[1], self.process.sigma(as_time(t)))
+
+
+def diffusion_loss(
+    denoiser: Denoiser,
+    x0: Tensor,
+    cond: Any,
+    process: GaussianProcess,
+    *,
+    prediction: str = "eps",
+    weighting: str = "uniform",
+    min_snr_gamma: float = 5.0,
+    offset_noise: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The simplified DDPM objective E ||target - net(x_t, t)||^2 (Ho et al. Eq. 14), any target and weighting.
+
+    Offset noise adds a per-channel constant to eps (Guttenberg 2023) so the model can shift mean brightness.
+    """
+    B = x0.shape[0]
+    t = process.sample_time(B, generator, device="cpu")  # (B,) float64
+    eps = randn(tuple(x0.shape), generator, x0.device, x0.dtype)  # (B, C, H, W)
+    if offset_noise:
+        eps = eps + offset_noise * randn((B, x0.shape[1]) + (1,) * (x0.dim() - 2), generator, x0.device, x0.dtype)
+    alpha, sigma = process.alpha(t), process.sigma(t)  # (B,)
+    x_t = _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * eps
+    target = from_x0_eps(x0, eps, alpha, sigma, prediction)
+    out = denoiser(x_t, process.model_time(t).to(device=x0.device, dtype=torch.float32), cond)
+    per_sample = (out.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
+    weight = loss_weight(process.snr(t), prediction, weighting, min_snr_gamma).to(per_sample)
+    return (weight * per_sample).mean()

@@ -1,0 +1,274 @@
+"""Gaussian diffusion processes x_t = alpha(t) x0 + sigma(t) eps as linear SDEs dx = f(t) x dt + g(t) dw.
+
+One continuous time t in [0, 1] serves every process (Song et al. 2021, "Score-Based Generative Modeling
+through SDEs", Sec. 3 and App. B):
+
+* ``DiscreteVP``: the DDPM chain (Ho et al. 2020) of a discrete beta schedule. Timestep n in {0..T-1}
+  sits at t_n = (n + 1) / T and log alpha_bar is interpolated linearly in between, so a model trained on
+  the discrete chain is usable by continuous-time solvers (the DPM-Solver convention, Lu et al. 2022).
+* ``VPSDE`` (linear beta(t)), ``SubVPSDE`` and ``VESDE`` (geometric sigma(t)).
+
+Drift and diffusion follow from the marginals of any linear SDE:
+f(t) = d log alpha / dt and g(t)^2 = d sigma^2 / dt - 2 f(t) sigma^2.
+The reverse-time SDE is dx = [f x - g^2 score] dt + g dw_bar (Anderson 1982; Song et al. Eq. 6) and the
+probability-flow ODE is dx/dt = f x - g^2 score / 2 (Song et al. Eq. 13).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+Tensor = torch.Tensor
+LOG_ALPHA_BAR_FLOOR = math.log(2.0**-24)  # a zero-terminal-SNR chain keeps a finite log alpha_bar
+
+
+def as_time(t: float | Tensor) -> Tensor:
+    """Times as a float64 tensor (scalars stay 0-d)."""
+    return torch.as_tensor(t, dtype=torch.float64)
+
+
+def randn(shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator] | None = None,
+          device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
+    """Standard normal noise from one generator, or one generator per batch element (per-image seeds)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack([torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype).to(device)
+                            for g in generator])
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+class GaussianProcess:
+    """Base: a forward process defined by its marginals alpha(t), sigma(t) on t in [0, 1]."""
+
+    t_min: float = 1e-3  # smallest time a model is trained on / a solver integrates to
+
+    # --- what a process defines --------------------------------------------------------------
+    def log_alpha(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def sigma2(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def dlog_alpha_dt(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def dsigma2_dt(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def model_time(self, t: Tensor) -> Tensor:
+        """The timestep input the network was trained with at time t."""
+        raise NotImplementedError
+
+    def time_from_model(self, m: Tensor) -> Tensor:
+        """Inverse of model_time."""
+        raise NotImplementedError
+
+    def timesteps(self, steps: int, spacing: str = "uniform") -> Tensor:
+        """Descending solver grid of steps + 1 times from ~1 to exactly 0 (0 means: return the clean estimate)."""
+        if spacing != "uniform":
+            raise ValueError(f"{type(self).__name__} supports spacing 'uniform', not {spacing!r}")
+        return torch.cat([torch.linspace(1.0, self.t_min, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+
+    def sample_time(self, n: int, generator: torch.Generator | None = None, device="cpu") -> Tensor:
+        """Training times t ~ U[t_min, 1]."""
+        u = torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device if generator else "cpu")
+        return (self.t_min + (1 - self.t_min) * u).to(device)
+
+    # --- derived quantities --------------------------------------------------------------------
+    def alpha(self, t: float | Tensor) -> Tensor:
+        return self.log_alpha(as_time(t)).exp()
+
+    def sigma(self, t: float | Tensor) -> Tensor:
+        return self.sigma2(as_time(t)).sqrt()
+
+    def snr(self, t: float | Tensor) -> Tensor:
+        """Signal-to-noise ratio alpha^2 / sigma^2 (Kingma et al. 2021)."""
+        t = as_time(t)
+        return (2 * self.log_alpha(t)).exp() / self.sigma2(t)
+
+    def log_snr_half(self, t: float | Tensor) -> Tensor:
+        """lambda(t) = log(alpha / sigma), the DPM-Solver time variable."""
+        t = as_time(t)
+        return self.log_alpha(t) - 0.5 * self.sigma2(t).log()
+
+    def f(self, t: float | Tensor) -> Tensor:
+        """Drift coefficient: f(x, t) = f(t) x."""
+        return self.dlog_alpha_dt(as_time(t))
+
+    def g2(self, t: float | Tensor) -> Tensor:
+        """Squared diffusion coefficient g(t)^2 = d sigma^2/dt - 2 f(t) sigma^2."""
+        t = as_time(t)
+        return self.dsigma2_dt(t) - 2 * self.dlog_alpha_dt(t) * self.sigma2(t)
+
+    def drift(self, x: Tensor, t: float | Tensor) -> Tensor:
+        return _bcast(self.f(t), x) * x
+
+    def diffusion(self, t: float | Tensor) -> Tensor:
+        return self.g2(t).clamp_min(0).sqrt()
+
+    def marginal(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """Sample q(x_t | x0) = N(alpha x0, sigma^2 I) with the given noise (Ho et al. Eq. 4)."""
+        return _bcast(self.alpha(t), x0) * x0 + _bcast(self.sigma(t), x0) * eps
+
+    def transition(self, t: float | Tensor, s: float | Tensor) -> tuple[Tensor, Tensor]:
+        """q(x_t | x_s) = N(a x_s, var I) for s < t: a = alpha_t / alpha_s, var = sigma_t^2 - a^2 sigma_s^2."""
+        t, s = as_time(t), as_time(s)
+        a = (self.log_alpha(t) - self.log_alpha(s)).exp()
+        var = self.sigma2(t) - a**2 * self.sigma2(s)
+        return a, var.clamp_min(0)
+
+    def posterior(self, x_t: Tensor, x0: Tensor, t: float | Tensor, s: float | Tensor) -> tuple[Tensor, Tensor]:
+        """q(x_s | x_t, x0) mean and variance (Ho et al. Eq. 6-7; Kingma et al. 2021 Eq. 31-33 for general s < t)."""
+        a, var_ts = self.transition(t, s)
+        s2_s, s2_t = self.sigma2(as_time(s)), self.sigma2(as_time(t))
+        mean = _bcast(a * s2_s / s2_t, x_t) * x_t + _bcast(self.alpha(s) * var_ts / s2_t, x0) * x0
+        return mean, var_ts * s2_s / s2_t
+
+    def prior_sample(self, shape: tuple[int, ...], generator=None, device="cpu", dtype=torch.float32) -> Tensor:
+        """x_1 ~ N(0, sigma(1)^2 I), the prior the reverse process starts from."""
+        return randn(shape, generator, device, dtype) * float(self.sigma(1.0))
+
+    def reverse_drift(self, x: Tensor, t: float | Tensor, score: Tensor, probability_flow: bool = False) -> Tensor:
+        """Reverse SDE drift f x - g^2 score, or the probability-flow ODE drift f x - g^2 score / 2."""
+        weight = 0.5 if probability_flow else 1.0
+        return self.drift(x, t) - weight * _bcast(self.g2(t), x) * score
+
+    def reverse(self, score_fn: Callable[[Tensor, Tensor], Tensor], probability_flow: bool = False):
+        """The reverse-time SDE (or probability-flow ODE) as (drift(x, t), diffusion(t)) callables."""
+        drift = lambda x, t: self.reverse_drift(x, t, score_fn(x, t), probability_flow)  # noqa: E731
+        diffusion = (lambda t: torch.zeros(())) if probability_flow else self.diffusion  # noqa: E731
+        return drift, diffusion
+
+
+def _bcast(coef: Tensor, x: Tensor) -> Tensor:
+    """Broadcast a scalar or per-sample (B,) coefficient against x (B, ...) in x's dtype."""
+    coef = coef.to(device=x.device, dtype=x.dtype)
+    return coef.reshape(coef.shape + (1,) * (x.dim() - coef.dim())) if coef.dim() else coef
+
+
+class DiscreteVP(GaussianProcess):
+    """The DDPM chain of a discrete schedule, embedded in continuous time at t_n = (n + 1) / T."""
+
+    def __init__(self, betas: Tensor):
+        self.betas = betas.to(torch.float64)
+        self.T = len(betas)
+        self.alphas_cumprod = torch.cumprod(1 - self.betas, 0)  # (T,)
+        knots = torch.cat([torch.zeros(1, dtype=torch.float64), self.alphas_cumprod.log()])  # (T+1,)
+        self._knots = knots.clamp_min(LOG_ALPHA_BAR_FLOOR)
+        self.t_min = 1.0 / self.T
+
+    def _log_alpha_bar(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Piecewise-linear log alpha_bar(t) and its slope d/dt."""
+        pos = t * self.T
+        idx = pos.floor().clamp(0, self.T - 1).long()
+        left, right = self._knots[idx], self._knots[idx + 1]
+        return left + (pos - idx) * (right - left), (right - left) * self.T
+
+    def log_alpha(self, t):
+        return 0.5 * self._log_alpha_bar(t)[0]
+
+    def sigma2(self, t):
+        return -torch.expm1(self._log_alpha_bar(t)[0])
+
+    def dlog_alpha_dt(self, t):
+        return 0.5 * self._log_alpha_bar(t)[1]
+
+    def dsigma2_dt(self, t):
+        value, slope = self._log_alpha_bar(t)
+        return -value.exp() * slope
+
+    def model_time(self, t):
+        return as_time(t) * self.T - 1
+
+    def time_from_model(self, m):
+        return (as_time(m) + 1) / self.T
+
+    def timesteps(self, steps: int, spacing: str = "trailing") -> Tensor:
+        """Discrete grids as in diffusers ('leading', 'trailing') or continuous 'uniform' times."""
+        if not 1 <= steps <= self.T:
+            raise ValueError(f"steps must be in [1, {self.T}], got {steps}")
+        if spacing == "leading":
+            n = torch.arange(steps, dtype=torch.float64).mul(self.T // steps).flip(0)
+        elif spacing == "trailing":
+            n = torch.arange(self.T, 0, -self.T / steps, dtype=torch.float64).round() - 1
+        elif spacing == "uniform":
+            return super().timesteps(steps)
+        else:
+            raise ValueError(f"unknown spacing {spacing!r}; choose leading, trailing or uniform")
+        return torch.cat([(n + 1) / self.T, torch.zeros(1, dtype=torch.float64)])
+
+    def sample_time(self, n, generator=None, device="cpu"):
+        """Training times: n ~ U{0..T-1} placed at t = (n + 1) / T."""
+        idx = torch.randint(0, self.T, (n,), generator=generator, device=generator.device if generator else "cpu")
+        return ((idx.to(torch.float64) + 1) / self.T).to(device)
+
+
+class VPSDE(GaussianProcess):
+    """Variance-preserving SDE with beta(t) = beta_min + t (beta_max - beta_min) (Song et al. Eq. 11)."""
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, time_scale: float = 999.0, t_min: float = 1e-3):
+        self.beta_min, self.beta_max, self.time_scale, self.t_min = beta_min, beta_max, time_scale, t_min
+
+    def beta(self, t):
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def log_alpha(self, t):
+        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+    def sigma2(self, t):
+        return -torch.expm1(2 * self.log_alpha(t))
+
+    def dlog_alpha_dt(self, t):
+        return -0.5 * self.beta(t)
+
+    def dsigma2_dt(self, t):
+        return (2 * self.log_alpha(t)).exp() * self.beta(t)
+
+    def model_time(self, t):
+        return as_time(t) * self.time_scale
+
+    def time_from_model(self, m):
+        return as_time(m) / self.time_scale
+
+
+class SubVPSDE(VPSDE):
+    """Sub-VP SDE: the VP drift with g^2 = beta(t) (1 - exp(-2 int beta)); sigma = 1 - alpha^2 (Song et al. Eq. 17)."""
+
+    def sigma2(self, t):
+        return torch.expm1(2 * self.log_alpha(t)) ** 2
+
+    def dsigma2_dt(self, t):
+        a2 = (2 * self.log_alpha(t)).exp()
+        return 2 * (1 - a2) * a2 * self.beta(t)
+
+
+class VESDE(GaussianProcess):
+    """Variance-exploding SDE: alpha = 1, sigma(t) = sigma_min (sigma_max / sigma_min)^t (Song et al. Eq. 9)."""
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, t_min: float = 1e-5):
+        self.sigma_min, self.sigma_max, self.t_min = sigma_min, sigma_max, t_min
+        self._log_ratio = math.log(sigma_max / sigma_min)
+
+    def log_alpha(self, t):
+        return torch.zeros_like(t)
+
+    def sigma2(self, t):
+        return (self.sigma_min * (t * self._log_ratio).exp()) ** 2
+
+    def dlog_alpha_dt(self, t):
+        return torch.zeros_like(t)
+
+    def dsigma2_dt(self, t):
+        return 2 * self._log_ratio * self.sigma2(t)
+
+    def model_time(self, t):
+        """The network is conditioned on log sigma(t) (NCSN convention)."""
+        return 0.5 * self.sigma2(as_time(t)).log()
+
+    def time_from_model(self, m):
+        return (as_time(m) - math.log(self.sigma_min)) / self._log_ratio

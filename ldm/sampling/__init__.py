@@ -1,0 +1,38 @@
+"""Samplers over one denoiser interface, the sampler registry and guidance wrappers.
+
+Public entry point::
+
+    from ldm.diffusion import DiscreteVP, Predictor, make_betas
+    from ldm.sampling import sample
+    model = Predictor(my_denoiser, DiscreteVP(make_betas("linear", 1000)), prediction="eps")
+    x0 = sample(model, (16, 4, 8, 8), sampler="dpmpp_2m", steps=20, generator=torch.Generator().manual_seed(0))
+
+``my_denoiser(x_t, model_time, cond)`` is any callable returning the network's prediction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ldm.diffusion.parameterization import Predictor
+from ldm.sampling.guidance import ClassifierFreeGuidance, ClassifierGuidance, Guided, concat_cond
+from ldm.sampling.samplers import DEFAULT_SPACING, SAMPLERS
+
+
+@torch.no_grad()
+def sample(model: Predictor, shape: tuple[int, ...], *, sampler: str = "ddpm", steps: int = 50, cond: Any = None,
+           generator=None, spacing: str | None = None, device: torch.device | str = "cpu",
+           x_T: torch.Tensor | None = None, **options) -> torch.Tensor:
+    """Draw x_T from the prior and run a registered sampler over the default (or given) time grid."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
+    if spacing is None:  # discrete chains default per sampler; continuous processes have one uniform grid
+        spacing = DEFAULT_SPACING[sampler] if getattr(model.process, "T", None) else "uniform"
+    ts = model.process.timesteps(steps, spacing)
+    x = model.process.prior_sample(shape, generator, device) if x_T is None else x_T
+    return SAMPLERS[sampler](model, x, ts, cond=cond, generator=generator, **options)
+
+
+__all__ = ["SAMPLERS", "ClassifierFreeGuidance", "ClassifierGuidance", "Guided", "concat_cond", "sample"]

@@ -1,0 +1,166 @@
+"""Samplers: small pure functions over a Predictor (x_t, t, cond) -> (x0, eps).
+
+Each takes the prior sample ``x`` at ts[0] and a descending grid ``ts`` whose last entry is 0, and returns
+the clean sample. The final transition to t = 0 always returns the model's x0 estimate (the "denoising
+step" of Song et al. 2021; for DDPM/DDIM it is exactly the posterior mean at alpha = 1, sigma = 0).
+Randomness comes only from ``generator`` (one ``torch.Generator`` or one per batch element).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ldm.diffusion.parameterization import Predictor
+from ldm.diffusion.sde import _bcast, randn
+
+Tensor = torch.Tensor
+
+
+def _noise(x: Tensor, generator) -> Tensor:
+    return randn(tuple(x.shape), generator, x.device, x.dtype)
+
+
+def _pairs(ts: Tensor):
+    """Consecutive (t, s) pairs of the grid as python floats, plus whether s is the final time 0."""
+    ts = [float(v) for v in ts]
+    if ts[-1] != 0.0:
+        raise ValueError("the time grid must end at 0")
+    return [(t, s, i == len(ts) - 2) for i, (t, s) in enumerate(zip(ts[:-1], ts[1:]))]
+
+
+@torch.no_grad()
+def ddpm(model: Predictor, x: Tensor, ts: Tensor, cond: Any = None, generator=None, variance: str = "small") -> Tensor:
+    """Ancestral sampling from q(x_s | x_t, x0_hat) (Ho et al. 2020, Alg. 2), on any sub-grid of times.
+
+    variance="small" uses the posterior variance beta_tilde, "large" the forward variance beta (Ho et al. Sec. 3.2).
+    """
+    if variance not in ("small", "large"):
+        raise ValueError(f"variance must be 'small' or 'large', got {variance!r}")
+    p = model.process
+    for t, s, last in _pairs(ts):
+        x0, _ = model(x, t, cond)
+        if last:
+            return x0
+        mean, var_small = p.posterior(x, x0, t, s)
+        var = var_small if variance == "small" else p.transition(t, s)[1]
+        x = mean + float(var.sqrt()) * _noise(x, generator)
+    return x
+
+
+@torch.no_grad()
+def ddim(model: Predictor, x: Tensor, ts: Tensor, cond: Any = None, generator=None, eta: float = 0.0) -> Tensor:
+    """DDIM (Song, Meng & Ermon 2021, Eq. 12): eta = 0 deterministic, eta = 1 ancestral-like."""
+    p = model.process
+    for t, s, last in _pairs(ts):
+        x0, eps = model(x, t, cond)
+        if last:
+            return x0
+        c2 = eta**2 * float(p.posterior(x, x0, t, s)[1])  # eta^2 * beta_tilde
+        x = float(p.alpha(s)) * x0 + math.sqrt(max(float(p.sigma(s)) ** 2 - c2, 0.0)) * eps
+        if eta > 0:
+            x = x + math.sqrt(c2) * _noise(x, generator)
+    return x
+
+
+@torch.no_grad()
+def euler_maruyama(model: Predictor, x: Tensor, ts: Tensor, cond: Any = None, generator=None) -> Tensor:
+    """Reverse-time SDE dx = [f x - g^2 score] dt + g dw_bar by Euler-Maruyama (Song et al. 2021, Eq. 6)."""
+    p = model.process
+    for t, s, last in _pairs(ts):
+        x0, eps = model(x, t, cond)
+        if last:
+            return x0
+        dt = s - t  # < 0
+        score = -eps / float(p.sigma(t))
+        x = x + p.reverse_drift(x, t, score) * dt + float(p.diffusion(t)) * math.sqrt(-dt) * _noise(x, generator)
+    return x
+
+
+@torch.no_grad()
+def predictor_corrector(model: Predictor, x: Tensor, ts: Tensor, cond: Any = None, generator=None,
+                        predictor: str = "reverse_diffusion", corrector_steps: int = 1, snr: float = 0.16) -> Tensor:
+    """Predictor-corrector sampling (Song et al. 2021, Alg. 1-3): Langevin corrector then a predictor step.
+
+    Corrector: x <- x + e score + sqrt(2 e) z with e = 2 a^2 (snr ||z|| / ||score||)^2, a = alpha_t / alpha_s.
+    Predictor "reverse_diffusion" inverts the forward transition x_t = a x_s + sigma_{t|s} z:
+    x_s = (x_t + sigma_{t|s}^2 score) / a + sigma_{t|s} z;  "euler" is one Euler-Maruyama step.
+    """
+    if predictor not in ("reverse_diffusion", "euler"):
+        raise ValueError(f"predictor must be 'reverse_diffusion' or 'euler', got {predictor!r}")
+    p = model.process
+    for t, s, last in _pairs(ts):
+        a, var = p.transition(t, s)
+        a, var = float(a), float(var)
+        for _ in range(corrector_steps):
+            score = model.score(x, t, cond)
+            z = _noise(x, generator)
+            # norms averaged over the batch as in Song et al.'s reference code (per-sample norms blow up in low d)
+            ratio = float(z.flatten(1).norm(dim=1).mean() / score.flatten(1).norm(dim=1).mean().clamp_min(1e-12))
+            step = 2 * a**2 * (snr * ratio) ** 2
+            x = x + step * score + math.sqrt(2 * step) * z
+        x0, eps = model(x, t, cond)
+        if last:
+            return x0
+        score = -eps / float(p.sigma(t))
+        if predictor == "euler":
+            dt = s - t
+            x = x + p.reverse_drift(x, t, score) * dt + float(p.diffusion(t)) * math.sqrt(-dt) * _noise(x, generator)
+        else:
+            x = (x + var * score) / a + math.sqrt(var) * _noise(x, generator)
+    return x
+
+
+@torch.no_grad()
+def heun_ode(model: Predictor, x: Tensor, ts: Tensor, cond: Any = None, generator=None) -> Tensor:
+    """Probability-flow ODE dx/dt = f x - g^2 score / 2 (Song et al. Eq. 13) with Heun's 2nd-order method."""
+    p = model.process
+
+    def velocity(x, t):
+        eps = model(x, t, cond)[1]
+        return p.reverse_drift(x, t, -eps / float(p.sigma(t)), probability_flow=True)
+
+    for t, s, last in _pairs(ts):
+        if last:
+            return model(x, t, cond)[0]
+        d1 = velocity(x, t)
+        x_euler = x + (s - t) * d1
+        x = x + (s - t) * 0.5 * (d1 + velocity(x_euler, s))
+    return x
+
+
+@torch.no_grad()
+def dpm_solver_pp_2m(model: Predictor, x: Tensor, ts: Tensor, cond: Any = None, generator=None) -> Tensor:
+    """DPM-Solver++(2M), the multistep 2nd-order data-prediction solver (Lu et al. 2022, Alg. 2)."""
+    p = model.process
+    x0_prev, h_prev = None, None
+    for t, s, last in _pairs(ts):
+        x0, _ = model(x, t, cond)
+        if last:
+            return x0
+        lam_t, lam_s = float(p.log_snr_half(t)), float(p.log_snr_half(s))
+        h = lam_s - lam_t
+        if x0_prev is None:
+            d = x0
+        else:  # D = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1},  r = h_prev / h
+            c = h / (2 * h_prev)
+            d = (1 + c) * x0 - c * x0_prev
+        x = float(p.sigma(s) / p.sigma(t)) * x - float(p.alpha(s)) * math.expm1(-h) * d
+        x0_prev, h_prev = x0, h
+    return x
+
+
+SAMPLERS = {
+    "ddpm": ddpm,
+    "ddim": ddim,
+    "euler_maruyama": euler_maruyama,
+    "pc": predictor_corrector,
+    "heun_ode": heun_ode,
+    "dpmpp_2m": dpm_solver_pp_2m,
+}
+
+# the default time grid per sampler: discrete chains use the schedule's own steps, SDE/ODE solvers uniform t
+DEFAULT_SPACING = {"ddpm": "trailing", "ddim": "trailing", "dpmpp_2m": "trailing",
+                   "euler_maruyama": "uniform", "pc": "uniform", "heun_ode": "uniform"}

@@ -1,0 +1,48 @@
+"""Builders: config sections -> objects. Modules take plain keyword arguments; only this file reads configs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ldm.config import DiffusionConfig, TextEncoderConfig, UNetConfig
+from ldm.diffusion import VESDE, VPSDE, DiscreteVP, GaussianProcess, SubVPSDE, make_betas
+
+
+def build_process(cfg: DiffusionConfig) -> GaussianProcess:
+    """The forward process the model is trained on (and samplers run over)."""
+    if cfg.process == "discrete":
+        return DiscreteVP(make_betas(cfg.schedule, cfg.num_timesteps, cfg.beta_start, cfg.beta_end,
+                                     cfg.zero_terminal_snr))
+    if cfg.process == "vp":
+        return VPSDE(time_scale=cfg.num_timesteps - 1)
+    if cfg.process == "subvp":
+        return SubVPSDE(time_scale=cfg.num_timesteps - 1)
+    return VESDE()
+
+
+def unet_kwargs(cfg: UNetConfig, in_channels: int, context_dim: int) -> dict:
+    """UNet constructor arguments: the preset, then every key the config sets explicitly."""
+    from ldm.models import unet_preset
+
+    explicit = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                if f.name != "preset" and getattr(cfg, f.name) is not None}
+    base = unet_preset(cfg.preset) if cfg.preset else {}
+    if "num_heads" in explicit:
+        base.pop("head_dim", None)
+    if "head_dim" in explicit:
+        base.pop("num_heads", None)
+    return {**base, **explicit, "in_channels": in_channels, "out_channels": in_channels, "context_dim": context_dim}
+
+
+def build_unet(cfg: UNetConfig, in_channels: int, context_dim: int) -> torch.nn.Module:
+    from ldm.models import UNet
+
+    return UNet(**unet_kwargs(cfg, in_channels, context_dim))
+
+
+def build_text_encoder(cfg: TextEncoderConfig, device: torch.device | str = "cpu"):
+    from ldm.conditioning import build_text_encoder as build
+
+    return build(cfg.kind, cfg.path, cfg.max_length, device)

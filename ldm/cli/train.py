@@ -1,0 +1,39 @@
+"""ldm-train: train the text-conditioned latent diffusion UNet under DeepSpeed.
+
+Single process:   ldm-train --config configs/ldm/emoji.yaml train.max_steps=200
+N processes:      launch/local.sh N --config configs/ldm/emoji.yaml   (torchrun / deepspeed set RANK etc.)
+Resumes automatically from <run.output_dir>/checkpoints/latest.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ldm.cli._common import add_config_args, load_or_exit, run_main
+from ldm.config import LDMConfig
+
+DEFAULT_CONFIG = "configs/ldm/emoji.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ldm-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser, DEFAULT_CONFIG)
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    args = parser.parse_args(argv)
+    cfg = load_or_exit(LDMConfig, args)
+
+    def body() -> int:
+        from ldm.train import Trainer
+
+        result = Trainer(cfg).train()
+        if result.get("grid"):
+            print(f"sample grid: {result['grid']}")
+            print(f"exported model: {result['export']}")
+        return 0
+
+    return run_main(body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

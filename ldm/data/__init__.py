@@ -1,0 +1,8 @@
+"""Data: emoji source records, WebDataset shard writing, the training stream."""
+
+from ldm.data.emoji import EmojiRecord, emoji_records, load_rgb
+from ldm.data.shards import build_emoji_shards, write_shards
+from ldm.data.stream import make_loader, resize_center_crop, resolve_shards, to_rgb
+
+__all__ = ["EmojiRecord", "build_emoji_shards", "emoji_records", "load_rgb", "make_loader",
+           "resize_center_crop", "resolve_shards", "to_rgb", "write_shards"]

@@ -1,0 +1,281 @@
+"""The training stream: WebDataset shards -> shuffled, decoded, captioned batches.
+
+Shards are split by rank explicitly (no torch.distributed lookup) and then by DataLoader worker.
+With `batches_per_epoch` the shards are resampled with replacement and every rank yields exactly
+that many batches, so no rank waits on another at the end of an epoch (unequal counts hang DDP).
+Without it the stream is one pass over this rank's shards (single process, validation).
+Bad samples are logged, counted and skipped; they never stop the stream.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import itertools
+import json
+import logging
+import random
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+log = logging.getLogger(__name__)
+
+CAPTION_MODES = ("label", "label_tags")
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+MAX_TAGS = 3
+
+
+def resolve_shards(spec: str, split: str = "train") -> list[str]:
+    """Shard URLs of a spec: a folder with index.json, an index.json, or a URL / brace / glob pattern."""
+    spec = str(spec)
+    if spec.startswith("pipe:") or "://" in spec:
+        return list(braceexpand.braceexpand(spec))
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "index.json").is_file():
+        path = path / "index.json"
+    if path.is_file() and path.suffix == ".json":
+        index = json.loads(path.read_text(encoding="utf-8"))
+        splits = index.get("splits", {})
+        if split not in splits:
+            raise ValueError(f"{spec}: no split {split!r} in index (has {sorted(splits)})")
+        shards = [str(path.parent / name) for name in splits[split]["shards"]]
+        if not shards:
+            raise ValueError(f"{spec}: split {split!r} has no shards")
+        return shards
+    if path.is_dir():
+        shards = sorted(glob.glob(str(path / f"{split}-*.tar")))
+    else:
+        shards = [m for p in braceexpand.braceexpand(str(path)) for m in sorted(glob.glob(p))]
+    if not shards:
+        raise ValueError(f"no shards match {spec!r} (split {split!r})")
+    return shards
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Composite any transparency onto a solid background (white by default); returns RGB."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa"):
+        image = image.convert("RGBA")
+        canvas = Image.new("RGBA", image.size, background + (255,))
+        return Image.alpha_composite(canvas, image).convert("RGB")
+    return image.convert("RGB")
+
+
+def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Resize the short side to size (Lanczos, antialiased when shrinking) and crop the centre square."""
+    w, h = image.size
+    if (w, h) != (size, size):
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        image = image.resize((nw, nh), Image.Resampling.LANCZOS)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    return image
+
+
+def pick_caption(sample: dict, mode: str) -> str:
+    """Caption text of a raw sample: its `txt`, plus up to 3 tags from `json` in "label_tags" mode."""
+    label = sample["txt"].decode("utf-8").strip() if "txt" in sample else ""
+    if not label:
+        raise ValueError("missing or empty caption")
+    if mode == "label_tags" and "json" in sample:
+        words = set(label.lower().replace(":", " ").replace(",", " ").split())
+        tags = [t for t in json.loads(sample["json"]).get("tags", []) if t.lower() not in words]
+        label = ", ".join([label] + tags[:MAX_TAGS])
+    return label
+
+
+class _SkipCounter:
+    """Counts bad samples (and unreadable shards) skipped by this worker and logs each one."""
+
+    def __init__(self, max_empty_shards: int) -> None:
+        self.count = 0
+        self.empty_shards = 0  # shards opened in a row without a single sample coming out
+        self.max_empty_shards = max_empty_shards
+
+    def skip(self, what: str, exn: Exception) -> bool:
+        """Log and count one bad sample or unreadable shard; returns True so WebDataset continues."""
+        self.count += 1
+        log.warning("skipping bad %s (%d skipped so far): %s", what, self.count, exn)
+        return True
+
+    def handler(self, exn: Exception) -> bool:
+        """WebDataset exception handler for shard-level errors (unreadable or truncated tar)."""
+        return self.skip("shard data", exn)
+
+    def opening(self, url: str) -> None:
+        """Called per shard; stops an endless resampled stream whose shards are all unreadable."""
+        self.empty_shards += 1
+        if self.empty_shards > self.max_empty_shards:
+            raise RuntimeError(f"{self.empty_shards - 1} shards in a row gave no sample (last {url}); "
+                               "check the shard URLs")
+
+    def got_samples(self, samples: Iterable[dict]) -> Iterator[dict]:
+        """Pass samples through, noting that the current shard is readable."""
+        for sample in samples:
+            self.empty_shards = 0
+            yield sample
+
+
+def _open_shards(shards: Iterable[dict], skips: _SkipCounter) -> Iterator[dict]:
+    """Open each shard URL (file, `pipe:`, http...) and close it once read (webdataset's opener never closes)."""
+    for shard in shards:
+        url = shard["url"]
+        skips.opening(url)
+        try:
+            stream = wds.gopen(url, "rb")
+        except Exception as exn:
+            skips.skip(f"shard {url}", exn)
+            continue
+        try:
+            yield {"url": url, "stream": stream}
+        except GeneratorExit:  # the consumer stopped early: a pipe's SIGPIPE exit is no error
+            try:
+                stream.close()
+            except Exception:
+                pass
+            raise
+        try:
+            stream.close()  # for `pipe:` this also checks the command's exit status
+        except Exception as exn:
+            skips.skip(f"shard {url}", exn)
+
+
+class ShardStream(IterableDataset):
+    """Iterable of batches for one rank; each DataLoader worker streams its own part of the shards."""
+
+    def __init__(self, urls: list[str], *, batch_size: int, image_size: int, seed: int, rank: int,
+                 world_size: int, shuffle_buffer: int, batches_per_epoch: int | None, caption: str,
+                 flip: bool, epoch: int) -> None:
+        super().__init__()
+        self.urls, self.batch_size, self.image_size = list(urls), batch_size, image_size
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, epoch
+        self.shuffle_buffer, self.batches_per_epoch = shuffle_buffer, batches_per_epoch
+        self.caption, self.flip = caption, flip
+        self.skips = _SkipCounter(max_empty_shards=max(50, 3 * len(self.urls)))
+
+    def _shards(self, worker: int, num_workers: int, rng: random.Random) -> Iterator[dict]:
+        """Shard URLs for this rank and worker: a shuffled split, or an endless resample."""
+        order = list(self.urls)
+        random.Random(f"shards:{self.seed}:{self.epoch}").shuffle(order)  # same order on every rank
+        mine = order[self.rank::self.world_size]  # the explicit node splitter
+        if self.batches_per_epoch is None:
+            for url in mine[worker::num_workers]:
+                yield {"url": url}
+        else:
+            pool = mine or order  # fewer shards than ranks: every rank samples from all of them
+            while True:
+                yield {"url": rng.choice(pool)}
+
+    def _decode(self, sample: dict, rng: random.Random) -> tuple[torch.Tensor, str]:
+        """Raw sample -> (image (3, H, W) in [-1, 1], caption); raises on a bad sample."""
+        caption = pick_caption(sample, self.caption)
+        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        if ext is None:
+            raise ValueError("no image in sample")
+        with Image.open(io.BytesIO(sample[ext])) as image:
+            image.load()
+            image = resize_center_crop(to_rgb(image), self.image_size)
+        if self.flip and rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (H, W, 3)
+        return pixels.permute(2, 0, 1).float().div(127.5).sub(1.0), caption  # (3, H, W)
+
+    def _batches(self, samples: Iterable[dict], rng: random.Random) -> Iterator[dict]:
+        """Decode samples into batches of batch_size; a final partial batch only in one-pass mode."""
+        images, captions, keys = [], [], []
+        for sample in samples:
+            try:
+                image, caption = self._decode(sample, rng)
+            except Exception as exn:  # a bad sample must never kill the stream
+                self.skips.skip(f"sample {sample.get('__key__')!r} in {sample.get('__url__')}", exn)
+                continue
+            images.append(image)
+            captions.append(caption)
+            keys.append(sample["__key__"])
+            if len(images) == self.batch_size:
+                yield self._collate(images, captions, keys)
+                images, captions, keys = [], [], []
+        if images and self.batches_per_epoch is None:
+            yield self._collate(images, captions, keys)
+
+    def _collate(self, images: list[torch.Tensor], captions: list[str], keys: list[str]) -> dict:
+        """One batch dict."""
+        return {"image": torch.stack(images), "caption": captions, "key": keys,  # image: (B, 3, H, W)
+                "skipped": self.skips.count}
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        rng = random.Random(f"samples:{self.seed}:{self.epoch}:{self.rank}:{worker}")
+        shards = self._shards(worker, num_workers, rng)
+        files = tar_file_expander(_open_shards(shards, self.skips), handler=self.skips.handler)
+        samples = self.skips.got_samples(group_by_keys(files, handler=self.skips.handler))
+        if self.shuffle_buffer > 1:
+            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
+        batches = self._batches(samples, rng)
+        if self.batches_per_epoch is not None:
+            # the epoch is a number of batches: split it exactly over the workers of this rank
+            n = self.batches_per_epoch // num_workers + (worker < self.batches_per_epoch % num_workers)
+            batches = itertools.islice(batches, n)
+        yield from batches
+
+
+class ShardLoader:
+    """Re-iterable batch stream; each full iteration advances the epoch (set it with set_epoch)."""
+
+    def __init__(self, stream: ShardStream, num_workers: int) -> None:
+        self.stream, self.num_workers = stream, num_workers
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch that seeds the next iteration."""
+        self.stream.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.stream.batches_per_epoch is None:
+            raise TypeError("a one-pass stream has no known length")
+        return self.stream.batches_per_epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.num_workers > 0:
+            # workers get a fresh copy of the stream (and its epoch) at every iteration
+            loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers)
+            yield from loader
+        else:
+            yield from self.stream
+        self.stream.epoch += 1
+
+
+def make_loader(urls: list[str], *, batch_size: int, image_size: int, seed: int = 0,
+                rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                shuffle_buffer: int = 1000, batches_per_epoch: int | None = None,
+                caption: str = "label", flip: bool = False, epoch: int = 0) -> Iterable[dict]:
+    """Batches {image (B, 3, H, W) in [-1, 1], caption, key, skipped} from WebDataset shard URLs."""
+    if isinstance(urls, str):
+        urls = resolve_shards(urls)
+    if not urls:
+        raise ValueError("make_loader needs at least one shard URL")
+    if caption not in CAPTION_MODES:
+        raise ValueError(f"caption must be one of {CAPTION_MODES}, got {caption!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    if batch_size < 1 or image_size < 1 or num_workers < 0:
+        raise ValueError(f"bad batch_size={batch_size}, image_size={image_size} or num_workers={num_workers}")
+    if batches_per_epoch is None and len(urls) < world_size:
+        raise ValueError(f"one-pass mode needs at least one shard per rank: {len(urls)} shards, "
+                         f"{world_size} ranks; pass batches_per_epoch to resample instead")
+    if batches_per_epoch is not None and batches_per_epoch < 1:
+        raise ValueError(f"batches_per_epoch must be >= 1, got {batches_per_epoch}")
+    stream = ShardStream(urls, batch_size=batch_size, image_size=image_size, seed=seed, rank=rank,
+                         world_size=world_size, shuffle_buffer=shuffle_buffer,
+                         batches_per_epoch=batches_per_epoch, caption=caption, flip=flip, epoch=epoch)
+    return ShardLoader(stream, num_workers)

@@ -1,0 +1,145 @@
+"""Spatial transformer with cross-attention on text tokens (Rombach et al. 2022, Sec. 3.3).
+
+The image features attend to themselves and then to the text tokens ``context``; the layout
+(norm, proj_in, transformer_blocks.{k}.{norm1, attn1, norm2, attn2, norm3, ff}, proj_out) and the
+parameter names follow diffusers' ``Transformer2DModel``, so its state dicts load unchanged.
+Attention is ``torch.nn.functional.scaled_dot_product_attention`` throughout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Attention(nn.Module):
+    """Multi-head attention of queries on themselves (self) or on a context (cross)."""
+
+    def __init__(self, query_dim: int, num_heads: int, head_dim: int, context_dim: int | None = None):
+        super().__init__()
+        inner_dim = num_heads * head_dim
+        context_dim = query_dim if context_dim is None else context_dim
+        self.num_heads = num_heads
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
+        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
+        # A ModuleList so the output projection is named to_out.0 like diffusers'; index 1 would
+        # be its (parameter-free) dropout, which latent diffusion UNets do not use.
+        self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim)])
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attend from x (B, N, C) to context (B, L, D), or to x itself when context is None."""
+        context = x if context is None else context
+        b, n, _ = x.shape
+        h = self.num_heads
+        q = self.to_q(x).view(b, n, h, -1).transpose(1, 2)  # (B, h, N, d)
+        k = self.to_k(context).view(b, context.shape[1], h, -1).transpose(1, 2)  # (B, h, L, d)
+        v = self.to_v(context).view(b, context.shape[1], h, -1).transpose(1, 2)  # (B, h, L, d)
+        mask = None
+        if context_mask is not None:
+            mask = context_mask[:, None, None, :].to(torch.bool)  # (B, 1, 1, L), True = attend
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, N, d)
+        out = out.transpose(1, 2).reshape(b, n, -1)  # (B, N, h*d)
+        return self.to_out[0](out)  # (B, N, C)
+
+
+class GEGLU(nn.Module):
+    """Gated GELU linear unit (Shazeer 2020): one projection gives value and gate."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Project x (..., dim_in) to (..., dim_out) as value * gelu(gate)."""
+        value, gate = self.proj(x).chunk(2, dim=-1)  # 2 x (..., dim_out)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward with 4x hidden width, named net.0.proj / net.2 like diffusers."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        # Index 1 is the dropout slot in diffusers; Identity keeps the indices without parameters.
+        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the feed-forward to x (..., dim)."""
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: self-attention, cross-attention on the context, GEGLU feed-forward."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, context_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, num_heads, head_dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, num_heads, head_dim, context_dim=context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Update tokens x (B, N, C) given context (B, L, D) and its mask (B, L)."""
+        x = x + self.attn1(self.norm1(x))  # (B, N, C)
+        x = x + self.attn2(self.norm2(x), context, context_mask)  # (B, N, C)
+        return x + self.ff(self.norm3(x))  # (B, N, C)
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the pixels of a feature map, residual around the whole stack."""
+
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int,
+        head_dim: int,
+        context_dim: int,
+        depth: int = 1,
+        norm_num_groups: int = 32,
+        use_linear_projection: bool = False,
+    ):
+        super().__init__()
+        inner_dim = num_heads * head_dim
+        self.use_linear_projection = use_linear_projection
+        self.norm = nn.GroupNorm(norm_num_groups, channels, eps=1e-6)
+        if use_linear_projection:  # SD 2.x
+            self.proj_in: nn.Module = nn.Linear(channels, inner_dim)
+            self.proj_out: nn.Module = nn.Linear(inner_dim, channels)
+        else:  # SD 1.x: 1x1 convolutions
+            self.proj_in = nn.Conv2d(channels, inner_dim, kernel_size=1)
+            self.proj_out = nn.Conv2d(inner_dim, channels, kernel_size=1)
+        self.transformer_blocks = nn.ModuleList(
+            [TransformerBlock(inner_dim, num_heads, head_dim, context_dim) for _ in range(depth)]
+        )
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Map x (B, C, H, W) to the same shape, attending to context (B, L, D)."""
+        b, _, height, width = x.shape
+        h = self.norm(x)  # (B, C, H, W)
+        if self.use_linear_projection:
+            h = h.permute(0, 2, 3, 1).reshape(b, height * width, -1)  # (B, HW, C)
+            h = self.proj_in(h)  # (B, HW, inner)
+        else:
+            h = self.proj_in(h)  # (B, inner, H, W)
+            h = h.permute(0, 2, 3, 1).reshape(b, height * width, -1)  # (B, HW, inner)
+        for block in self.transformer_blocks:
+            h = block(h, context, context_mask)  # (B, HW, inner)
+        if self.use_linear_projection:
+            h = self.proj_out(h)  # (B, HW, C)
+            h = h.reshape(b, height, width, -1).permute(0, 3, 1, 2)  # (B, C, H, W)
+        else:
+            h = h.reshape(b, height, width, -1).permute(0, 3, 1, 2)  # (B, inner, H, W)
+            h = self.proj_out(h)  # (B, C, H, W)
+        return x + h

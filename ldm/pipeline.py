@@ -1,0 +1,81 @@
+"""Text-to-image: prompt -> text encoder -> classifier-free-guided sampler over latents -> autoencoder decode."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from ldm.conditioning import Cond, expand_cond
+from ldm.diffusion import GaussianProcess, Predictor
+from ldm.sampling import ClassifierFreeGuidance, Guided, sample
+
+Tensor = torch.Tensor
+
+
+def unet_denoiser(unet: torch.nn.Module):
+    """Adapt a UNet (x, t, context, context_mask) to the denoiser interface (x_t, t, cond)."""
+    dtype = next(unet.parameters()).dtype
+
+    def denoiser(x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        out = unet(x.to(dtype), t, cond["context"].to(dtype), cond.get("context_mask"))
+        return out.float()
+
+    return denoiser
+
+
+class TextToImage:
+    """Sample images for prompts with a trained UNet, its frozen autoencoder and text encoder."""
+
+    def __init__(self, unet, autoencoder, text_encoder, process: GaussianProcess, prediction: str,
+                 null_cond: Cond, latent_shape: tuple[int, int, int]):
+        self.unet, self.autoencoder, self.text_encoder = unet, autoencoder, text_encoder
+        self.process, self.prediction = process, prediction
+        self.null_cond, self.latent_shape = null_cond, tuple(latent_shape)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], *, seeds: Sequence[int], negative_prompt: str = "",
+                 sampler: str = "ddpm", steps: int = 50, guidance: float = 4.0, **options) -> Tensor:
+        """Images (B, 3, H, W) in [0, 1]; image i depends only on (prompt i, seed i) and the settings."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        B, device = len(prompts), self.device
+        cond = self.text_encoder(list(prompts))
+        uncond = self.text_encoder([negative_prompt] * B) if negative_prompt else expand_cond(self.null_cond, B)
+        cond, uncond = _to(cond, device), _to(uncond, device)
+        denoiser = ClassifierFreeGuidance(unet_denoiser(self.unet), guidance)
+        model = Predictor(denoiser, self.process, self.prediction)
+        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+        z = sample(model, (B, *self.latent_shape), sampler=sampler, steps=steps, cond=Guided(cond, uncond),
+                   generator=generators, device=device, **options)  # (B, C, h, w)
+        images = self.autoencoder.decode(z.to(next(self.autoencoder.parameters()).dtype)).float()  # (B, 3, H, W)
+        return ((images + 1) / 2).clamp(0, 1)
+
+
+def _to(cond: Cond, device) -> Cond:
+    return {k: v.to(device) for k, v in cond.items()}
+
+
+def to_pil(images: Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [0, 1] -> PIL images."""
+    arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")  # (B, H, W, 3)
+    return [Image.fromarray(a) for a in arr]
+
+
+def make_grid(images: Tensor, nrow: int | None = None, pad: int = 2, scale: int = 1) -> Image.Image:
+    """Tile (B, 3, H, W) images in [0, 1] into one white-padded PIL grid, row-major, nrow per row."""
+    B, _, H, W = images.shape
+    nrow = nrow or math.ceil(math.sqrt(B))
+    rows = math.ceil(B / nrow)
+    grid = Image.new("RGB", (nrow * (W + pad) + pad, rows * (H + pad) + pad), "white")
+    for i, im in enumerate(to_pil(images)):
+        grid.paste(im, (pad + (i % nrow) * (W + pad), pad + (i // nrow) * (H + pad)))
+    if scale != 1:
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    return grid

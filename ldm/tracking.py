@@ -1,0 +1,142 @@
+"""The one place that talks to MLflow: params, metrics, images and artifacts of a run (rank 0 only).
+
+Default store: a sqlite database ``runs/mlflow.db`` with artifacts in ``runs/mlartifacts`` (no server needed);
+any tracking URI works (``http://host:5000`` for a shared ``mlflow server``). A tracking failure never stops
+training: it is logged once as a warning and the metrics are kept and retried with the next call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ldm.config import flatten
+
+log = logging.getLogger(__name__)
+DEFAULT_STORE = "runs"
+
+
+def default_tracking_uri(root: str | Path = DEFAULT_STORE) -> str:
+    return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
+class Tracker:
+    """An MLflow run; every method is a no-op when ``enabled`` is false (non-zero ranks, tracking off)."""
+
+    def __init__(self, uri: str | None, experiment: str, run_name: str, enabled: bool = True):
+        self.enabled = enabled
+        self.uri = uri or default_tracking_uri()
+        self.experiment, self.run_name = experiment, run_name
+        self.run_id: str | None = None
+        self._pending: list[tuple[dict[str, float], int]] = []
+        self._failing = False
+        self._client = None
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+    def start(self, params: dict[str, Any] | None = None, run_id: str | None = None, tags: dict | None = None) -> str | None:
+        """Start (or resume, given run_id) the run and log flattened params."""
+        if not self.enabled:
+            return None
+        os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+        from mlflow.tracking import MlflowClient
+
+        if self.uri.startswith("sqlite:///"):
+            Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        self._client = MlflowClient(tracking_uri=self.uri)
+        exp = self._client.get_experiment_by_name(self.experiment)
+        if exp is None:
+            exp_id = self._client.create_experiment(self.experiment, artifact_location=self._artifact_location())
+        else:
+            exp_id = exp.experiment_id
+        if run_id is None:
+            run_id = self._client.create_run(exp_id, run_name=self.run_name, tags=tags or {}).info.run_id
+        else:
+            self._client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
+        if params:
+            self.log_params(params)
+        return run_id
+
+    def _artifact_location(self) -> str | None:
+        if self.uri.startswith("sqlite:///"):
+            return (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+        return None
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.enabled and self.run_id:
+            self._flush()
+            self._call(self._client.set_terminated, self.run_id, status)
+
+    # --- logging -------------------------------------------------------------------------------------
+    def log_params(self, params: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+
+        flat = {k: ("" if v is None else str(v))[:6000] for k, v in flatten(params).items()}
+        items = [Param(k, v) for k, v in flat.items()]
+        for i in range(0, len(items), 100):
+            self._call(self._client.log_batch, self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        self._pending.append(({k: float(v) for k, v in metrics.items()}, int(step)))
+        self._flush()
+
+    def _flush(self) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        while self._pending:
+            metrics, step = self._pending[0]
+            now = int(time.time() * 1000)
+            ok = self._call(self._client.log_batch, self.run_id,
+                            metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+            if not ok:
+                return
+            self._pending.pop(0)
+
+    def log_image(self, image, key: str, step: int) -> None:
+        """A PIL image as a step-indexed MLflow image (shown in the run's Images tab) and a plain artifact."""
+        if not self.enabled:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"{key}_step{step:07d}.png"
+            image.save(path)
+            self._call(self._client.log_artifact, self.run_id, str(path), "samples")
+        self._call(self._client.log_image, self.run_id, image, key=key, step=step)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if not self.enabled:
+            return
+        fn = self._client.log_artifacts if Path(path).is_dir() else self._client.log_artifact
+        self._call(fn, self.run_id, str(path), artifact_path)
+
+    def set_tag(self, key: str, value: str) -> None:
+        if self.enabled:
+            self._call(self._client.set_tag, self.run_id, key, value)
+
+    def _call(self, fn, *args, **kwargs) -> bool:
+        """Call an MLflow client method; on failure warn once, keep going, report False."""
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - tracking must never stop training
+            if not self._failing:
+                log.warning("MLflow call %s failed (%s); training continues, metrics are kept and retried",
+                            getattr(fn, "__name__", fn), e)
+            self._failing = True
+            return False
+        if self._failing:
+            log.warning("MLflow tracking is back")
+        self._failing = False
+        return True
+
+    def ui_hint(self) -> str:
+        if self.uri.startswith("sqlite:"):
+            return f"mlflow ui --backend-store-uri {self.uri} --port 5000   (then open http://127.0.0.1:5000)"
+        return f"open {self.uri} in a browser"

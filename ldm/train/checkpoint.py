@@ -1,0 +1,89 @@
+"""Checkpoints: DeepSpeed engine state (every rank writes its shard) + per-rank EMA + trainer state.
+
+Layout ``<root>/step00001000/`` (DeepSpeed files, ``ema_rank{r}.safetensors``, ``trainer_rank{r}.pt``) and
+``<root>/latest``, a one-line pointer that is replaced atomically only after every rank has finished
+writing, so it never names an incomplete checkpoint. Only the last ``keep_last`` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ldm.train.distributed import barrier
+from ldm.train.ema import EMA
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    def __init__(self, root: str | Path, rank: int, keep_last: int = 2):
+        self.root, self.rank, self.keep_last = Path(root), rank, keep_last
+
+    def latest(self) -> str | None:
+        pointer = self.root / "latest"
+        if not pointer.exists():
+            return None
+        tag = pointer.read_text().strip()
+        if not (self.root / tag).is_dir():
+            raise FileNotFoundError(f"{pointer} names {tag}, which does not exist")
+        return tag
+
+    def save(self, engine, ema: EMA, step: int, trainer_state: dict[str, Any]) -> Path:
+        """Collective: every rank calls it (DeepSpeed's save has barriers inside)."""
+        tag = tag_for(step)
+        engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step}, save_latest=False)
+        folder = self.root / tag
+        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(folder / f"ema_rank{self.rank}.safetensors"))
+        torch.save({**trainer_state, "rng": rng_state()}, folder / f"trainer_rank{self.rank}.pt")
+        barrier()
+        if self.rank == 0:
+            tmp = self.root / "latest.tmp"
+            tmp.write_text(tag + "\n")
+            os.replace(tmp, self.root / "latest")
+            self._prune()
+        barrier()
+        return folder
+
+    def _prune(self) -> None:
+        tags = sorted(p.name for p in self.root.glob("step*") if p.is_dir())
+        for old in tags[:-self.keep_last] if self.keep_last > 0 else []:
+            shutil.rmtree(self.root / old, ignore_errors=True)
+
+    def load(self, engine, ema: EMA, tag: str | None = None) -> dict[str, Any] | None:
+        """Restore engine, EMA, RNG and trainer state from ``tag`` (default: latest); None when nothing to load."""
+        tag = tag or self.latest()
+        if tag is None:
+            return None
+        path, _ = engine.load_checkpoint(str(self.root), tag=tag)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.root / tag}")
+        folder = self.root / tag
+        ema.load_state_dict(load_file(str(folder / f"ema_rank{self.rank}.safetensors")))
+        state = torch.load(folder / f"trainer_rank{self.rank}.pt", weights_only=False)  # our own file
+        set_rng_state(state.pop("rng"))
+        return state

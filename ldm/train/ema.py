@@ -1,0 +1,48 @@
+"""Exponential moving average of trained weights, kept per rank on that rank's own parameter partition.
+
+Under ZeRO-3 a rank holds only its partition (``param.ds_tensor``); the EMA follows that partition, so no
+rank ever gathers the full model to update it. Under ZeRO 0-2 every rank holds the full parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _local(p: nn.Parameter) -> torch.Tensor:
+    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+
+
+class EMA:
+    """theta_ema <- d theta_ema + (1 - d) theta, with the usual warm-up d_k = min(d, (1 + k) / (10 + k))."""
+
+    def __init__(self, module: nn.Module, decay: float = 0.999):
+        self.decay = decay
+        self.named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self.shadow = [_local(p).detach().float().clone() for _, p in self.named]
+        self.partitioned = any(hasattr(p, "ds_tensor") for _, p in self.named)
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for s, (_, p) in zip(self.shadow, self.named):
+            s.lerp_(_local(p).float(), 1 - d)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: s for s, (n, _) in zip(self.shadow, self.named)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = [n for n, _ in self.named if n not in state]
+        if missing:
+            raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {missing[:3]}")
+        for s, (n, _) in zip(self.shadow, self.named):
+            if state[n].shape != s.shape:
+                raise ValueError(f"EMA parameter {n}: shape {tuple(state[n].shape)} != {tuple(s.shape)}")
+            s.copy_(state[n])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full EMA weights by parameter name (ZeRO 0-2; a ZeRO-3 EMA is consolidated from its checkpoint)."""
+        if self.partitioned:
+            raise NotImplementedError("full EMA weights under ZeRO-3 come from consolidating the checkpoint")
+        return {n: s.clone() for n, s in self.state_dict().items()}

@@ -1,0 +1,234 @@
+"""The LDM training loop: the one place where data, frozen encoders, diffusion math, DeepSpeed and MLflow meet.
+
+Per step: images -> frozen autoencoder latents (x scale factor), captions -> frozen text-encoder tokens with
+conditioning dropout -> diffusion loss on the UNet (a DeepSpeed engine: ZeRO, bf16, accumulation, clipping)
+-> EMA update; periodic logging, checkpoints, validation grids; export at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from tqdm import tqdm
+
+from ldm.builders import build_process, build_text_encoder, build_unet
+from ldm.conditioning import conditioning_dropout, null_condition
+from ldm.config import LDMConfig, TrainConfig, save_config, to_dict
+from ldm.diffusion import diffusion_loss
+from ldm.pipeline import TextToImage, make_grid, unet_denoiser
+from ldm.tracking import Tracker
+from ldm.train.checkpoint import Checkpointer
+from ldm.train.distributed import DistInfo, barrier, init_distributed, mean_across_ranks
+from ldm.train.ema import EMA
+
+log = logging.getLogger(__name__)
+
+
+def deepspeed_config(cfg: TrainConfig, micro_batch: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config from the typed training section (extra keys in train.deepspeed win)."""
+    ds = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                  "weight_decay": cfg.weight_decay, "torch_adam": True}},
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(ds, cfg.deepspeed)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Linear warm-up, then constant or cosine decay to zero at max_steps (multiplier of the base LR)."""
+
+    def fn(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return fn
+
+
+class Trainer:
+    def __init__(self, cfg: LDMConfig, dist: DistInfo | None = None):
+        import deepspeed
+
+        from autoencoder import load_pretrained
+
+        self.cfg = cfg
+        self.dist = dist or init_distributed(cfg.run.device)
+        self.out = Path(cfg.run.output_dir)
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        device = self.dist.device
+
+        self.autoencoder = load_pretrained(cfg.autoencoder.path, device=device)
+        self.text_encoder = build_text_encoder(cfg.text_encoder, device)
+        self.null_cond = null_condition(self.text_encoder)  # (1, L, D): the null condition, saved with the model
+        self.process = build_process(cfg.diffusion)
+        latent_channels = self.autoencoder.config["latent_channels"]
+        size = cfg.data.image_size // self.autoencoder.downsample_factor
+        self.latent_shape = (latent_channels, size, size)
+        unet = build_unet(cfg.model, latent_channels, self.text_encoder.dim)
+
+        self.engine, *_ = deepspeed.initialize(
+            model=unet, model_parameters=[p for p in unet.parameters() if p.requires_grad],
+            config=deepspeed_config(cfg.train, cfg.data.batch_size),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train)),
+        )
+        self.ema = EMA(self.engine.module, cfg.train.ema_decay)
+        self.checkpointer = Checkpointer(self.out / "checkpoints", self.dist.rank, cfg.train.keep_last)
+        self.step, self.epoch, self.run_id, self.samples_seen = 0, 0, None, 0
+        self.generator = torch.Generator().manual_seed(cfg.run.seed * 100_003 + self.dist.rank)
+        state = self.checkpointer.load(self.engine, self.ema)
+        if state is not None:
+            self.step, self.epoch, self.run_id = state["step"], state["epoch"], state.get("run_id")
+            self.samples_seen = state.get("samples_seen", 0)
+            self.generator.set_state(state["generator"])
+            self._print(f"resumed from {self.checkpointer.root / self.checkpointer.latest()} at step {self.step}")
+        self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.run.name,
+                               enabled=self.dist.is_main and cfg.tracking.enabled)
+
+    # --- helpers -------------------------------------------------------------------------------------
+    def _print(self, msg: str) -> None:
+        if self.dist.is_main:
+            tqdm.write(msg)
+
+    def _batches(self) -> Iterator[dict]:
+        """Endless per-rank stream: epochs of equal batch counts on every rank (no DDP hang on uneven shards)."""
+        from ldm.data import make_loader, resolve_shards
+
+        urls = resolve_shards(self.cfg.data.train, "train")
+        per_epoch = self.cfg.train.ckpt_every * self.cfg.train.grad_accum
+        while True:
+            loader = make_loader(urls, batch_size=self.cfg.data.batch_size, image_size=self.cfg.data.image_size,
+                                 seed=self.cfg.run.seed, rank=self.dist.rank, world_size=self.dist.world_size,
+                                 num_workers=self.cfg.data.num_workers, shuffle_buffer=self.cfg.data.shuffle_buffer,
+                                 batches_per_epoch=per_epoch, caption=self.cfg.data.caption, flip=self.cfg.data.flip,
+                                 epoch=self.epoch)
+            yield from loader
+            self.epoch += 1
+
+    def _trainer_state(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "run_id": self.tracker.run_id or self.run_id,
+                "samples_seen": self.samples_seen, "generator": self.generator.get_state()}
+
+    def micro_step(self, batch: dict) -> float:
+        """One forward/backward on a micro-batch; DeepSpeed steps the optimizer at accumulation boundaries."""
+        d = self.cfg.diffusion
+        images = batch["image"].to(self.dist.device)  # (B, 3, H, W) in [-1, 1]
+        with torch.no_grad():
+            z = self.autoencoder.encode(images)  # (B, C, h, w) scaled latents
+            cond = self.text_encoder(batch["caption"])  # (B, L, D) + (B, L)
+        cond = conditioning_dropout(cond, self.null_cond, d.cond_dropout, self.generator)
+        loss = diffusion_loss(unet_denoiser(self.engine), z, cond, self.process, prediction=d.prediction,
+                              weighting=d.weighting, min_snr_gamma=d.min_snr_gamma, offset_noise=d.offset_noise,
+                              generator=self.generator)
+        self.engine.backward(loss)
+        self.engine.step()
+        return float(loss.detach())
+
+    # --- the loop ------------------------------------------------------------------------------------
+    def train(self) -> dict[str, float]:
+        cfg, t = self.cfg, self.cfg.train
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+        self.run_id = self.tracker.start(to_dict(cfg), run_id=self.run_id,
+                                         tags={"world_size": str(self.dist.world_size)}) or self.run_id
+        global_batch = cfg.data.batch_size * t.grad_accum * self.dist.world_size
+        batches = self._batches()
+        bar = tqdm(total=t.max_steps, initial=self.step, desc="ldm", disable=not self.dist.is_main, dynamic_ncols=True)
+        window, first_loss, last_loss, tick, skipped = [], None, None, time.time(), 0
+        while self.step < t.max_steps:
+            for _ in range(t.grad_accum):
+                batch = next(batches)
+                skipped = batch.get("skipped", skipped)
+                window.append(self.micro_step(batch))
+            self.step += 1
+            self.samples_seen += global_batch
+            self.ema.update(self.step)
+            bar.update(1)
+            if self.step % t.log_every == 0 or self.step == t.max_steps or self.step == 1:
+                loss = mean_across_ranks(sum(window) / len(window))
+                first_loss = loss if first_loss is None else first_loss
+                last_loss = loss
+                elapsed = time.time() - tick
+                metrics = {"train/loss": loss, "train/lr": self.engine.get_lr()[0],
+                           "train/samples_per_s": global_batch * len(window) / t.grad_accum / max(elapsed, 1e-9),
+                           "train/skipped_samples": skipped}
+                grad_norm = self.engine.get_global_grad_norm()
+                if grad_norm is not None:
+                    metrics["train/grad_norm"] = float(grad_norm)
+                self.tracker.log_metrics(metrics, self.step)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                if self.step == 1:
+                    self._print(f"step 1: loss {loss:.4f}")
+                window, tick = [], time.time()
+            if self.step % t.ckpt_every == 0 or self.step == t.max_steps:
+                self.checkpointer.save(self.engine, self.ema, self.step, self._trainer_state())
+            if t.sample_every and self.step % t.sample_every == 0 and self.step != t.max_steps:
+                self.validate()
+        bar.close()
+        self._print(f"step {self.step}: loss {last_loss:.4f}" if last_loss is not None else "nothing to train")
+        grid = self.validate()
+        export = self.export()
+        self.tracker.end()
+        return {"first_loss": first_loss, "last_loss": last_loss, "grid": grid, "export": export,
+                "run_id": self.tracker.run_id}
+
+    # --- validation and export -----------------------------------------------------------------------
+    def ema_unet(self) -> torch.nn.Module:
+        unet = build_unet(self.cfg.model, self.latent_shape[0], self.text_encoder.dim)
+        unet.load_state_dict(self.ema.full_state_dict())
+        return unet.to(self.dist.device).eval().requires_grad_(False)
+
+    def validate(self) -> str | None:
+        """Rank 0 samples the fixed prompts and seeds with the EMA weights and CFG; logs and saves the grid."""
+        path = None
+        if self.dist.is_main:
+            s = self.cfg.sampling
+            pipe = TextToImage(self.ema_unet(), self.autoencoder, self.text_encoder, self.process,
+                               self.cfg.diffusion.prediction, self.null_cond, self.latent_shape)
+            prompts = [p for p in s.prompts for _ in range(s.images_per_prompt)]
+            seeds = [s.seed + i for i in range(len(prompts))]
+            images = pipe(prompts, seeds=seeds, negative_prompt=s.negative_prompt, sampler=s.sampler,
+                          steps=s.steps, guidance=s.guidance)
+            grid = make_grid(images, nrow=s.images_per_prompt, scale=2)
+            path = self.out / "samples" / f"grid_step{self.step:07d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            grid.save(path)
+            self.tracker.log_image(grid, "samples", self.step)
+            path = str(path)
+        barrier()
+        return path
+
+    def export(self) -> str | None:
+        from ldm.export import save_export
+
+        folder = None
+        if self.dist.is_main:
+            unet_state = self.engine.module.state_dict()
+            folder = save_export(self.out / "export", self.cfg, unet_state, self.ema.full_state_dict(),
+                                 self.null_cond, self.cfg.autoencoder.path)
+            self.tracker.log_artifact(folder, "export")
+            folder = str(folder)
+        barrier()
+        return folder

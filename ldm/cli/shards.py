@@ -25,16 +25,24 @@ def _fraction(text: str) -> float:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose usage errors are one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (one sub-command per dataset builder)."""
-    parser = argparse.ArgumentParser(prog="ldm-shards", description="Build WebDataset shards.")
+    parser = _Parser(prog="ldm-shards", description="Build WebDataset shards.")
     sub = parser.add_subparsers(dest="dataset", required=True, metavar="DATASET")
     emoji = sub.add_parser("emoji", help="Google + Twitter emoji (npm) captioned with emojibase labels")
     emoji.add_argument("--out", required=True, help="output folder (shards + index.json)")
-    emoji.add_argument("--image-size", type=_positive, default=32)
-    emoji.add_argument("--samples-per-shard", type=_positive, default=1000)
-    emoji.add_argument("--val-fraction", type=_fraction, default=0.05)
-    emoji.add_argument("--seed", type=int, default=0)
+    emoji.add_argument("--image-size", type=_positive, default=32, help="square side in pixels (default 32)")
+    emoji.add_argument("--samples-per-shard", type=_positive, default=1000, help="default 1000")
+    emoji.add_argument("--val-fraction", type=_fraction, default=0.05,
+                       help="held-out fraction of emoji, split by code (default 0.05)")
+    emoji.add_argument("--seed", type=int, default=0, help="seeds the split and the shard order")
     emoji.add_argument("--limit", type=_positive, default=None, help="keep only N emoji (quick tests)")
     emoji.add_argument("--cache", default=None, help="npm tarball cache (default $LDM_CACHE/npm or ~/.cache/ldm/npm)")
     emoji.add_argument("--styles", default="google,twitter", help="comma-separated: google,twitter")

@@ -53,7 +53,16 @@ def resolve_shards(spec: str, split: str = "train") -> list[str]:
     if path.is_dir():
         shards = sorted(glob.glob(str(path / f"{split}-*.tar")))
     else:
-        shards = [m for p in braceexpand.braceexpand(str(path)) for m in sorted(glob.glob(p))]
+        shards, missing = [], []
+        for pattern in braceexpand.braceexpand(str(path)):
+            if any(c in pattern for c in "*?["):
+                shards += sorted(glob.glob(pattern))
+            elif Path(pattern).is_file():
+                shards.append(pattern)
+            else:
+                missing.append(pattern)
+        if shards and missing:  # a brace range past the last shard is a typo, not a smaller dataset
+            raise ValueError(f"{spec!r}: {len(missing)} of its shards are missing, e.g. {missing[0]}")
     if not shards:
         raise ValueError(f"no shards match {spec!r} (split {split!r})")
     return shards

@@ -69,10 +69,22 @@ class GaussianProcess:
         raise NotImplementedError
 
     def timesteps(self, steps: int, spacing: str = "uniform") -> Tensor:
-        """Descending solver grid of steps + 1 times from ~1 to exactly 0 (0 means: return the clean estimate)."""
-        if spacing != "uniform":
-            raise ValueError(f"{type(self).__name__} supports spacing 'uniform', not {spacing!r}")
-        return torch.cat([torch.linspace(1.0, self.t_min, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+        """Descending solver grid of steps + 1 times from 1 to exactly 0 (0 means: return the clean estimate).
+
+        "uniform" spaces t evenly on [t_min, 1]; "logsnr" spaces lambda = log(alpha/sigma) evenly (Lu et al. 2022).
+        """
+        if spacing == "uniform":
+            ts = torch.linspace(1.0, self.t_min, steps, dtype=torch.float64)
+        elif spacing == "logsnr":
+            dense = torch.linspace(1.0, self.t_min, 20001, dtype=torch.float64)
+            lam = self.log_snr_half(dense)  # increasing along the descending grid
+            target = torch.linspace(float(lam[0]), float(lam[-1]), steps, dtype=torch.float64)
+            idx = torch.searchsorted(lam, target).clamp(1, len(dense) - 1)
+            w = (target - lam[idx - 1]) / (lam[idx] - lam[idx - 1])
+            ts = dense[idx - 1] + w * (dense[idx] - dense[idx - 1])
+        else:
+            raise ValueError(f"{type(self).__name__} supports spacing 'uniform' or 'logsnr', not {spacing!r}")
+        return torch.cat([ts, torch.zeros(1, dtype=torch.float64)])
 
     def sample_time(self, n: int, generator: torch.Generator | None = None, device="cpu") -> Tensor:
         """Training times t ~ U[t_min, 1]."""
@@ -189,15 +201,15 @@ class DiscreteVP(GaussianProcess):
         return (as_time(m) + 1) / self.T
 
     def timesteps(self, steps: int, spacing: str = "trailing") -> Tensor:
-        """Discrete grids as in diffusers ('leading', 'trailing') or continuous 'uniform' times."""
+        """Discrete grids as in diffusers ('leading', 'trailing') or the continuous 'uniform' / 'logsnr' grids."""
         if not 1 <= steps <= self.T:
             raise ValueError(f"steps must be in [1, {self.T}], got {steps}")
         if spacing == "leading":
             n = torch.arange(steps, dtype=torch.float64).mul(self.T // steps).flip(0)
         elif spacing == "trailing":
             n = torch.arange(self.T, 0, -self.T / steps, dtype=torch.float64).round() - 1
-        elif spacing == "uniform":
-            return super().timesteps(steps)
+        elif spacing in ("uniform", "logsnr"):
+            return super().timesteps(steps, spacing)
         else:
             raise ValueError(f"unknown spacing {spacing!r}; choose leading, trailing or uniform")
         return torch.cat([(n + 1) / self.T, torch.zeros(1, dtype=torch.float64)])

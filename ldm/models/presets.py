@@ -11,8 +11,10 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
         num_heads=4, context_dim=32, norm_num_groups=8,
     ),
     # The CPU default: 32 px images -> 8x8x4 latents, all-MiniLM-L6-v2 token embeddings (384-d).
+    # 4.6M parameters, ~20 GFLOP per forward+backward at batch 32 with 16 tokens: about 0.25 s on
+    # 2 CPU cores; (96, 192) is 10M parameters and 43 GFLOP, about 0.5-0.6 s.
     "emoji-cpu": dict(
-        block_out_channels=(96, 192), layers_per_block=1, cross_attention=(True, True),
+        block_out_channels=(64, 128), layers_per_block=1, cross_attention=(True, True),
         head_dim=32, context_dim=384, norm_num_groups=32,
     ),
     # Stable Diffusion 1.x shapes (860M parameters): 8 heads, CLIP ViT-L/14 context.

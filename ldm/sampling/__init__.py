@@ -18,7 +18,7 @@ import torch
 
 from ldm.diffusion.parameterization import Predictor
 from ldm.sampling.guidance import ClassifierFreeGuidance, ClassifierGuidance, Guided, concat_cond
-from ldm.sampling.samplers import DEFAULT_SPACING, SAMPLERS
+from ldm.sampling.samplers import DEFAULT_CONTINUOUS_SPACING, DEFAULT_SPACING, SAMPLERS
 
 
 @torch.no_grad()
@@ -29,7 +29,8 @@ def sample(model: Predictor, shape: tuple[int, ...], *, sampler: str = "ddpm", s
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
     if spacing is None:  # discrete chains default per sampler; continuous processes have one uniform grid
-        spacing = DEFAULT_SPACING[sampler] if getattr(model.process, "T", None) else "uniform"
+        discrete = getattr(model.process, "T", None) is not None
+        spacing = DEFAULT_SPACING[sampler] if discrete else DEFAULT_CONTINUOUS_SPACING.get(sampler, "uniform")
     ts = model.process.timesteps(steps, spacing)
     x = model.process.prior_sample(shape, generator, device) if x_T is None else x_T
     return SAMPLERS[sampler](model, x, ts, cond=cond, generator=generator, **options)

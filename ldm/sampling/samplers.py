@@ -161,6 +161,8 @@ SAMPLERS = {
     "dpmpp_2m": dpm_solver_pp_2m,
 }
 
-# the default time grid per sampler: discrete chains use the schedule's own steps, SDE/ODE solvers uniform t
+# default time grids: on a discrete chain the schedule's own timesteps ("trailing", Lin et al. 2023) for the
+# chain samplers; continuous solvers uniform in t, DPM-Solver uniform in log-SNR (Lu et al. 2022)
 DEFAULT_SPACING = {"ddpm": "trailing", "ddim": "trailing", "dpmpp_2m": "trailing",
                    "euler_maruyama": "uniform", "pc": "uniform", "heun_ode": "uniform"}
+DEFAULT_CONTINUOUS_SPACING = {"dpmpp_2m": "logsnr"}

@@ -1,0 +1,199 @@
+"""Saving, loading and latent scaling of the KL autoencoder.
+
+A saved autoencoder is a folder with `model.safetensors` (weights) and `config.json`
+(constructor arguments, including scale_factor and shift_factor, plus a format tag). Weights are
+only ever read with safetensors, so loading never runs pickled code. Folders written by
+diffusers' `AutoencoderKL.save_pretrained` load through `load_diffusers`.
+
+The scale factor follows Rombach et al. 2022 (the `scale_by_std` option of their code): 1 / std of
+the latents over some data, so the diffusion model sees latents of roughly unit variance. LDM
+estimates it on one batch; `measure_scale_factor` pools up to `max_batches` batches.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from autoencoder.model import AutoencoderKL
+
+FORMAT_TAG = "ldm-autoencoder-kl"
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_pretrained(model: AutoencoderKL, folder: str | os.PathLike) -> Path:
+    """Write weights + config into `folder` atomically: built in a temp dir beside it, then renamed.
+
+    A crash leaves either the previous folder or the complete new one, never a partial folder. The
+    folder is replaced as a whole: other files inside an existing `folder` are not kept.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        _write_json(tmp / CONFIG_NAME, {"format": FORMAT_TAG, **model.config})
+        if folder.exists():
+            # A directory cannot be renamed over a non-empty one: move the old one aside first.
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            os.replace(folder, old / folder.name)
+            try:
+                os.replace(tmp, folder)
+            except BaseException:
+                os.replace(old / folder.name, folder)  # put the previous version back
+                raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no {CONFIG_NAME}; not a saved autoencoder folder")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise a ValueError naming `source` and every missing, unexpected or mis-shaped key."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(state) if state[k].shape != expected[k].shape
+    )
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"checkpoint {source} does not match the model config: "
+            f"missing keys {missing}; unexpected keys {unexpected}; shape mismatches {shapes}"
+        )
+
+
+def _build(config: Mapping[str, Any], folder: Path) -> AutoencoderKL:
+    try:
+        return AutoencoderKL(**config)
+    except TypeError as err:  # unknown or missing constructor argument
+        raise ValueError(f"{folder}: bad autoencoder config: {err}") from err
+
+
+def _load_frozen(model: AutoencoderKL, weights: Path, device: str | torch.device) -> AutoencoderKL:
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights.parent}: missing weights file {weights.name}")
+    state = load_file(str(weights), device="cpu")  # safetensors: plain tensors, no code
+    check_state_dict(model, state, str(weights.parent))
+    model.load_state_dict(state, strict=True)
+    return freeze(model.to(device))
+
+
+def freeze(model: AutoencoderKL) -> AutoencoderKL:
+    """Eval mode with requires_grad off: the frozen first stage of latent diffusion."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_pretrained(folder: str | os.PathLike, device: str | torch.device = "cpu") -> AutoencoderKL:
+    """Load a folder written by `save_pretrained` as a frozen model (eval, requires_grad False)."""
+    folder = Path(folder)
+    config = _read_config(folder)
+    tag = config.pop("format", None)
+    if tag != FORMAT_TAG:
+        raise ValueError(f"{folder}: config format is {tag!r}, expected {FORMAT_TAG!r}")
+    return _load_frozen(_build(config, folder), folder / WEIGHTS_NAME, device)
+
+
+def load_diffusers(folder: str | os.PathLike, device: str | torch.device = "cpu") -> AutoencoderKL:
+    """Load a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors), frozen."""
+    folder = Path(folder)
+    cfg = _read_config(folder)
+    if cfg.get("_class_name") != "AutoencoderKL":
+        raise ValueError(f"{folder}: _class_name is {cfg.get('_class_name')!r}, expected 'AutoencoderKL'")
+    blocks = list(cfg.get("block_out_channels", (64,)))
+    checks = {
+        "down_block_types": (list(cfg.get("down_block_types", ())), ["DownEncoderBlock2D"] * len(blocks)),
+        "up_block_types": (list(cfg.get("up_block_types", ())), ["UpDecoderBlock2D"] * len(blocks)),
+        "act_fn": (cfg.get("act_fn", "silu"), "silu"),
+        "latents_mean": (cfg.get("latents_mean"), None),  # per-channel scaling is not supported
+    }
+    for key, (got, want) in checks.items():
+        if got != want:
+            raise ValueError(f"{folder}: unsupported {key}={got!r} (expected {want!r})")
+    config = {
+        "in_channels": cfg.get("in_channels", 3),
+        "out_channels": cfg.get("out_channels", 3),
+        "latent_channels": cfg.get("latent_channels", 4),
+        "block_out_channels": blocks,
+        "layers_per_block": cfg.get("layers_per_block", 1),
+        "norm_num_groups": cfg.get("norm_num_groups", 32),
+        "mid_block_add_attention": cfg.get("mid_block_add_attention", True),
+        "use_quant_conv": cfg.get("use_quant_conv", True),
+        "use_post_quant_conv": cfg.get("use_post_quant_conv", True),
+        "scale_factor": cfg.get("scaling_factor") or 0.18215,
+        "shift_factor": cfg.get("shift_factor") or 0.0,
+    }
+    return _load_frozen(_build(config, folder), folder / DIFFUSERS_WEIGHTS_NAME, device)
+
+
+@torch.no_grad()
+def measure_scale_factor(
+    model: AutoencoderKL, images_iterable: Iterable[torch.Tensor], max_batches: int = 16
+) -> float:
+    """1 / std of the raw latent modes (minus shift_factor) over up to `max_batches` image batches (LDM)."""
+    if max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1, got {max_batches}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, total_sq, count = 0.0, 0.0, 0
+    try:
+        for images in itertools.islice(images_iterable, max_batches):  # never pulls an extra batch
+            z = model.encode_dist(images.to(device)).mode().double() - model.shift_factor  # (B, C, h, w)
+            total += z.sum().item()
+            total_sq += z.pow(2).sum().item()
+            count += z.numel()
+    finally:
+        model.train(was_training)
+    if count < 2:
+        raise ValueError("measure_scale_factor needs at least two latent values; the image iterable was empty")
+    variance = (total_sq - total * total / count) / (count - 1)
+    if variance <= 0.0:
+        raise ValueError("latents have zero variance; cannot derive a scale factor")
+    return 1.0 / variance**0.5
+
+
+def set_scale_factor(
+    model: AutoencoderKL, scale_factor: float, shift_factor: float | None = None
+) -> AutoencoderKL:
+    """Set the latent scaling used by `encode`/`decode` (saved with the model by `save_pretrained`)."""
+    if not scale_factor or scale_factor != scale_factor:  # zero or NaN
+        raise ValueError(f"scale_factor must be a non-zero number, got {scale_factor}")
+    model.scale_factor = float(scale_factor)
+    if shift_factor is not None:
+        model.shift_factor = float(shift_factor)
+    return model

@@ -1,0 +1,81 @@
+"""Plain-torch training loop for the KL autoencoder (stage 1 of Rombach et al. 2022).
+
+One optimiser (AdamW), reconstruction + KL loss, no discriminator. Runs on the model's device.
+Metrics go to the caller through `on_log`; this module does no tracking or file I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from autoencoder.loss import autoencoder_loss
+from autoencoder.model import AutoencoderKL
+
+
+def train_autoencoder(
+    model: AutoencoderKL,
+    batches: Iterator[torch.Tensor],
+    *,
+    steps: int,
+    lr: float = 1e-3,
+    kl_weight: float = 1e-6,
+    loss: str = "l1",
+    seed: int = 0,
+    log_every: int = 50,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train for `steps` optimiser steps on image batches (B, C, H, W) in [-1, 1]; returns final metrics.
+
+    Logged metrics are means over the last `log_every` steps (keys of `autoencoder_loss` plus
+    "lr"); the returned dict is the last logged one plus "steps". Posterior samples come from a
+    generator seeded with `seed`, so a run is reproducible from its seed and data order.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if log_every < 1:
+        raise ValueError(f"log_every must be >= 1, got {log_every}")
+    device = next(model.parameters()).device
+    model.requires_grad_(True)  # a model from load_pretrained comes frozen; fine-tuning unfreezes it
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    generator = torch.Generator(device=device).manual_seed(seed)
+
+    window: dict[str, float] = {}
+    window_steps = 0
+    metrics: dict[str, float] = {}
+    batch_iter = iter(batches)
+    bar = tqdm(total=steps, desc="autoencoder", disable=not progress, dynamic_ncols=True)
+    try:
+        for step in range(1, steps + 1):
+            try:
+                images = next(batch_iter)
+            except StopIteration:
+                raise ValueError(f"batch iterator ran out after {step - 1} of {steps} steps") from None
+            images = images.to(device, non_blocking=True)  # (B, C, H, W)
+            recon, posterior = model(images, generator=generator)  # (B, C, H, W)
+            total, parts = autoencoder_loss(recon, images, posterior, kl_weight=kl_weight, kind=loss)
+            if not math.isfinite(parts["loss"]):
+                raise FloatingPointError(f"non-finite autoencoder loss at step {step}: {parts}")
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+
+            for key, value in parts.items():
+                window[key] = window.get(key, 0.0) + value
+            window_steps += 1
+            bar.update(1)
+            if step % log_every == 0 or step == steps:
+                metrics = {key: value / window_steps for key, value in window.items()}
+                metrics["lr"] = lr
+                bar.set_postfix(loss=f"{metrics['loss']:.4g}", rec=f"{metrics['rec_per_pixel']:.4g}")
+                if on_log is not None:
+                    on_log(step, dict(metrics))
+                window, window_steps = {}, 0
+    finally:
+        bar.close()
+    return {**metrics, "steps": float(steps)}

@@ -1,0 +1,111 @@
+"""The UNet against diffusers' UNet2DConditionModel, masking, checkpointing and presets (tiny, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldm.models import UNET_PRESETS, UNet, unet_preset
+
+diffusers = pytest.importorskip("diffusers")
+
+TINY = unet_preset("tiny")
+
+
+def _pair(**overrides) -> tuple[UNet, torch.nn.Module]:
+    """Our UNet and a diffusers UNet with the same random weights, both in eval mode."""
+    torch.manual_seed(0)
+    ours = UNet(**{**TINY, **overrides}).eval()
+    ref = diffusers.UNet2DConditionModel(**ours.to_diffusers_config()).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ours, ref
+
+
+@pytest.mark.parametrize(
+    "overrides, size",
+    [
+        ({}, (8, 8)),
+        ({"use_linear_projection": True, "head_dim": 16, "num_heads": None}, (8, 12)),
+        ({"cross_attention": (False, True), "layers_per_block": 2, "transformer_depth": 2}, (7, 5)),
+        ({"block_out_channels": (16, 32, 32), "cross_attention": (True, True, False), "num_heads": (2, 4, 4)}, (9, 6)),
+    ],
+)
+def test_matches_diffusers(overrides, size):
+    ours, ref = _pair(**overrides)
+    x = torch.randn(2, 4, *size)  # (B, C, H, W)
+    t = torch.tensor([0.37, 812.625])  # fractional, as continuous-time solvers pass them
+    context = torch.randn(2, 5, TINY["context_dim"])  # (B, L, D)
+    with torch.no_grad():
+        out = ours(x, t, context)
+        expected = ref(x, t, context).sample
+        assert out.shape == x.shape
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+        # Scalar timesteps (float and int) broadcast over the batch.
+        torch.testing.assert_close(ours(x, 17.5, context), ref(x, 17.5, context).sample, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours(x, torch.tensor(3), context), ref(x, 3, context).sample, atol=1e-5, rtol=0)
+
+
+def test_context_mask_matches_diffusers_and_ignores_padding():
+    ours, ref = _pair()
+    x = torch.randn(3, 4, 8, 8)
+    t = torch.tensor([1.5, 500.0, 999.0])
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    context = torch.randn(3, 6, TINY["context_dim"])
+    garbage = torch.where(mask[..., None], context, 10 * torch.randn_like(context))  # new padded values
+    with torch.no_grad():
+        out = ours(x, t, context, mask)
+        torch.testing.assert_close(out, ref(x, t, context, encoder_attention_mask=mask).sample, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours(x, t, garbage, mask), out, atol=1e-6, rtol=0)
+        # The first sample sees only 3 tokens: same as a 3-token context without a mask.
+        torch.testing.assert_close(ours(x[:1], t[:1], context[:1, :3]), out[:1], atol=1e-5, rtol=0)
+        # Without the mask the padding does change the output.
+        assert (ours(x, t, garbage) - out).abs().max() > 1e-3
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    plain = UNet(**TINY)
+    ckpt = UNet(**TINY, gradient_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 20.5]), torch.randn(2, 5, TINY["context_dim"])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    for model in (plain, ckpt):
+        model(x, t, context, mask).square().mean().backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=0, msg=name)
+
+
+def test_rejects_ambiguous_heads_and_bad_shapes():
+    with pytest.raises(ValueError, match="num_heads or head_dim"):
+        UNet(**{**TINY, "head_dim": 8})
+    with pytest.raises(ValueError, match="norm_num_groups"):
+        UNet(**{**TINY, "block_out_channels": (36, 64)})
+    with pytest.raises(ValueError, match="cross_attention"):
+        UNet(**{**TINY, "cross_attention": (True,)})
+    with pytest.raises(ValueError, match="shape"):
+        UNet(**TINY)(torch.randn(2, 4, 8, 8), torch.zeros(3), torch.randn(2, 5, TINY["context_dim"]))
+
+
+def test_diffusers_config_round_trip():
+    ours = UNet(**{**TINY, "head_dim": 16, "num_heads": None, "use_linear_projection": True})
+    again = UNet.from_diffusers_config(ours.to_diffusers_config())
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
+    assert again.heads_per_level == ours.heads_per_level == (2, 4)
+
+
+@pytest.mark.parametrize("name", ["tiny", "emoji-cpu"])
+def test_small_presets_run(name):
+    model = UNet(**UNET_PRESETS[name])
+    x = torch.randn(2, 4, 8, 8)
+    out = model(x, torch.tensor([1.0, 2.0]), torch.randn(2, 16, model.config["context_dim"]))
+    assert out.shape == x.shape
+
+
+@pytest.mark.parametrize("name, params", [("sd15", 859_520_964), ("sd2", 865_910_724)])
+def test_large_presets_match_diffusers_shapes_on_meta(name, params):
+    with torch.device("meta"):
+        ours = UNet(**UNET_PRESETS[name])
+        ref = diffusers.UNet2DConditionModel(**ours.to_diffusers_config())
+    shapes = {k: v.shape for k, v in ours.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in ref.state_dict().items()}
+    assert sum(p.numel() for p in ours.parameters()) == params

@@ -7,6 +7,7 @@ writing, so it never names an incomplete checkpoint. Only the last ``keep_last``
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import shutil
@@ -30,6 +31,17 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def param_digest(module: torch.nn.Module) -> str | None:
+    """SHA-256 of this rank's full parameters; ranks of a ZeRO 0-2 run must agree (None under ZeRO-3)."""
+    h = hashlib.sha256()
+    for name, p in module.named_parameters():
+        if hasattr(p, "ds_tensor"):
+            return None
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -59,7 +71,9 @@ class Checkpointer:
         engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step}, save_latest=False)
         folder = self.root / tag
         save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(folder / f"ema_rank{self.rank}.safetensors"))
-        torch.save({**trainer_state, "rng": rng_state()}, folder / f"trainer_rank{self.rank}.pt")
+        digest = param_digest(engine.module)
+        torch.save({**trainer_state, "rng": rng_state(), "param_digest": digest}, folder / f"trainer_rank{self.rank}.pt")
+        self._check_ranks_agree(digest)
         barrier()
         if self.rank == 0:
             tmp = self.root / "latest.tmp"
@@ -68,6 +82,16 @@ class Checkpointer:
             self._prune()
         barrier()
         return folder
+
+    @staticmethod
+    def _check_ranks_agree(digest: str | None) -> None:
+        """Replicated parameters that differ across ranks mean a broken run: stop before it goes on."""
+        if digest is None or not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+            return
+        digests: list[str | None] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(digests, digest)
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"parameters differ across ranks: {digests}")
 
     def _prune(self) -> None:
         tags = sorted(p.name for p in self.root.glob("step*") if p.is_dir())
@@ -86,4 +110,5 @@ class Checkpointer:
         ema.load_state_dict(load_file(str(folder / f"ema_rank{self.rank}.safetensors")))
         state = torch.load(folder / f"trainer_rank{self.rank}.pt", weights_only=False)  # our own file
         set_rng_state(state.pop("rng"))
+        state.pop("param_digest", None)
         return state

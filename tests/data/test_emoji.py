@@ -1,7 +1,6 @@
 """Emoji source: npm fetch/cache, safe extraction, the label join, compositing on white."""
 
 import io
-import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -12,29 +11,6 @@ from PIL import Image
 
 from ldm.data import emoji
 from ldm.data.emoji import EmojiDataError, emoji_records, extract_package, fetch_npm_package, load_rgb
-
-SEARCH = [Path.home() / ".cache" / "ldm" / "npm", Path("/tmp/npmcache")]  # places tarballs may already be
-TARBALLS = ["emoji-datasource-google-16.0.0.tgz", "emoji-datasource-twitter-16.0.0.tgz", "emojibase-data-17.0.0.tgz"]
-
-
-def seeded_npm_cache(base: Path) -> Path:
-    """`$LDM_CACHE/npm` when set (reused across runs), else a folder under base holding links to npm
-    tarballs already on this machine; the code fetches whatever is missing with `npm pack`."""
-    if os.environ.get("LDM_CACHE"):
-        return Path(os.environ["LDM_CACHE"]) / "npm"
-    cache = base / "npm"
-    cache.mkdir(parents=True, exist_ok=True)
-    for name in TARBALLS:
-        found = next((d / name for d in SEARCH if (d / name).is_file()), None)
-        if found is not None and not (cache / name).exists():
-            (cache / name).symlink_to(found.resolve())
-    return cache
-
-
-@pytest.fixture(scope="session")
-def npm_cache(tmp_path_factory) -> Path:
-    return seeded_npm_cache(tmp_path_factory.getbasetemp())
-
 
 def test_join_labels_every_image(npm_cache):
     records = emoji_records(cache_dir=npm_cache)

@@ -14,7 +14,6 @@ from PIL import Image
 from ldm.cli.shards import main as shards_main
 from ldm.data.shards import build_emoji_shards, encode_png, write_shards
 from ldm.data.stream import make_loader, resolve_shards
-from .test_emoji import seeded_npm_cache
 
 
 def tar_samples(path):
@@ -28,10 +27,9 @@ def tar_samples(path):
 
 
 @pytest.fixture(scope="module")
-def emoji_dir(tmp_path_factory):
+def emoji_dir(tmp_path_factory, npm_cache):
     out = tmp_path_factory.mktemp("emoji")
-    cache = seeded_npm_cache(tmp_path_factory.getbasetemp())
-    build_emoji_shards(out, image_size=16, samples_per_shard=16, limit=40, cache_dir=cache)
+    build_emoji_shards(out, image_size=16, samples_per_shard=16, limit=40, cache_dir=npm_cache)
     return out
 
 
@@ -59,8 +57,8 @@ def test_emoji_index_matches_shards(emoji_dir):
     assert not list(emoji_dir.glob("*.tmp"))
 
 
-def test_cli_builds_and_rejects_bad_usage(tmp_path, tmp_path_factory, capsys):
-    cache = seeded_npm_cache(tmp_path_factory.getbasetemp())
+def test_cli_builds_and_rejects_bad_usage(tmp_path, npm_cache, capsys):
+    cache = npm_cache
     assert shards_main(["emoji", "--out", str(tmp_path / "o"), "--limit", "3", "--cache", str(cache),
                         "--samples-per-shard", "2", "--styles", "twitter"]) == 0
     assert "train" in capsys.readouterr().out

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One entry point that sets everything up on a fresh machine (Python 3.11 + pip, npm) and then runs:
+#   ./run.sh demo [key=value ...]   the whole pipeline on the embedded emoji default (~25 min on 2 CPU cores)
+#   ./run.sh test [pytest args]     the test suite (what CI runs)
+# The virtual environment (.venv) is (re)installed only when pyproject.toml changes.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+venv="${LDM_VENV:-.venv}"
+python_bin="${PYTHON_BIN:-$(command -v python3.11 || command -v python3)}"
+
+setup() {
+  if [[ ! -x "$venv/bin/python" ]]; then
+    echo "[setup] creating $venv with $python_bin"
+    "$python_bin" -m venv "$venv"
+  fi
+  local stamp
+  stamp="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+  if [[ "$(cat "$venv/.installed" 2>/dev/null)" != "$stamp" ]]; then
+    echo "[setup] installing the project and its dependencies (a few minutes the first time)"
+    "$venv/bin/python" -m pip install --quiet --upgrade pip
+    "$venv/bin/python" -m pip install --quiet -e ".[test]"
+    echo "$stamp" > "$venv/.installed"
+  fi
+  export PATH="$PWD/$venv/bin:$PATH"
+  export LDM_CACHE="${LDM_CACHE:-$PWD/.cache}"                       # npm tarballs (emoji data)
+  export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"  # DeepSpeed ops
+  export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+  if ! "$venv/bin/python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    export DS_ACCELERATOR=cpu
+  fi
+}
+
+cmd="${1:-}"
+shift || true
+case "$cmd" in
+  demo) setup; exec "$venv/bin/ldm-demo" "$@" ;;
+  test) setup; exec "$venv/bin/python" -m pytest -q "$@" ;;
+  setup) setup ;;
+  *) echo "usage: ./run.sh demo [key=value ...] | ./run.sh test [pytest args] | ./run.sh setup" >&2; exit 2 ;;
+esac

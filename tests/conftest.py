@@ -1,0 +1,56 @@
+"""Shared fixtures: the npm emoji cache, tiny real emoji shards, a tiny stage-1 autoencoder, environment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def npm_cache() -> Path:
+    """The project's npm tarball cache ($LDM_CACHE/npm or ~/.cache/ldm/npm); the code fetches what is missing."""
+    from ldm.data.emoji import default_cache_dir
+
+    return default_cache_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory, npm_cache) -> Path:
+    """12 real emoji (both styles) at 16 px: train/val shards of 6 samples and an index.json."""
+    from ldm.data.shards import build_emoji_shards
+
+    out = tmp_path_factory.mktemp("tiny_emoji")
+    build_emoji_shards(out, image_size=16, samples_per_shard=6, val_fraction=0.2, limit=12, cache_dir=npm_cache)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_autoencoder(tmp_path_factory, tiny_shards) -> Path:
+    """A stage-1 autoencoder trained for a few steps through the real CLI (16 px -> 8x8x4 latents)."""
+    from ldm.cli.train_autoencoder import main
+
+    base = tmp_path_factory.mktemp("tiny_ae")
+    rc = main(["--config", str(ROOT / "configs/autoencoder/emoji.yaml"), f"data.train={tiny_shards}",
+               f"data.val={tiny_shards}", "data.image_size=16", "data.batch_size=4", "model.block_out_channels=[8,16]",
+               "model.norm_num_groups=8", "train.steps=3", "train.scale_batches=2", "train.log_every=1",
+               f"run.output_dir={base / 'autoencoder'}", f"tracking.uri=sqlite:///{base / 'mlflow.db'}"])
+    assert rc == 0
+    return base / "autoencoder"
+
+
+def tiny_ldm_overrides(shards: Path, autoencoder: Path, out: Path, tracking_uri: str | None) -> list[str]:
+    """Overrides that shrink configs/ldm/emoji.yaml to seconds on a CPU."""
+    return [f"data.train={shards}", f"data.val={shards}", "data.image_size=16", "data.batch_size=4",
+            "data.shuffle_buffer=8", f"autoencoder.path={autoencoder}", "model.preset=tiny", "text_encoder.max_length=8",
+            "train.max_steps=4", "train.ckpt_every=2", "train.log_every=1", "train.warmup_steps=1",
+            "sampling.steps=3", "sampling.images_per_prompt=1", "sampling.prompts=[red apple, dog face]",
+            f"run.output_dir={out}",
+            f"tracking.uri={tracking_uri}" if tracking_uri else "tracking.enabled=false"]

@@ -27,6 +27,7 @@ from ldm.train.distributed import DistInfo, barrier, init_distributed, mean_acro
 from ldm.train.ema import EMA
 
 log = logging.getLogger(__name__)
+TEXT_CACHE_SIZE = 200_000  # captions whose embeddings are kept (16 tokens x 384-d: ~25 kB each)
 
 
 def deepspeed_config(cfg: TrainConfig, micro_batch: int) -> dict[str, Any]:
@@ -97,6 +98,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.out / "checkpoints", self.dist.rank, cfg.train.keep_last)
         self.step, self.epoch, self.run_id, self.samples_seen = 0, 0, None, 0
         self.generator = torch.Generator().manual_seed(cfg.run.seed * 100_003 + self.dist.rank)
+        self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         state = self.checkpointer.load(self.engine, self.ema)
         if state is not None:
             self.step, self.epoch, self.run_id = state["step"], state["epoch"], state.get("run_id")
@@ -130,13 +132,25 @@ class Trainer:
         return {"step": self.step, "epoch": self.epoch, "run_id": self.tracker.run_id or self.run_id,
                 "samples_seen": self.samples_seen, "generator": self.generator.get_state()}
 
+    def encode_captions(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Frozen text-encoder outputs, memoised per caption (the encoder is deterministic, so this is exact)."""
+        missing = [c for c in dict.fromkeys(captions) if c not in self._text_cache]
+        if missing:
+            if len(self._text_cache) + len(missing) > TEXT_CACHE_SIZE:
+                self._text_cache.clear()
+            out = self.text_encoder(missing)
+            for i, c in enumerate(missing):
+                self._text_cache[c] = (out["context"][i], out["context_mask"][i])
+        return {"context": torch.stack([self._text_cache[c][0] for c in captions]),  # (B, L, D)
+                "context_mask": torch.stack([self._text_cache[c][1] for c in captions])}  # (B, L)
+
     def micro_step(self, batch: dict) -> float:
         """One forward/backward on a micro-batch; DeepSpeed steps the optimizer at accumulation boundaries."""
         d = self.cfg.diffusion
         images = batch["image"].to(self.dist.device)  # (B, 3, H, W) in [-1, 1]
         with torch.no_grad():
             z = self.autoencoder.encode(images)  # (B, C, h, w) scaled latents
-            cond = self.text_encoder(batch["caption"])  # (B, L, D) + (B, L)
+            cond = self.encode_captions(batch["caption"])  # (B, L, D) + (B, L)
         cond = conditioning_dropout(cond, self.null_cond, d.cond_dropout, self.generator)
         loss = diffusion_loss(unet_denoiser(self.engine), z, cond, self.process, prediction=d.prediction,
                               weighting=d.weighting, min_snr_gamma=d.min_snr_gamma, offset_noise=d.offset_noise,

@@ -117,6 +117,24 @@ class Tracker:
         fn = self._client.log_artifacts if Path(path).is_dir() else self._client.log_artifact
         self._call(fn, self.run_id, str(path), artifact_path)
 
+    def register_model(self, name: str, artifact_path: str) -> str | None:
+        """Register the run's artifact folder as a new version of model ``name``; returns the version."""
+        if not self.enabled:
+            return None
+        from mlflow.exceptions import MlflowException
+
+        try:
+            try:
+                self._client.create_registered_model(name)
+            except MlflowException:
+                pass  # already registered
+            source = f"runs:/{self.run_id}/{artifact_path}"
+            version = self._client.create_model_version(name, source, run_id=self.run_id)
+            return str(version.version)
+        except Exception as e:  # noqa: BLE001 - tracking must never stop training
+            log.warning("could not register model %s: %s", name, e)
+            return None
+
     def set_tag(self, key: str, value: str) -> None:
         if self.enabled:
             self._call(self._client.set_tag, self.run_id, key, value)

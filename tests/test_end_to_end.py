@@ -59,6 +59,8 @@ def test_pipeline_end_to_end(tmp_path, tiny_shards, tiny_autoencoder):
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
     assert any(p.endswith(".png") for p in artifacts), artifacts
     assert any(a.path == "export" for a in client.list_artifacts(run.info.run_id))
+    versions = client.search_model_versions("name='emoji-ldm'")
+    assert [v.run_id for v in versions] == [run.info.run_id] and versions[0].source.endswith("/export")
 
 
 def test_resume_continues_from_latest(tmp_path, tiny_shards, tiny_autoencoder):

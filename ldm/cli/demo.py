@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[3/3] training the text-conditioned LDM under DeepSpeed -> {ldm_cfg.run.output_dir}")
         trainer = Trainer(ldm_cfg)
         result = trainer.train()
+        if result["preempted"]:
+            print(f"stopped by a signal at step {result['step']}; run the same command again to resume")
+            return 0
         minutes = (time.time() - t0) / 60
         print("")
         print(f"done in {minutes:.1f} min")

@@ -2,7 +2,8 @@
 
 Single process:   ldm-train --config configs/ldm/emoji.yaml train.max_steps=200
 N processes:      launch/local.sh N --config configs/ldm/emoji.yaml   (torchrun / deepspeed set RANK etc.)
-Resumes automatically from <run.output_dir>/checkpoints/latest.
+Resumes automatically from <run.output_dir>/checkpoints/latest. On SIGUSR1 or SIGTERM it checkpoints at
+the next step, runs $LDM_REQUEUE_CMD (if set, e.g. `scontrol requeue $SLURM_JOB_ID`) and exits 0.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         from ldm.train import Trainer
 
         result = Trainer(cfg).train()
-        if result.get("grid"):
+        if result["preempted"]:
+            print(f"pre-empted: checkpoint of step {result['step']} written; the next start resumes from it")
+        elif result.get("grid"):
             print(f"sample grid: {result['grid']}")
             print(f"exported model: {result['export']}")
         return 0

@@ -60,22 +60,30 @@ def score_from_eps(eps: Tensor, sigma: Tensor) -> Tensor:
     return -eps / _bcast(sigma, eps)
 
 
-def loss_weight(snr: Tensor, prediction: str, weighting: str = "uniform", gamma: float = 5.0) -> Tensor:
-    """Per-sample weight of the MSE on the target; min-SNR-gamma (Hang et al. 2023) expressed for each target."""
+def loss_weight(snr: Tensor, prediction: str, weighting: str = "uniform", gamma: float = 5.0,
+                scale2: Tensor | float = 1.0) -> Tensor:
+    """Per-sample weight of the MSE on the target; min-SNR-gamma (Hang et al. 2023, Eq. 9) expressed for each target.
+
+    min-SNR weighs the eps-space error by min(SNR, gamma) / SNR. A target error maps to an eps error at fixed x_t
+    by ||d eps||^2 = ||d x0||^2 SNR = ||d v||^2 a^2 / (a^2 + s^2)^2 = ||d score||^2 s^2, so with
+    scale2 = alpha^2 + sigma^2 (1 for VP processes) the same objective reads
+    eps: min(1, gamma / SNR), x0: min(SNR, gamma), v: min(SNR, gamma) / ((SNR + 1) scale2),
+    score: min(1, gamma / SNR) scale2 / (SNR + 1). Written so SNR = 0 (zero terminal SNR) stays finite.
+    """
     if weighting == "uniform":
         return torch.ones_like(snr)
     if weighting != "min_snr":
         raise ValueError(f"unknown weighting {weighting!r}; choose from {WEIGHTINGS}")
-    clipped = snr.clamp(max=gamma)
+    eps_weight = (gamma / snr).clamp(max=1.0)  # = min(SNR, gamma) / SNR; 1 at SNR = 0
     if prediction == "eps":
-        return clipped / snr
-    if prediction == "v":
-        return clipped / (snr + 1)
+        return eps_weight
     if prediction == "x0":
-        return clipped
-    if prediction == "score":  # ||s - target||^2 = ||eps - target||^2 / sigma^2; sigma^2 reweights to eps-space
-        return clipped / snr / (1 + snr)
-    raise ValueError(f"unknown prediction {prediction!r}")
+        return snr.clamp(max=gamma)
+    if prediction == "v":
+        return snr.clamp(max=gamma) / ((snr + 1) * scale2)
+    if prediction == "score":
+        return eps_weight * scale2 / (snr + 1)
+    raise ValueError(f"unknown prediction {prediction!r}; choose from {PREDICTIONS}")
 
 
 @dataclass
@@ -91,11 +99,14 @@ class Predictor:
             raise ValueError(f"unknown prediction {self.prediction!r}; choose from {PREDICTIONS}")
 
     def __call__(self, x_t: Tensor, t: float | Tensor, cond: Any = None) -> tuple[Tensor, Tensor]:
-        t = as_time(t)
-        if t.dim() == 0:
-            t = t.expand(x_t.shape[0])
-        out = self.denoiser(x_t, self.process.model_time(t).to(device=x_t.device, dtype=torch.float32), cond)
-        return to_x0_eps(out, x_t, self.process.alpha(t), self.process.sigma(t), self.prediction)
+        t = as_time(t)  # () shared by the batch, or (B,)
+        alpha, sigma = self.process.alpha(t), self.process.sigma(t)
+        if self.prediction in ("eps", "score") and bool((alpha == 0).any()):
+            raise ValueError(f"x0 is undefined from a {self.prediction} prediction at zero SNR (alpha = 0): "
+                             "a zero-terminal-SNR chain needs prediction 'v' or 'x0' (Lin et al. 2023, Sec. 3.2)")
+        m = self.process.model_time(t).to(device=x_t.device, dtype=torch.float32).expand(x_t.shape[0])  # (B,)
+        out = self.denoiser(x_t, m, cond)
+        return to_x0_eps(out, x_t, alpha, sigma, self.prediction)
 
     def score(self, x_t: Tensor, t: float | Tensor, cond: Any = None) -> Tensor:
         return score_from_eps(self(x_t, t, cond)[1], self.process.sigma(as_time(t)))
@@ -115,7 +126,8 @@ def diffusion_loss(
 ) -> Tensor:
     """The simplified DDPM objective E ||target - net(x_t, t)||^2 (Ho et al. Eq. 14), any target and weighting.
 
-    Offset noise adds a per-channel constant to eps (Guttenberg 2023) so the model can shift mean brightness.
+    Offset noise adds a per-channel constant to eps (Guttenberg 2023) so the model can shift mean brightness:
+    eps = z + offset_noise * z_c with z_c ~ N(0, 1) shared over a channel's pixels.
     """
     B = x0.shape[0]
     t = process.sample_time(B, generator, device="cpu")  # (B,) float64
@@ -127,5 +139,5 @@ def diffusion_loss(
     target = from_x0_eps(x0, eps, alpha, sigma, prediction)
     out = denoiser(x_t, process.model_time(t).to(device=x0.device, dtype=torch.float32), cond)
     per_sample = (out.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
-    weight = loss_weight(process.snr(t), prediction, weighting, min_snr_gamma).to(per_sample)
+    weight = loss_weight(process.snr(t), prediction, weighting, min_snr_gamma, alpha**2 + sigma**2).to(per_sample)
     return (weight * per_sample).mean()

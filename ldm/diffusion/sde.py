@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 Tensor = torch.Tensor
-LOG_ALPHA_BAR_FLOOR = math.log(2.0**-24)  # a zero-terminal-SNR chain keeps a finite log alpha_bar
+LOG_ALPHA_BAR_FLOOR = math.log(2.0**-24)  # between knots a zero-terminal-SNR chain keeps a finite log alpha_bar
 
 
 def as_time(t: float | Tensor) -> Tensor:
@@ -73,14 +73,19 @@ class GaussianProcess:
 
         "uniform" spaces t evenly on [t_min, 1]; "logsnr" spaces lambda = log(alpha/sigma) evenly (Lu et al. 2022).
         """
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
         if spacing == "uniform":
             ts = torch.linspace(1.0, self.t_min, steps, dtype=torch.float64)
         elif spacing == "logsnr":
             dense = torch.linspace(1.0, self.t_min, 20001, dtype=torch.float64)
-            lam = self.log_snr_half(dense)  # increasing along the descending grid
+            lam = self.log_snr_half(dense)  # non-decreasing along the descending grid
+            finite = lam[torch.isfinite(lam)]
+            lam = torch.nan_to_num(lam, neginf=float(finite.min()) - 1.0)  # zero terminal SNR: lambda(1) = -inf
             target = torch.linspace(float(lam[0]), float(lam[-1]), steps, dtype=torch.float64)
             idx = torch.searchsorted(lam, target).clamp(1, len(dense) - 1)
-            w = (target - lam[idx - 1]) / (lam[idx] - lam[idx - 1])
+            width = lam[idx] - lam[idx - 1]
+            w = torch.where(width > 0, (target - lam[idx - 1]) / width.clamp_min(1e-300), torch.zeros_like(width))
             ts = dense[idx - 1] + w * (dense[idx] - dense[idx - 1])
         else:
             raise ValueError(f"{type(self).__name__} supports spacing 'uniform' or 'logsnr', not {spacing!r}")
@@ -134,6 +139,11 @@ class GaussianProcess:
         var = self.sigma2(t) - a**2 * self.sigma2(s)
         return a, var.clamp_min(0)
 
+    def posterior_variance(self, t: float | Tensor, s: float | Tensor) -> Tensor:
+        """Variance of q(x_s | x_t, x0): sigma_{t|s}^2 sigma_s^2 / sigma_t^2 (beta_tilde of Ho et al. Eq. 7)."""
+        _, var_ts = self.transition(t, s)
+        return var_ts * self.sigma2(as_time(s)) / self.sigma2(as_time(t))
+
     def posterior(self, x_t: Tensor, x0: Tensor, t: float | Tensor, s: float | Tensor) -> tuple[Tensor, Tensor]:
         """q(x_s | x_t, x0) mean and variance (Ho et al. Eq. 6-7; Kingma et al. 2021 Eq. 31-33 for general s < t)."""
         a, var_ts = self.transition(t, s)
@@ -141,9 +151,15 @@ class GaussianProcess:
         mean = _bcast(a * s2_s / s2_t, x_t) * x_t + _bcast(self.alpha(s) * var_ts / s2_t, x0) * x0
         return mean, var_ts * s2_s / s2_t
 
-    def prior_sample(self, shape: tuple[int, ...], generator=None, device="cpu", dtype=torch.float32) -> Tensor:
-        """x_1 ~ N(0, sigma(1)^2 I), the prior the reverse process starts from."""
-        return randn(shape, generator, device, dtype) * float(self.sigma(1.0))
+    def prior_sample(self, shape: tuple[int, ...], generator=None, device="cpu", dtype=torch.float32,
+                     t: float = 1.0) -> Tensor:
+        """x_t ~ N(0, (alpha(t)^2 + sigma(t)^2) I): the marginal at t of unit-variance data, where a solver starts.
+
+        For VP processes this is N(0, I) (diffusers' init_noise_sigma = 1); for VE it is ~N(0, sigma_max^2 I).
+        """
+        t = as_time(t)
+        std = float(((2 * self.log_alpha(t)).exp() + self.sigma2(t)).sqrt())
+        return randn(shape, generator, device, dtype) * std
 
     def reverse_drift(self, x: Tensor, t: float | Tensor, score: Tensor, probability_flow: bool = False) -> Tensor:
         """Reverse SDE drift f x - g^2 score, or the probability-flow ODE drift f x - g^2 score / 2."""
@@ -164,22 +180,34 @@ def _bcast(coef: Tensor, x: Tensor) -> Tensor:
 
 
 class DiscreteVP(GaussianProcess):
-    """The DDPM chain of a discrete schedule, embedded in continuous time at t_n = (n + 1) / T."""
+    """The DDPM chain of a discrete schedule, embedded in continuous time at t_n = (n + 1) / T.
+
+    At the knots t_n, alpha^2 is the chain's alpha_bar_n exactly (so a zero-terminal-SNR chain has alpha(1) = 0,
+    as diffusers' DDPMScheduler/DDIMScheduler). Between knots log alpha_bar is linear in t, with alpha_bar values
+    below 2^-24 entering the interpolation as 2^-24 (diffusers' convention for continuous-sigma schedulers) so
+    drift, diffusion and log-SNR stay finite for continuous-time solvers.
+    """
 
     def __init__(self, betas: Tensor):
         self.betas = betas.to(torch.float64)
         self.T = len(betas)
         self.alphas_cumprod = torch.cumprod(1 - self.betas, 0)  # (T,)
-        knots = torch.cat([torch.zeros(1, dtype=torch.float64), self.alphas_cumprod.log()])  # (T+1,)
-        self._knots = knots.clamp_min(LOG_ALPHA_BAR_FLOOR)
+        self._exact = torch.cat([torch.zeros(1, dtype=torch.float64), self.alphas_cumprod.log()])  # (T+1,), may be -inf
+        self._knots = self._exact.clamp_min(LOG_ALPHA_BAR_FLOOR)
         self.t_min = 1.0 / self.T
 
     def _log_alpha_bar(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        """Piecewise-linear log alpha_bar(t) and its slope d/dt."""
+        """Piecewise-linear log alpha_bar(t) (exact at the knots) and its slope d/dt (of the interval to the right)."""
         pos = t * self.T
+        near = pos.round()
+        on_knot = (pos - near).abs() < 1e-8  # t = (n + 1) / T up to float rounding
+        pos = torch.where(on_knot, near, pos)
         idx = pos.floor().clamp(0, self.T - 1).long()
         left, right = self._knots[idx], self._knots[idx + 1]
-        return left + (pos - idx) * (right - left), (right - left) * self.T
+        value = left + (pos - idx) * (right - left)
+        exact = self._exact[near.clamp(0, self.T).long()]
+        value = torch.where(on_knot & (near >= 0) & (near <= self.T), exact, value)
+        return value, (right - left) * self.T
 
     def log_alpha(self, t):
         return 0.5 * self._log_alpha_bar(t)[0]
@@ -201,17 +229,21 @@ class DiscreteVP(GaussianProcess):
         return (as_time(m) + 1) / self.T
 
     def timesteps(self, steps: int, spacing: str = "trailing") -> Tensor:
-        """Discrete grids as in diffusers ('leading', 'trailing') or the continuous 'uniform' / 'logsnr' grids."""
+        """Discrete grids as diffusers builds them ('leading', 'trailing', 'linspace'; Lin et al. 2023, Tab. 2),
+        or the continuous 'uniform' / 'logsnr' grids."""
+        if spacing in ("uniform", "logsnr"):
+            return super().timesteps(steps, spacing)
         if not 1 <= steps <= self.T:
             raise ValueError(f"steps must be in [1, {self.T}], got {steps}")
+        i = torch.arange(steps, dtype=torch.float64)
         if spacing == "leading":
-            n = torch.arange(steps, dtype=torch.float64).mul(self.T // steps).flip(0)
-        elif spacing == "trailing":
-            n = torch.arange(self.T, 0, -self.T / steps, dtype=torch.float64).round() - 1
-        elif spacing in ("uniform", "logsnr"):
-            return super().timesteps(steps, spacing)
+            n = (i * (self.T // steps)).flip(0)
+        elif spacing == "trailing":  # T - i T/steps, not a float arange (which yields steps + 1 points for some steps)
+            n = (self.T - i * (self.T / steps)).round() - 1
+        elif spacing == "linspace":
+            n = torch.linspace(0, self.T - 1, steps, dtype=torch.float64).round().flip(0)
         else:
-            raise ValueError(f"unknown spacing {spacing!r}; choose leading, trailing or uniform")
+            raise ValueError(f"unknown spacing {spacing!r}; choose leading, trailing, linspace, uniform or logsnr")
         return torch.cat([(n + 1) / self.T, torch.zeros(1, dtype=torch.float64)])
 
     def sample_time(self, n, generator=None, device="cpu"):

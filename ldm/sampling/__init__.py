@@ -24,15 +24,15 @@ from ldm.sampling.samplers import DEFAULT_CONTINUOUS_SPACING, DEFAULT_SPACING, S
 @torch.no_grad()
 def sample(model: Predictor, shape: tuple[int, ...], *, sampler: str = "ddpm", steps: int = 50, cond: Any = None,
            generator=None, spacing: str | None = None, device: torch.device | str = "cpu",
-           x_T: torch.Tensor | None = None, **options) -> torch.Tensor:
-    """Draw x_T from the prior and run a registered sampler over the default (or given) time grid."""
+           x_T: torch.Tensor | None = None, dtype: torch.dtype = torch.float32, **options) -> torch.Tensor:
+    """Draw x_T from the prior at the grid's first time and run a registered sampler over the default (or given) grid."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
     if spacing is None:  # discrete chains default per sampler; continuous processes have one uniform grid
         discrete = getattr(model.process, "T", None) is not None
         spacing = DEFAULT_SPACING[sampler] if discrete else DEFAULT_CONTINUOUS_SPACING.get(sampler, "uniform")
     ts = model.process.timesteps(steps, spacing)
-    x = model.process.prior_sample(shape, generator, device) if x_T is None else x_T
+    x = model.process.prior_sample(shape, generator, device, dtype, t=float(ts[0])) if x_T is None else x_T
     return SAMPLERS[sampler](model, x, ts, cond=cond, generator=generator, **options)
 
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from ldm.diffusion.parameterization import Denoiser, Predictor, score_from_eps
+from ldm.diffusion.parameterization import Denoiser, Predictor, score_from_eps, to_x0_eps
 from ldm.diffusion.sde import _bcast, as_time
 
 Tensor = torch.Tensor
@@ -59,7 +59,12 @@ class ClassifierFreeGuidance:
 
 
 class ClassifierGuidance:
-    """A Predictor whose eps is shifted by a classifier's gradient: eps - gamma sigma grad_x log p(y | x_t)."""
+    """A Predictor whose eps is shifted by a classifier's gradient: eps - gamma sigma grad_x log p(y | x_t).
+
+    ``grad_log_prob(x_t, t, cond)`` gets the continuous times t (B,) float64 and returns grad_x log p(y | x_t);
+    it runs with gradients enabled (samplers run under no_grad). At gamma = 1 with the exact gradient the
+    guided score is the conditional score grad log p(x_t | y) (Bayes' rule; Song et al. 2021, Eq. 14).
+    """
 
     def __init__(self, model: Predictor, grad_log_prob: Callable[[Tensor, Tensor, Any], Tensor], scale: float):
         self.model, self.grad_log_prob, self.scale = model, grad_log_prob, float(scale)
@@ -67,12 +72,14 @@ class ClassifierGuidance:
 
     def __call__(self, x_t: Tensor, t: float | Tensor, cond: Any = None) -> tuple[Tensor, Tensor]:
         t = as_time(t)
+        if t.dim() == 0:
+            t = t.expand(x_t.shape[0])
         _, eps = self.model(x_t, t, cond)
         alpha, sigma = self.process.alpha(t), self.process.sigma(t)
         with torch.enable_grad():
             grad = self.grad_log_prob(x_t, t, cond)  # (B, ...) grad of log p(y | x_t)
-        eps = eps - self.scale * _bcast(sigma, eps) * grad
-        return (x_t - _bcast(sigma, x_t) * eps) / _bcast(alpha, x_t), eps
+        eps = eps - self.scale * _bcast(sigma, eps) * grad.to(eps.dtype)
+        return to_x0_eps(eps, x_t, alpha, sigma, "eps")
 
     def score(self, x_t: Tensor, t: float | Tensor, cond: Any = None) -> Tensor:
         return score_from_eps(self(x_t, t, cond)[1], self.process.sigma(as_time(t)))

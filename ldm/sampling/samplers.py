@@ -58,7 +58,7 @@ def ddim(model: Predictor, x: Tensor, ts: Tensor, cond: Any = None, generator=No
         x0, eps = model(x, t, cond)
         if last:
             return x0
-        c2 = eta**2 * float(p.posterior(x, x0, t, s)[1])  # eta^2 * beta_tilde
+        c2 = eta**2 * float(p.posterior_variance(t, s))  # sigma_t(eta)^2 = eta^2 beta_tilde
         x = float(p.alpha(s)) * x0 + math.sqrt(max(float(p.sigma(s)) ** 2 - c2, 0.0)) * eps
         if eta > 0:
             x = x + math.sqrt(c2) * _noise(x, generator)

@@ -64,3 +64,12 @@ def mean_across_ranks(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     torch.distributed.all_reduce(t)
     return float(t) / torch.distributed.get_world_size()
+
+
+def any_across_ranks(flag: bool) -> bool:
+    """True on every rank when it is true on any rank (so all ranks take the same branch)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item() > 0)

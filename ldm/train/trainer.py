@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
+import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,11 +27,39 @@ from ldm.diffusion import diffusion_loss
 from ldm.pipeline import TextToImage, make_grid, unet_denoiser
 from ldm.tracking import Tracker
 from ldm.train.checkpoint import Checkpointer
-from ldm.train.distributed import DistInfo, barrier, init_distributed, mean_across_ranks
+from ldm.train.distributed import DistInfo, any_across_ranks, barrier, init_distributed, mean_across_ranks
 from ldm.train.ema import EMA
 
 log = logging.getLogger(__name__)
 TEXT_CACHE_SIZE = 200_000  # captions whose embeddings are kept (16 tokens x 384-d: ~25 kB each)
+
+
+class StopRequest:
+    """Records SIGUSR1 (SLURM's pre-emption warning) or SIGTERM; the loop checkpoints and exits at a step boundary."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def requeue() -> None:
+    """Run $LDM_REQUEUE_CMD (e.g. `scontrol requeue $SLURM_JOB_ID`) once the checkpoint is complete."""
+    cmd = os.environ.get("LDM_REQUEUE_CMD")
+    if cmd:
+        log.warning("requeueing: %s", cmd)
+        subprocess.run(cmd, shell=True, check=False)
 
 
 def deepspeed_config(cfg: TrainConfig, micro_batch: int) -> dict[str, Any]:
@@ -160,7 +192,8 @@ class Trainer:
         return float(loss.detach())
 
     # --- the loop ------------------------------------------------------------------------------------
-    def train(self) -> dict[str, float]:
+    def train(self) -> dict[str, Any]:
+        """Train to train.max_steps (resuming where a checkpoint left off), validate, export."""
         cfg, t = self.cfg, self.cfg.train
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -170,6 +203,14 @@ class Trainer:
         global_batch = cfg.data.batch_size * t.grad_accum * self.dist.world_size
         batches = self._batches()
         bar = tqdm(total=t.max_steps, initial=self.step, desc="ldm", disable=not self.dist.is_main, dynamic_ncols=True)
+        stop = StopRequest()
+        try:
+            return self._loop(bar, batches, global_batch, stop)
+        finally:
+            stop.restore()
+
+    def _loop(self, bar, batches, global_batch: int, stop: StopRequest) -> dict[str, Any]:
+        t = self.cfg.train
         window, first_loss, last_loss, tick, skipped = [], None, None, time.time(), 0
         while self.step < t.max_steps:
             for _ in range(t.grad_accum):
@@ -196,6 +237,15 @@ class Trainer:
                 if self.step == 1:
                     self._print(f"step 1: loss {loss:.4f}")
                 window, tick = [], time.time()
+            if any_across_ranks(stop.signum is not None):
+                self.checkpointer.save(self.engine, self.ema, self.step, self._trainer_state())
+                bar.close()
+                self._print(f"signal received: checkpointed step {self.step}; exiting for requeue")
+                if self.dist.is_main:
+                    requeue()
+                self.tracker.end("KILLED")
+                return {"first_loss": first_loss, "last_loss": last_loss, "grid": None, "export": None,
+                        "run_id": self.tracker.run_id, "preempted": True, "step": self.step}
             if self.step % t.ckpt_every == 0 or self.step == t.max_steps:
                 self.checkpointer.save(self.engine, self.ema, self.step, self._trainer_state())
             if t.sample_every and self.step % t.sample_every == 0 and self.step != t.max_steps:
@@ -206,7 +256,7 @@ class Trainer:
         export = self.export()
         self.tracker.end()
         return {"first_loss": first_loss, "last_loss": last_loss, "grid": grid, "export": export,
-                "run_id": self.tracker.run_id}
+                "run_id": self.tracker.run_id, "preempted": False, "step": self.step}
 
     # --- validation and export -----------------------------------------------------------------------
     def ema_unet(self) -> torch.nn.Module:
@@ -243,6 +293,9 @@ class Trainer:
             folder = save_export(self.out / "export", self.cfg, unet_state, self.ema.full_state_dict(),
                                  self.null_cond, self.cfg.autoencoder.path)
             self.tracker.log_artifact(folder, "export")
+            version = self.tracker.register_model(self.cfg.run.name, "export")
+            if version:
+                self._print(f"registered model version models:/{self.cfg.run.name}/{version}")
             folder = str(folder)
         barrier()
         return folder

@@ -1,0 +1,75 @@
+"""Loading UNet weights from other projects' files, and exporting to the diffusers layout.
+
+* ``load_unet_weights(unet, source)``: a diffusers/our state dict or a CompVis/Stability one (a whole
+  Stable Diffusion ``.ckpt``/``.safetensors`` with ``model.diffusion_model.*``, optionally its EMA
+  copy, or the bare UNet dict). Every key and shape is checked first; a mismatch raises one error
+  that lists the missing, unexpected and mis-shaped keys in the checkpoint's own naming.
+* ``save_diffusers`` / ``load_diffusers_unet``: a folder with ``config.json`` and
+  ``diffusion_pytorch_model.safetensors`` that ``diffusers.UNet2DConditionModel.from_pretrained`` reads.
+
+Files are read with safetensors or ``torch.load(weights_only=True)``; nothing else is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from autoencoder.io import check_state_dict, read_state_dict, write_folder_atomically
+from ldm.models.convert import compvis_to_diffusers, compvis_unet_subdict, detect_layout, diffusers_to_compvis
+from ldm.models.unet import UNet
+
+CONFIG_NAME = "config.json"
+DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+Source = str | os.PathLike | Mapping[str, torch.Tensor]
+
+
+def load_unet_weights(unet: UNet, source: Source, layout: str = "auto", ema: bool = False) -> UNet:
+    """Load a checkpoint (file or state dict; layout 'auto', 'diffusers' or 'compvis') into unet, strictly."""
+    name = "<state dict>" if isinstance(source, Mapping) else str(source)
+    state = dict(source) if isinstance(source, Mapping) else read_state_dict(source)
+    layout = detect_layout(state) if layout == "auto" else layout
+    if layout == "compvis":
+        state = compvis_unet_subdict(state, ema)
+        check_state_dict(diffusers_to_compvis(unet.state_dict()), state, name)  # in CompVis names
+        state = compvis_to_diffusers(state)
+    elif layout != "diffusers":
+        raise ValueError(f"layout must be 'auto', 'diffusers' or 'compvis', got {layout!r}")
+    elif ema:
+        raise ValueError("ema=True applies to CompVis checkpoints (their model_ema.* copy) only")
+    check_state_dict(unet, state, name)
+    unet.load_state_dict(state, strict=True)
+    return unet
+
+
+def save_diffusers(unet: UNet, folder: str | os.PathLike) -> Path:
+    """Write unet as a diffusers UNet2DConditionModel folder, atomically."""
+
+    def fill(tmp: Path) -> None:
+        weights = {k: v.detach().to("cpu").contiguous() for k, v in unet.state_dict().items()}
+        save_file(weights, str(tmp / DIFFUSERS_WEIGHTS_NAME), metadata={"format": "pt"})
+        config = {"_class_name": "UNet2DConditionModel", **unet.to_diffusers_config()}
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    return write_folder_atomically(folder, fill)
+
+
+def load_diffusers_unet(folder: str | os.PathLike, device: str | torch.device = "cpu") -> UNet:
+    """Build and load a UNet from a diffusers UNet2DConditionModel folder (e.g. an SD ``unet/`` folder)."""
+    folder = Path(folder)
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder}: no {CONFIG_NAME}; not a diffusers UNet folder")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        raise ValueError(f"{folder}: _class_name is {config['_class_name']!r}, expected 'UNet2DConditionModel'")
+    unet = UNet.from_diffusers_config({k: v for k, v in config.items() if not k.startswith("_")})
+    weights = folder / DIFFUSERS_WEIGHTS_NAME
+    if not weights.is_file():
+        weights = folder / "diffusion_pytorch_model.bin"
+    return load_unet_weights(unet, weights, layout="diffusers").to(device)

@@ -39,6 +39,21 @@ class TextToImage:
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
+    def check_sampler(self, sampler: str, spacing: str | None = None) -> None:
+        """Refuse combinations this model cannot be sampled with, naming the mismatch."""
+        from ldm.sampling import SAMPLERS
+
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
+        if spacing is not None:
+            try:
+                self.process.timesteps(2, spacing)
+            except ValueError as e:
+                raise ValueError(f"spacing {spacing!r} does not fit this model's {type(self.process).__name__}: {e}")
+        if self.prediction in ("eps", "score") and float(self.process.alpha(1.0)) == 0.0:
+            raise ValueError(f"this model predicts {self.prediction} on a schedule with zero terminal SNR: "
+                             "x0 = (x_t - sigma eps) / alpha is undefined at t = 1; such models must predict v or x0")
+
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], *, seeds: Sequence[int], negative_prompt: str = "",
                  sampler: str = "ddpm", steps: int = 50, guidance: float = 4.0, **options) -> Tensor:

@@ -2,6 +2,8 @@
 
 Examples:
   ldm-sample --model runs/emoji-ldm/export --prompt "red apple" --prompt "grinning face"
+  ldm-sample --model models:/emoji-ldm/1 --tracking-uri http://127.0.0.1:5000 --prompt "red apple"
+  ldm-sample --model runs:/<run_id>/export --prompt "red apple"      # the run's exported model
   ldm-sample --model runs/emoji-ldm/export --prompts-file prompts.txt --sampler dpmpp_2m --steps 20 \\
              --guidance 5 --negative-prompt "sad" --images-per-prompt 8 --out samples/
 
@@ -22,7 +24,11 @@ from ldm.sampling import SAMPLERS
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ldm-sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="exported model folder (written at the end of ldm-train)")
+    p.add_argument("--model", required=True,
+                   help="exported model: a folder (written at the end of ldm-train), runs:/<run_id>/export "
+                        "or models:/<name>/<version> from MLflow")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI for runs:/ and models:/ (default: $MLFLOW_TRACKING_URI or runs/mlflow.db)")
     p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.add_argument("--negative-prompt", default="", help="used in place of the empty prompt for guidance")
@@ -30,6 +36,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50)")
     p.add_argument("--guidance", type=float, default=4.0,
                    help="classifier-free guidance scale: 0 unconditional, 1 conditional, >1 guided (default: 4)")
+    p.add_argument("--spacing", default=None,
+                   help="time grid: leading | trailing (discrete chains), uniform | logsnr (default: per sampler)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     p.add_argument("--images-per-prompt", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
@@ -46,9 +54,28 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         usage_error("give at least one --prompt or a --prompts-file")
     if args.steps < 1 or args.images_per_prompt < 1 or args.batch_size < 1:
         usage_error("--steps, --images-per-prompt and --batch-size must be positive")
-    if not Path(args.model).is_dir():
+    if not args.model.startswith(("runs:/", "models:/")) and not Path(args.model).is_dir():
         usage_error(f"--model: no such folder {args.model}")
     return args
+
+
+def resolve_model(model: str, tracking_uri: str | None) -> Path:
+    """A local folder for --model: MLflow runs:/ and models:/ URIs are downloaded (and cached) first."""
+    if not model.startswith(("runs:/", "models:/")):
+        return Path(model)
+    import os
+
+    import mlflow
+
+    from ldm.tracking import default_tracking_uri
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=model, tracking_uri=uri))
+    except Exception as e:  # noqa: BLE001 - any lookup failure is a usage error naming the URI
+        usage_error(f"--model: cannot fetch {model} from {uri}: {str(e).splitlines()[0]}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         from ldm.pipeline import make_grid, to_pil
 
         device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        pipe, cfg = load_pipeline(args.model, device, use_ema=not args.raw_weights)
+        try:
+            pipe, cfg = load_pipeline(resolve_model(args.model, args.tracking_uri), device,
+                                      use_ema=not args.raw_weights)
+            pipe.check_sampler(args.sampler, args.spacing)
+        except ValueError as e:
+            usage_error(str(e))
         prompts = [p for p in args.prompt for _ in range(args.images_per_prompt)]
         seeds = [args.seed + i for i in range(len(prompts))]
         out = Path(args.out)
@@ -72,12 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         for start in tqdm(range(0, len(prompts), args.batch_size), desc="sampling", unit="batch"):
             chunk = slice(start, start + args.batch_size)
             batch = pipe(prompts[chunk], seeds=seeds[chunk], negative_prompt=args.negative_prompt,
-                         sampler=args.sampler, steps=args.steps, guidance=args.guidance)
+                         sampler=args.sampler, steps=args.steps, guidance=args.guidance, spacing=args.spacing)
             for i, im in enumerate(to_pil(batch), start):
                 info = PngInfo()
                 meta = {"prompt": prompts[i], "negative_prompt": args.negative_prompt, "seed": seeds[i],
                         "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance,
-                        "model": str(Path(args.model).resolve()), "weights": "raw" if args.raw_weights else "ema"}
+                        "model": args.model if ":/" in args.model else str(Path(args.model).resolve()),
+                        "weights": "raw" if args.raw_weights else "ema"}
                 for k, v in meta.items():
                     info.add_text(k, str(v))
                 info.add_text("parameters", json.dumps(meta))

@@ -63,19 +63,12 @@ def resolve_model(model: str, tracking_uri: str | None) -> Path:
     """A local folder for --model: MLflow runs:/ and models:/ URIs are downloaded (and cached) first."""
     if not model.startswith(("runs:/", "models:/")):
         return Path(model)
-    import os
+    from ldm.tracking import download_artifacts
 
-    import mlflow
-
-    from ldm.tracking import default_tracking_uri
-
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=model, tracking_uri=uri))
+        return download_artifacts(model, tracking_uri)
     except Exception as e:  # noqa: BLE001 - any lookup failure is a usage error naming the URI
-        usage_error(f"--model: cannot fetch {model} from {uri}: {str(e).splitlines()[0]}")
+        usage_error(f"--model: cannot fetch {model}: {str(e).splitlines()[0]}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""The one place that talks to MLflow: params, metrics, images and artifacts of a run (rank 0 only).
+"""MLflow run tracking: params, metrics, images and artifacts of a run (rank 0 only).
 
 Default store: a sqlite database ``runs/mlflow.db`` with artifacts in ``runs/mlartifacts`` (no server needed);
 any tracking URI works (``http://host:5000`` for a shared ``mlflow server``). A tracking failure never stops
@@ -21,6 +21,16 @@ DEFAULT_STORE = "runs"
 
 def default_tracking_uri(root: str | Path = DEFAULT_STORE) -> str:
     return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
+def download_artifacts(artifact_uri: str, tracking_uri: str | None = None) -> Path:
+    """Fetch ``runs:/<id>/<path>`` or ``models:/<name>/<version>`` into MLflow's local cache; returns the folder."""
+    import mlflow
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, tracking_uri=uri))
 
 
 class Tracker:

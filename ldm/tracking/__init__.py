@@ -1,0 +1,5 @@
+"""The one place that talks to MLflow: run tracking during training, model download, experiment review."""
+
+from ldm.tracking.tracker import DEFAULT_STORE, Tracker, default_tracking_uri, download_artifacts
+
+__all__ = ["DEFAULT_STORE", "Tracker", "default_tracking_uri", "download_artifacts"]

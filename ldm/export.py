@@ -41,6 +41,41 @@ def save_export(folder: str | Path, cfg: LDMConfig, unet_state: dict, ema_state:
     return folder
 
 
+def checkpoint_weights(run_dir: str | Path, tag: str | None = None) -> tuple[dict, dict, str]:
+    """(raw, EMA, tag) full weights from a run's checkpoint, whatever ZeRO stage and world size wrote it."""
+    from ldm.train.checkpoint import Checkpointer
+    from ldm.train.ema import consolidate_partitions
+
+    root = Path(run_dir) / "checkpoints"
+    tag = tag or Checkpointer(root, rank=0).latest()
+    if tag is None or not (root / tag).is_dir():
+        raise FileNotFoundError(f"no checkpoint {tag or 'latest'} under {root}")
+    folder = root / tag
+    state = torch.load(folder / "trainer_rank0.pt", weights_only=False)  # our own file
+    if list(folder.glob("zero_pp_rank_*_model_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        raw = get_fp32_state_dict_from_zero_checkpoint(str(root), tag)
+    else:  # ZeRO stage 0: the module state is stored whole
+        raw = torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    raw = {k: v.float() for k, v in raw.items()}
+    ranks = [load_file(str(folder / f"ema_rank{r}.safetensors")) for r in range(state["world_size"])]
+    if state["zero_stage"] == 3:
+        ema = {k: consolidate_partitions([r[k] for r in ranks], raw[k].shape) for k in raw}
+    else:
+        ema = ranks[0]
+    return raw, ema, tag
+
+
+def export_checkpoint(run_dir: str | Path, out: str | Path | None = None, tag: str | None = None) -> Path:
+    """Write the exported model folder from a run's checkpoint (default: latest, into <run_dir>/export)."""
+    run_dir = Path(run_dir)
+    cfg = load_config(LDMConfig, run_dir / "config.yaml")
+    raw, ema, tag = checkpoint_weights(run_dir, tag)
+    null = load_file(str(run_dir / "null_condition.safetensors"))
+    return save_export(out or run_dir / "export", cfg, raw, ema, null, cfg.autoencoder.path)
+
+
 def load_pipeline(folder: str | Path, device: torch.device | str = "cpu", use_ema: bool = True):
     """Build a TextToImage pipeline from an exported folder."""
     from autoencoder import load_pretrained

@@ -18,7 +18,10 @@ folders saved by older versions (``text_model.*`` keys) load unchanged.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,21 @@ _OPENCLIP_IGNORED = ("visual.", "logit_scale", "logit_bias")
 def _check_layer(layer: str) -> None:
     if layer not in LAYERS:
         raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
+
+
+@contextlib.contextmanager
+def _quiet_random_init_warning() -> Iterator[None]:
+    """Hide open_clip's "initialized randomly" root-logger warning: the weights are loaded right after."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 def _until_eot(tokens: torch.Tensor, eot_id: int) -> torch.Tensor:
@@ -118,8 +136,9 @@ class OpenCLIPTextEncoder(FrozenTextEncoder):
         import open_clip
 
         _check_layer(layer)
-        model = open_clip.create_model(model_name, pretrained=None,
-                                       **{"vision_cfg": _STUB_VISION, **(model_overrides or {})})
+        with _quiet_random_init_warning():
+            model = open_clip.create_model(model_name, pretrained=None,
+                                           **{"vision_cfg": _STUB_VISION, **(model_overrides or {})})
         del model.visual  # only the text tower is used
         tower = getattr(model, "text", model)  # CustomTextCLIP keeps it in .text, CLIP inline
         causal = getattr(tower, "attn_mask", None) is not None and getattr(tower, "cls_emb", None) is None

@@ -82,11 +82,13 @@ def euler_maruyama(model: Predictor, x: Tensor, ts: Tensor, cond: Any = None, ge
 @torch.no_grad()
 def predictor_corrector(model: Predictor, x: Tensor, ts: Tensor, cond: Any = None, generator=None,
                         predictor: str = "reverse_diffusion", corrector_steps: int = 1, snr: float = 0.16) -> Tensor:
-    """Predictor-corrector sampling (Song et al. 2021, Alg. 1-3): Langevin corrector then a predictor step.
+    """Predictor-corrector sampling (Song et al. 2021, Alg. 1-3 as in their code): Langevin corrector, then a predictor.
 
-    Corrector: x <- x + e score + sqrt(2 e) z with e = 2 a^2 (snr ||z|| / ||score||)^2, a = alpha_t / alpha_s.
-    Predictor "reverse_diffusion" inverts the forward transition x_t = a x_s + sigma_{t|s} z:
-    x_s = (x_t + sigma_{t|s}^2 score) / a + sigma_{t|s} z;  "euler" is one Euler-Maruyama step.
+    Corrector (Alg. 3): x <- x + e score + sqrt(2 e) z, e = 2 a^2 (snr ||z|| / ||score||)^2, a = alpha_t / alpha_s,
+    norms averaged over the batch as in the reference code (per-sample norms blow up in low dimension).
+    Predictor "reverse_diffusion" is the ancestral step that inverts x_t = a x_s + sigma_{t|s} z (Song et al. Eq. 47,
+    Ho et al. Alg. 2): x_s = (x_t + sigma_{t|s}^2 score) / a + sigma_{t|s} z, evaluated in the equivalent form
+    posterior_mean(x_t, x0_hat) + sigma_{t|s} z that stays finite at zero SNR (a = 0); "euler" is Euler-Maruyama.
     """
     if predictor not in ("reverse_diffusion", "euler"):
         raise ValueError(f"predictor must be 'reverse_diffusion' or 'euler', got {predictor!r}")
@@ -97,19 +99,18 @@ def predictor_corrector(model: Predictor, x: Tensor, ts: Tensor, cond: Any = Non
         for _ in range(corrector_steps):
             score = model.score(x, t, cond)
             z = _noise(x, generator)
-            # norms averaged over the batch as in Song et al.'s reference code (per-sample norms blow up in low d)
             ratio = float(z.flatten(1).norm(dim=1).mean() / score.flatten(1).norm(dim=1).mean().clamp_min(1e-12))
             step = 2 * a**2 * (snr * ratio) ** 2
             x = x + step * score + math.sqrt(2 * step) * z
         x0, eps = model(x, t, cond)
         if last:
             return x0
-        score = -eps / float(p.sigma(t))
         if predictor == "euler":
             dt = s - t
+            score = -eps / float(p.sigma(t))
             x = x + p.reverse_drift(x, t, score) * dt + float(p.diffusion(t)) * math.sqrt(-dt) * _noise(x, generator)
         else:
-            x = (x + var * score) / a + math.sqrt(var) * _noise(x, generator)
+            x = p.posterior(x, x0, t, s)[0] + math.sqrt(var) * _noise(x, generator)
     return x
 
 

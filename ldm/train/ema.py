@@ -42,7 +42,20 @@ class EMA:
             s.copy_(state[n])
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full EMA weights by parameter name (ZeRO 0-2; a ZeRO-3 EMA is consolidated from its checkpoint)."""
-        if self.partitioned:
-            raise NotImplementedError("full EMA weights under ZeRO-3 come from consolidating the checkpoint")
-        return {n: s.clone() for n, s in self.state_dict().items()}
+        """Full EMA weights by parameter name. Under ZeRO-3 this is collective: every rank must call it."""
+        if not self.partitioned:
+            return {n: s.clone() for n, s in self.state_dict().items()}
+        import torch.distributed as dist
+
+        out = {}
+        for s, (n, p) in zip(self.shadow, self.named):
+            parts = [torch.empty_like(s) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, s.contiguous())
+            out[n] = consolidate_partitions(parts, p.ds_shape)
+        return out
+
+
+def consolidate_partitions(parts: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    """Rebuild a ZeRO-3 parameter from its per-rank flat partitions (rank order, last one padded)."""
+    numel = int(torch.Size(shape).numel())
+    return torch.cat([t.flatten() for t in parts])[:numel].view(shape).clone()

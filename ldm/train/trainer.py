@@ -162,7 +162,8 @@ class Trainer:
 
     def _trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "run_id": self.tracker.run_id or self.run_id,
-                "samples_seen": self.samples_seen, "generator": self.generator.get_state()}
+                "samples_seen": self.samples_seen, "generator": self.generator.get_state(),
+                "zero_stage": self.cfg.train.zero_stage, "world_size": self.dist.world_size}
 
     def encode_captions(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """Frozen text-encoder outputs, memoised per caption (the encoder is deterministic, so this is exact)."""
@@ -196,8 +197,11 @@ class Trainer:
         """Train to train.max_steps (resuming where a checkpoint left off), validate, export."""
         cfg, t = self.cfg, self.cfg.train
         if self.dist.is_main:
+            from safetensors.torch import save_file
+
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
+            save_file({k: v.cpu().contiguous() for k, v in self.null_cond.items()}, str(self.out / "null_condition.safetensors"))
         self.run_id = self.tracker.start(to_dict(cfg), run_id=self.run_id,
                                          tags={"world_size": str(self.dist.world_size)}) or self.run_id
         global_batch = cfg.data.batch_size * t.grad_accum * self.dist.world_size
@@ -259,17 +263,18 @@ class Trainer:
                 "run_id": self.tracker.run_id, "preempted": False, "step": self.step}
 
     # --- validation and export -----------------------------------------------------------------------
-    def ema_unet(self) -> torch.nn.Module:
+    def ema_unet(self, ema_state: dict[str, torch.Tensor]) -> torch.nn.Module:
         unet = build_unet(self.cfg.model, self.latent_shape[0], self.text_encoder.dim)
-        unet.load_state_dict(self.ema.full_state_dict())
+        unet.load_state_dict(ema_state)
         return unet.to(self.dist.device).eval().requires_grad_(False)
 
     def validate(self) -> str | None:
         """Rank 0 samples the fixed prompts and seeds with the EMA weights and CFG; logs and saves the grid."""
         path = None
+        ema_state = self.ema.full_state_dict()  # collective under ZeRO-3
         if self.dist.is_main:
             s = self.cfg.sampling
-            pipe = TextToImage(self.ema_unet(), self.autoencoder, self.text_encoder, self.process,
+            pipe = TextToImage(self.ema_unet(ema_state), self.autoencoder, self.text_encoder, self.process,
                                self.cfg.diffusion.prediction, self.null_cond, self.latent_shape)
             prompts = [p for p in s.prompts for _ in range(s.images_per_prompt)]
             seeds = [s.seed + i for i in range(len(prompts))]
@@ -284,13 +289,24 @@ class Trainer:
         barrier()
         return path
 
+    def full_model_state(self) -> dict[str, torch.Tensor]:
+        """The trained weights in full on every rank (gathered from the partitions under ZeRO-3)."""
+        import deepspeed
+
+        module = self.engine.module
+        if self.cfg.train.zero_stage != 3:
+            return {k: v.detach().clone() for k, v in module.state_dict().items()}
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {n: p.detach().clone() for n, p in module.named_parameters()}
+
     def export(self) -> str | None:
         from ldm.export import save_export
 
         folder = None
+        ema_state = self.ema.full_state_dict()  # collective under ZeRO-3
+        unet_state = self.full_model_state()
         if self.dist.is_main:
-            unet_state = self.engine.module.state_dict()
-            folder = save_export(self.out / "export", self.cfg, unet_state, self.ema.full_state_dict(),
+            folder = save_export(self.out / "export", self.cfg, unet_state, ema_state,
                                  self.null_cond, self.cfg.autoencoder.path)
             self.tracker.log_artifact(folder, "export")
             version = self.tracker.register_model(self.cfg.run.name, "export")

@@ -1,0 +1,96 @@
+"""Figures for the experiment review: metric curves of several runs and sweep plots, as PNG files.
+
+Uses matplotlib's object API (``matplotlib.figure.Figure``, rendered by the Agg canvas) and never pyplot, so
+no global backend is chosen or changed and nothing needs a display.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+Curve = Sequence[tuple[int, float]]  # (step, value), sorted by step
+
+
+def ema(values: Sequence[float], weight: float) -> list[float]:
+    """Exponential moving average with bias correction (TensorBoard-style smoothing); weight 0 is the identity."""
+    if not 0 <= weight < 1:
+        raise ValueError(f"smoothing weight must be in [0, 1), got {weight}")
+    out, avg, norm = [], 0.0, 0.0
+    for v in values:
+        avg = weight * avg + (1 - weight) * v
+        norm = weight * norm + (1 - weight)
+        out.append(avg / norm)
+    return out
+
+
+def _figure(width: float = 8.0, height: float = 4.5):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _legend(ax, n: int) -> None:
+    if n > 8:  # many runs: keep the plot area readable, list them beside it
+        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    else:
+        ax.legend(fontsize="small")
+
+
+def metric_curves(curves: dict[str, Curve], metric: str, path: Path, smooth: float = 0.0) -> Path:
+    """One line per run (label -> curve) against step; with smoothing > 0 the EMA is drawn over the faint raw curve."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    colors = [f"C{i % 10}" for i in range(len(curves))]
+    drawn = [(label, curve) for label, curve in curves.items() if curve]
+    for (label, curve), color in zip(drawn, colors):
+        steps = [s for s, _ in curve]
+        values = [v for _, v in curve]
+        if smooth > 0 and len(values) > 1:
+            ax.plot(steps, values, color=color, alpha=0.25, linewidth=1)
+            ax.plot(steps, ema(values, smooth), color=color, linewidth=1.8, label=label)
+        else:
+            ax.plot(steps, values, color=color, linewidth=1.5, marker="o" if len(values) < 20 else None,
+                    markersize=3, label=label)
+    finite = [v for _, curve in drawn for _, v in curve if math.isfinite(v)]
+    if finite and min(finite) > 0 and max(finite) / min(finite) > 20:
+        ax.set_yscale("log")  # losses that fall by orders of magnitude
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric}" + (f" (EMA smoothing {smooth:g}, raw curve faint)" if smooth > 0 else ""))
+    ax.grid(alpha=0.3)
+    if drawn:
+        _legend(ax, len(drawn))
+    fig.savefig(path, format="png")
+    return path
+
+
+def sweep_plot(param: str, metric: str, points: Sequence[tuple[float | str, float, str]], path: Path) -> Path:
+    """Final ``metric`` against the value of ``param``, one marker per run (x, y, run label).
+
+    Numeric x values are drawn on a numeric axis joined in order of x; otherwise the values are categories.
+    """
+    fig = _figure(7.0, 4.2)
+    ax = fig.add_subplot()
+    numeric = all(isinstance(x, (int, float)) for x, _, _ in points)
+    ordered = sorted(points, key=lambda p: (p[0], p[2])) if numeric else list(points)
+    if numeric:
+        xs = [float(x) for x, _, _ in ordered]
+        positive = min(xs) > 0 and max(xs) / min(xs) >= 100
+        if positive:
+            ax.set_xscale("log")  # e.g. learning rates over decades
+    else:
+        categories = list(dict.fromkeys(str(x) for x, _, _ in ordered))
+        xs = [categories.index(str(x)) for x, _, _ in ordered]
+        ax.set_xticks(range(len(categories)), categories, rotation=20, ha="right", fontsize="small")
+    ys = [y for _, y, _ in ordered]
+    ax.plot(xs, ys, color="C0", marker="o", linewidth=1.2 if numeric else 0)
+    for x, y, (_, _, label) in zip(xs, ys, ordered):
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small", color="0.3")
+    ax.set_xlabel(param)
+    ax.set_ylabel(f"final {metric}")
+    ax.set_title(f"final {metric} vs {param}")
+    ax.grid(alpha=0.3)
+    fig.savefig(path, format="png")
+    return path

@@ -1,0 +1,397 @@
+"""Experiment review: compare the runs of an MLflow experiment in one self-contained HTML report.
+
+``collect`` reads the runs (params, last metric values, one metric's history, which steps have a sample grid)
+through ``MlflowClient``; small pure functions decide what to show (``differing_params``, ``matching_steps``,
+``sweep_params``); ``write_report`` draws the figures (``ldm.tracking.plots``), downloads the sample grids and
+renders ``report.html`` with every image embedded as a data URI; ``log_review`` logs the same files back as a new
+run tagged ``ldm.review=true`` so they show up in the MLflow UI. Review runs are never themselves reviewed.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+from ldm.tracking.plots import metric_curves, sweep_plot
+
+REVIEW_TAG = "ldm.review"
+REPORT_NAME = "report.html"
+
+
+class ReviewError(ValueError):
+    """Bad input to a review (unknown experiment or run, nothing to review): one line for the user."""
+
+
+@dataclass
+class RunSummary:
+    """What a review needs of one run."""
+
+    run_id: str
+    name: str
+    status: str
+    start_time: int | None  # ms since the epoch
+    params: dict[str, str]
+    metrics: dict[str, float]  # the last value of each metric
+    history: list[tuple[int, float]] = field(default_factory=list)  # the chosen metric, (step, value) by step
+    samples: dict[int, str] = field(default_factory=dict)  # step -> artifact path of the sample grid
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.run_id[:8]})"
+
+
+@dataclass
+class Review:
+    experiment: str
+    experiment_id: str
+    uri: str
+    metric: str
+    runs: list[RunSummary]
+
+
+@dataclass
+class ReviewResult:
+    report: Path
+    files: list[Path]  # everything written under the output folder (report first)
+    review_run_id: str | None = None
+
+
+# --- pure decisions -----------------------------------------------------------------------------------
+def differing_params(params_by_run: Mapping[str, Mapping[str, str]]) -> list[str]:
+    """Parameter keys whose value is not the same in every run (a key missing from a run counts as a value)."""
+    runs = list(params_by_run.values())
+    keys = set().union(*(p.keys() for p in runs)) if runs else set()
+    return sorted(k for k in keys if len({p.get(k) for p in runs}) > 1)
+
+
+def matching_steps(steps_by_run: Mapping[str, Iterable[int]]) -> list[int]:
+    """Steps that every run has (runs with no steps at all are left out); sorted."""
+    sets = [set(s) for s in steps_by_run.values()]
+    sets = [s for s in sets if s]
+    return sorted(set.intersection(*sets)) if sets else []
+
+
+def evenly_spaced(items: Sequence[int], k: int) -> list[int]:
+    """At most k items, spread over the sequence, always including the first and the last."""
+    if k <= 0 or not items:
+        return []
+    if len(items) <= k:
+        return list(items)
+    if k == 1:
+        return [items[-1]]
+    idx = sorted({round(i * (len(items) - 1) / (k - 1)) for i in range(k)})
+    return [items[i] for i in idx]
+
+
+def sample_rows(steps_by_run: Mapping[str, Iterable[int]], max_rows: int = 4) -> list[tuple[str, dict[str, int | None]]]:
+    """Rows of the side-by-side sample grids: (row title, run id -> step or None for "no samples").
+
+    Steps every run (with samples) has are shown, at most ``max_rows`` of them spread from first to last; when
+    there is none, one row holds each run's latest grid.
+    """
+    steps = {rid: sorted(set(s)) for rid, s in steps_by_run.items()}
+    common = matching_steps(steps)
+    if common:
+        return [(f"step {s}", {rid: (s if st else None) for rid, st in steps.items()})
+                for s in evenly_spaced(common, max_rows)]
+    if not any(steps.values()):
+        return []
+    return [("latest of each run", {rid: (st[-1] if st else None) for rid, st in steps.items()})]
+
+
+def as_number(value: str | None) -> float | None:
+    """A finite float for a numeric param value, else None ("True", "[1, 2]", "nan" are not numbers)."""
+    if value is None:
+        return None
+    try:
+        x = float(value)
+    except ValueError:
+        return None
+    return x if math.isfinite(x) else None
+
+
+def sweep_params(params_by_run: Mapping[str, Mapping[str, str]], keys: Iterable[str]) -> list[str]:
+    """Those of ``keys`` (the differing params) whose value is a number in every run and takes >= 2 values."""
+    out = []
+    for k in keys:
+        values = [as_number(p.get(k)) for p in params_by_run.values()]
+        if values and all(v is not None for v in values) and len(set(values)) > 1:
+            out.append(k)
+    return out
+
+
+# --- reading MLflow -----------------------------------------------------------------------------------
+def make_client(uri: str):
+    """An MlflowClient for ``uri``; a sqlite file that does not exist is an error (not silently created)."""
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        if not db.is_file():
+            raise ReviewError(f"no MLflow database at {db} (tracking URI {uri})")
+    return MlflowClient(tracking_uri=uri)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _is_review(run) -> bool:
+    return run.data.tags.get(REVIEW_TAG) == "true"
+
+
+def find_runs(client, experiment_id: str, run_ids: Sequence[str] | None = None) -> list:
+    """The given runs (each must exist in the experiment), or every active non-review run, oldest first."""
+    from mlflow.exceptions import MlflowException
+
+    if run_ids:
+        runs = []
+        for rid in run_ids:
+            try:
+                run = client.get_run(rid)
+            except MlflowException as e:
+                raise ReviewError(f"unknown run id {rid}: {_first_line(e)}") from None
+            if run.info.experiment_id != experiment_id:
+                raise ReviewError(f"run {rid} belongs to experiment id {run.info.experiment_id}, "
+                                  f"not to the reviewed experiment (id {experiment_id})")
+            runs.append(run)
+        return runs
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], order_by=["attributes.start_time ASC"], page_token=token)
+        runs += [r for r in page if not _is_review(r)]
+        token = page.token
+        if not token:
+            return runs
+
+
+_PLAIN = re.compile(r"(?P<key>.+)_step(?P<step>\d+)\.png$")                  # samples/samples_step0000002.png
+_LOGGED = re.compile(r"(?P<key>[^/]+?)[+%]step[+%](?P<step>\d+)[+%].*\.png$")  # images/samples+step+2+timestamp+..
+
+
+def sample_artifacts(client, run_id: str, key: str = "samples") -> dict[int, str]:
+    """Step -> artifact path of the run's sample grids: ``samples/<key>_stepNNNNNNN.png`` (what Tracker.log_image
+    writes), else the step-indexed images MLflow's ``log_image(key=, step=)`` keeps under ``images/``."""
+    found: dict[int, str] = {}
+    for f in client.list_artifacts(run_id, "samples"):
+        m = _PLAIN.fullmatch(Path(f.path).name)
+        if not f.is_dir and m and m["key"] == key:
+            found[int(m["step"])] = f.path
+    if found:
+        return found
+    for f in client.list_artifacts(run_id, "images"):
+        name = Path(f.path).name
+        m = _LOGGED.fullmatch(name)
+        if not f.is_dir and m and m["key"] == key.replace("/", "~") and "compressed" not in name:
+            found.setdefault(int(m["step"]), f.path)
+    return found
+
+
+def collect(client, experiment: str, uri: str, run_ids: Sequence[str] | None = None, metric: str = "train/loss",
+            image_key: str = "samples") -> Review:
+    """Everything the report shows, read from the tracking server (artifacts are listed, not downloaded)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        exp = client.get_experiment_by_name(experiment)
+    except MlflowException as e:
+        raise ReviewError(f"cannot read experiment {experiment!r} at {uri}: {_first_line(e)}") from None
+    if exp is None:
+        raise ReviewError(f"no experiment named {experiment!r} at {uri}")
+    runs = find_runs(client, exp.experiment_id, run_ids)
+    if not runs:
+        raise ReviewError(f"experiment {experiment!r} at {uri} has no runs to review")
+    summaries = []
+    for run in runs:
+        rid = run.info.run_id
+        history = sorted((m.step, m.value) for m in client.get_metric_history(rid, metric))
+        summaries.append(RunSummary(run_id=rid, name=run.info.run_name or rid[:8], status=run.info.status,
+                                    start_time=run.info.start_time, params=dict(run.data.params),
+                                    metrics=dict(run.data.metrics), history=history,
+                                    samples=sample_artifacts(client, rid, image_key)))
+    return Review(experiment=experiment, experiment_id=exp.experiment_id, uri=uri, metric=metric, runs=summaries)
+
+
+# --- the report ---------------------------------------------------------------------------------------
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "x"
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _img(path: Path, alt: str, cls: str, **attrs: str) -> str:
+    extra = "".join(f' {k.replace("_", "-")}="{html.escape(v)}"' for k, v in attrs.items())
+    return f'<img src="{_data_uri(path)}" alt="{html.escape(alt)}" class="{cls}"{extra}>'
+
+
+def _time(ms: int | None) -> str:
+    if not ms:
+        return ""
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.6g}"
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;max-width:1200px;
+color:#1d2329;padding:0 16px;line-height:1.45}
+h1{font-size:1.5em;margin-bottom:4px}h2{border-bottom:1px solid #d0d7de;padding-bottom:4px;margin-top:32px}
+.meta{color:#57606a;font-size:.9em}.note{color:#57606a;font-style:italic}
+.scroll{overflow-x:auto}table{border-collapse:collapse;font-size:.88em}
+th,td{border:1px solid #d0d7de;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f6f8fa}td.num{text-align:right;font-variant-numeric:tabular-nums}
+tr.run:nth-child(even){background:#fafbfc}code{font-size:.95em}
+img.figure{max-width:100%;height:auto;border:1px solid #eaeef2}
+img.grid{image-rendering:pixelated;width:256px;max-width:100%;height:auto;border:1px solid #eaeef2}
+figure{margin:0 0 16px 0}figcaption{color:#57606a;font-size:.85em}
+"""
+
+
+def _runs_table(review: Review, differing: list[str]) -> str:
+    metric_keys = sorted(set().union(*(r.metrics.keys() for r in review.runs)))
+    head = ["run", "run id", "status", "start time", *differing, *metric_keys]
+    numeric_cols = {len(head) - len(metric_keys) + i for i in range(len(metric_keys))}
+    rows = []
+    for r in review.runs:
+        cells = [r.name, r.run_id, r.status, _time(r.start_time), *(r.params.get(k, "—") for k in differing),
+                 *(_fmt(r.metrics[k]) if k in r.metrics else "—" for k in metric_keys)]
+        tds = "".join(f'<td{" class=num" if i in numeric_cols else ""}>{html.escape(str(c))}</td>'
+                      for i, c in enumerate(cells))
+        rows.append(f'<tr class="run" data-run="{html.escape(r.run_id)}">{tds}</tr>')
+    ths = "".join(f'<th scope="col">{html.escape(h)}</th>' for h in head)
+    if len(review.runs) < 2:
+        note = "<p class=note>Only one run: there are no parameters that differ between runs.</p>"
+    elif not differing:
+        note = "<p class=note>All runs have the same parameters.</p>"
+    else:
+        note = (f"<p>Parameters that differ between runs: {', '.join(f'<code>{html.escape(k)}</code>' for k in differing)}"
+                f"; metrics show their last logged value.</p>")
+    return (f'<section id="runs-table"><h2>Runs</h2>{note}<div class="scroll"><table><thead><tr>{ths}</tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table></div></section>")
+
+
+def _run_title(run: RunSummary, differing: list[str]) -> str:
+    shown = [f"{k}={run.params.get(k, '—')}" for k in differing if k in run.params][:3]
+    return run.label + (f" [{', '.join(shown)}]" if shown else "")
+
+
+def write_report(client, review: Review, out: str | Path, smooth: float = 0.0, sweep: Sequence[str] = (),
+                 sweep_metric: str | None = None, max_sample_rows: int = 4) -> ReviewResult:
+    """Draw the figures, fetch the sample grids and write ``<out>/report.html`` with the PNGs beside it."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    runs = review.runs
+    params = {r.run_id: r.params for r in runs}
+    differing = differing_params(params)
+    sweep_metric = sweep_metric or review.metric
+
+    # loss (metric) curves
+    curves = {_run_title(r, [k for k in differing if as_number(r.params.get(k)) is not None]): r.history
+              for r in runs}
+    if any(curves.values()):
+        path = metric_curves(curves, review.metric, out / "metric_curves.png", smooth)
+        files.append(path)
+        missing = [r.label for r in runs if not r.history]
+        body = _img(path, f"{review.metric} against step for {len(runs)} run(s)"
+                    + (f", EMA smoothing {smooth:g}" if smooth > 0 else ""), "figure")
+        if missing:
+            body += f"<p class=note>No {html.escape(review.metric)} logged by: {html.escape(', '.join(missing))}.</p>"
+    else:
+        body = f"<p class=note>No run logged the metric <code>{html.escape(review.metric)}</code>.</p>"
+    loss_html = f'<section id="loss-curves"><h2>{html.escape(review.metric)} curves</h2>{body}</section>'
+
+    # sample grids side by side
+    rows = sample_rows({r.run_id: r.samples for r in runs}, max_sample_rows)
+    if rows:
+        heads = "".join(f'<th scope="col">{html.escape(_run_title(r, differing))}</th>' for r in runs)
+        trs = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for title, steps in rows:
+                tds = []
+                for r in runs:
+                    step = steps[r.run_id]
+                    if step is None:
+                        tds.append("<td class=note>no samples</td>")
+                        continue
+                    local = Path(client.download_artifacts(r.run_id, r.samples[step], tmp))
+                    dest = out / "grids" / f"{_safe(r.name)}_{r.run_id[:8]}_step{step:07d}.png"
+                    dest.parent.mkdir(exist_ok=True)
+                    shutil.copyfile(local, dest)
+                    files.append(dest)
+                    alt = f"sample grid of run {r.label} at step {step}"
+                    tds.append(f"<td><figure>{_img(dest, alt, 'grid', data_run=r.run_id)}"
+                               f"<figcaption>step {step}</figcaption></figure></td>")
+                trs.append(f'<tr><th scope="row">{html.escape(title)}</th>{"".join(tds)}</tr>')
+        grids = (f'<div class="scroll"><table><thead><tr><th></th>{heads}</tr></thead>'
+                 f'<tbody>{"".join(trs)}</tbody></table></div>')
+        if rows[0][0].startswith("latest"):
+            grids = "<p class=note>The runs share no step with a sample grid: each run's latest is shown.</p>" + grids
+    else:
+        grids = "<p class=note>No run logged sample grids.</p>"
+    grids_html = f'<section id="sample-grids"><h2>Sample grids</h2>{grids}</section>'
+
+    # sweeps: final metric against each numeric setting that varies (or the ones asked for)
+    keys = list(sweep) or sweep_params(params, differing)
+    parts = []
+    for k in keys:
+        raw = [(r.params[k], r.metrics[sweep_metric], r.name) for r in runs
+               if k in r.params and sweep_metric in r.metrics]
+        if len({x for x, _, _ in raw}) < 2:
+            parts.append(f"<p class=note>{html.escape(k)}: fewer than two different values among the runs that "
+                         f"logged {html.escape(sweep_metric)}; nothing to plot.</p>")
+            continue
+        numbers = [as_number(x) for x, _, _ in raw]
+        # numbers on a numeric axis; any non-numeric value makes all of them categories
+        pts = raw if None in numbers else [(n, y, name) for n, (_, y, name) in zip(numbers, raw)]
+        path = sweep_plot(k, sweep_metric, pts, out / f"sweep_{_safe(k)}.png")
+        files.append(path)
+        parts.append(_img(path, f"final {sweep_metric} against {k} over {len(pts)} runs", "figure"))
+    if not parts:
+        parts.append("<p class=note>No numeric parameter varies across the runs: no sweep to plot.</p>")
+    sweeps_html = f'<section id="sweeps"><h2>Sweeps: final {html.escape(sweep_metric)}</h2>{"".join(parts)}</section>'
+
+    title = f"Review of experiment {review.experiment}"
+    doc = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+           f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+           f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
+           f"<h1>{html.escape(title)}</h1>"
+           f'<p class="meta">Tracking URI <code>{html.escape(review.uri)}</code> · experiment id '
+           f"{html.escape(review.experiment_id)} · {len(runs)} run(s) · written "
+           f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}</p>"
+           f"{_runs_table(review, differing)}{loss_html}{grids_html}{sweeps_html}</body></html>\n")
+    report = out / REPORT_NAME
+    report.write_text(doc, encoding="utf-8")
+    return ReviewResult(report=report, files=[report, *files])
+
+
+def log_review(client, review: Review, result: ReviewResult) -> str:
+    """Log the report and its figures as artifacts of a new run tagged ``ldm.review=true``; returns its id."""
+    out = result.report.parent
+    tags = {REVIEW_TAG: "true", "ldm.review.metric": review.metric,
+            "ldm.review.runs": ",".join(r.run_id for r in review.runs)[:5000]}
+    run = client.create_run(review.experiment_id, run_name="review", tags=tags)
+    rid = run.info.run_id
+    try:
+        for f in result.files:
+            parent = f.parent.relative_to(out).as_posix()
+            client.log_artifact(rid, str(f), None if parent == "." else parent)
+    except Exception:
+        client.set_terminated(rid, "FAILED")
+        raise
+    client.set_terminated(rid, "FINISHED")
+    result.review_run_id = rid
+    return rid

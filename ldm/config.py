@@ -101,6 +101,8 @@ class TrainConfig:
     keep_last: int = 2
     log_every: int = 25
     sample_every: int = 0  # 0: only at the end
+    max_bad_steps: int = 5  # consecutive non-finite steps before rolling back to the last checkpoint
+    max_rollbacks: int = 2  # rollbacks before the run stops with an error
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config keys, merged last
 
 

@@ -9,6 +9,7 @@ the next step, runs $LDM_REQUEUE_CMD (if set, e.g. `scontrol requeue $SLURM_JOB_
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ldm.cli._common import add_config_args, load_or_exit, run_main
 from ldm.config import LDMConfig
@@ -25,9 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_or_exit(LDMConfig, args)
 
     def body() -> int:
-        from ldm.train import Trainer
+        from ldm.train.trainer import Trainer, TrainingDiverged
 
-        result = Trainer(cfg).train()
+        try:
+            result = Trainer(cfg).train()
+        except TrainingDiverged as e:
+            print(f"error: training diverged: {e}", file=sys.stderr)
+            return 1
         if result["preempted"]:
             print(f"pre-empted: checkpoint of step {result['step']} written; the next start resumes from it")
         elif result.get("grid"):

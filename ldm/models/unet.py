@@ -329,8 +329,12 @@ class UNet(nn.Module):
         if t.shape != (b,):
             raise ValueError(f"t must be a scalar or have shape ({b},), got {tuple(t.shape)}")
         temb = self.time_embedding(self.time_proj(t).to(x.dtype))  # (B, 4*C0)
+        if context_mask is not None and bool(context_mask.all()):
+            context_mask = None  # nothing to mask: the unmasked attention kernel is faster
 
-        h = self.conv_in(x)  # (B, C0, H, W)
+        # Channels-last activations: faster oneDNN convolutions on CPU, and the spatial transformers
+        # read (B, H, W, C) memory as tokens without a copy. The output is returned in the default layout.
+        h = self.conv_in(x.contiguous(memory_format=torch.channels_last))  # (B, C0, H, W)
         skips = [h]
         for block in self.down_blocks:
             h, states = block(h, temb, context, context_mask)  # (B, Ci, H_i, W_i)
@@ -341,7 +345,8 @@ class UNet(nn.Module):
             block_skips, skips = skips[-n:], skips[:-n]
             size = tuple(skips[-1].shape[-2:]) if skips else None  # the next level's resolution
             h = block(h, block_skips, temb, context, context_mask, size)  # (B, Ci, H_{i-1}, W_{i-1})
-        return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, out_channels, H, W)
+        out = self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, out_channels, H, W)
+        return out.contiguous()
 
     def to_diffusers_config(self) -> dict[str, Any]:
         """Keyword arguments for diffusers' UNet2DConditionModel with the same modules and shapes."""

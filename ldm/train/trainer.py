@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 TEXT_CACHE_SIZE = 200_000  # captions whose embeddings are kept (16 tokens x 384-d: ~25 kB each)
 
 
+class TrainingDiverged(RuntimeError):
+    """Non-finite losses or weights persisted and no rollback is left."""
+
+
 class StopRequest:
     """Records SIGUSR1 (SLURM's pre-emption warning) or SIGTERM; the loop checkpoints and exits at a step boundary."""
 
@@ -131,6 +135,7 @@ class Trainer:
         self.step, self.epoch, self.run_id, self.samples_seen = 0, 0, None, 0
         self.generator = torch.Generator().manual_seed(cfg.run.seed * 100_003 + self.dist.rank)
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.nonfinite_steps, self.bad_in_a_row, self.rollbacks = 0, 0, 0
         state = self.checkpointer.load(self.engine, self.ema)
         if state is not None:
             self.step, self.epoch, self.run_id = state["step"], state["epoch"], state.get("run_id")
@@ -185,12 +190,42 @@ class Trainer:
             z = self.autoencoder.encode(images)  # (B, C, h, w) scaled latents
             cond = self.encode_captions(batch["caption"])  # (B, L, D) + (B, L)
         cond = conditioning_dropout(cond, self.null_cond, d.cond_dropout, self.generator)
-        loss = diffusion_loss(unet_denoiser(self.engine), z, cond, self.process, prediction=d.prediction,
+        denoiser = unet_denoiser(self.engine)
+        loss = diffusion_loss(denoiser, z, cond, self.process, prediction=d.prediction,
                               weighting=d.weighting, min_snr_gamma=d.min_snr_gamma, offset_noise=d.offset_noise,
                               generator=self.generator)
+        if any_across_ranks(not bool(torch.isfinite(loss.detach()))):
+            # skip this micro-batch on every rank: a zero loss through a finite input gives exactly zero
+            # gradients and keeps DeepSpeed's accumulation bookkeeping in step
+            t0 = torch.zeros(z.shape[0], device=z.device)
+            loss = denoiser(torch.zeros_like(z), t0, cond).sum() * 0.0
+            self.engine.backward(loss)
+            self.engine.step()
+            return float("nan")
         self.engine.backward(loss)
         self.engine.step()
         return float(loss.detach())
+
+    def weights_finite(self) -> bool:
+        """True on every rank when no rank holds a non-finite parameter (its own partition under ZeRO-3)."""
+        local = all(bool(torch.isfinite(getattr(p, "ds_tensor", p.data)).all())
+                    for p in self.engine.module.parameters())
+        return not any_across_ranks(not local)
+
+    def rollback_or_stop(self, reason: str) -> None:
+        """Reload the last complete checkpoint, or raise TrainingDiverged when none (or no rollback) is left."""
+        latest = self.checkpointer.latest()
+        if latest is None or self.rollbacks >= self.cfg.train.max_rollbacks:
+            raise TrainingDiverged(f"{reason} at step {self.step}; "
+                                   + ("no checkpoint to roll back to" if latest is None
+                                      else f"already rolled back {self.rollbacks} times (train.max_rollbacks)"))
+        state = self.checkpointer.load(self.engine, self.ema, latest)
+        self.rollbacks += 1
+        log.warning("%s at step %d: rolled back to %s (rollback %d of %d)", reason, self.step, latest,
+                    self.rollbacks, self.cfg.train.max_rollbacks)
+        self.step, self.epoch, self.samples_seen = state["step"], state["epoch"], state["samples_seen"]
+        self.generator.set_state(state["generator"])
+        self.bad_in_a_row = 0
 
     # --- the loop ------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
@@ -217,22 +252,39 @@ class Trainer:
         t = self.cfg.train
         window, first_loss, last_loss, tick, skipped = [], None, None, time.time(), 0
         while self.step < t.max_steps:
+            losses = []
             for _ in range(t.grad_accum):
                 batch = next(batches)
                 skipped = batch.get("skipped", skipped)
-                window.append(self.micro_step(batch))
+                losses.append(self.micro_step(batch))
+            finite = [v for v in losses if math.isfinite(v)]
+            window += finite
+            if len(finite) < len(losses):
+                self.nonfinite_steps += 1
+                self.bad_in_a_row += 1
+            else:
+                self.bad_in_a_row = 0
             self.step += 1
             self.samples_seen += global_batch
+            if self.bad_in_a_row >= t.max_bad_steps or not self.weights_finite():
+                reason = (f"non-finite loss in {self.bad_in_a_row} consecutive steps" if self.bad_in_a_row
+                          else "non-finite weights")
+                self.rollback_or_stop(reason)
+                batches = self._batches()
+                bar.reset(total=t.max_steps)
+                bar.update(self.step)
+                continue
             self.ema.update(self.step)
             bar.update(1)
-            if self.step % t.log_every == 0 or self.step == t.max_steps or self.step == 1:
+            if (self.step % t.log_every == 0 or self.step == t.max_steps or self.step == 1) and window:
                 loss = mean_across_ranks(sum(window) / len(window))
                 first_loss = loss if first_loss is None else first_loss
                 last_loss = loss
                 elapsed = time.time() - tick
                 metrics = {"train/loss": loss, "train/lr": self.engine.get_lr()[0],
                            "train/samples_per_s": global_batch * len(window) / t.grad_accum / max(elapsed, 1e-9),
-                           "train/skipped_samples": skipped}
+                           "train/skipped_samples": skipped, "train/nonfinite_steps": self.nonfinite_steps,
+                           "train/rollbacks": self.rollbacks}
                 grad_norm = self.engine.get_global_grad_norm()
                 if grad_norm is not None:
                     metrics["train/grad_norm"] = float(grad_norm)

@@ -56,16 +56,14 @@ def tiny_ldm_overrides(shards: Path, autoencoder: Path, out: Path, tracking_uri:
             f"tracking.uri={tracking_uri}" if tracking_uri else "tracking.enabled=false"]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 (sqlite backend, proxied artifacts); yields its URI, stops it by PID."""
+def start_mlflow_server(base: Path):
+    """Start a real `mlflow server` on 127.0.0.1 (sqlite backend, proxied artifacts); returns (process, URI)."""
     import socket
     import subprocess
     import sys
     import time
     import urllib.request
 
-    base = tmp_path_factory.mktemp("mlflow_server")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -73,7 +71,8 @@ def mlflow_server(tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{base / 'mlflow.db'}", "--artifacts-destination", str(base / "artifacts")],
-        stdout=open(base / "server.log", "w"), stderr=subprocess.STDOUT, env=env, cwd=base)
+        stdout=open(base / "server.log", "w"), stderr=subprocess.STDOUT, env=env, cwd=base,
+        start_new_session=True)  # its own process group: the server forks workers that must die with it
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
@@ -84,12 +83,26 @@ def mlflow_server(tmp_path_factory):
         except OSError:
             pass
         if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
+            stop_mlflow_server(proc)
             raise RuntimeError(f"mlflow server did not start: {(base / 'server.log').read_text()[-2000:]}")
         time.sleep(0.5)
-    yield uri
-    proc.terminate()
+    return proc, uri
+
+
+def stop_mlflow_server(proc) -> None:
+    """Kill the server's whole process group (the server and its workers) and reap it."""
+    import signal
+
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` for the session; yields its URI, stops it by process group."""
+    proc, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow_server"))
+    yield uri
+    stop_mlflow_server(proc)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -131,6 +132,7 @@ def sweep_params(params_by_run: Mapping[str, Mapping[str, str]], keys: Iterable[
 # --- reading MLflow -----------------------------------------------------------------------------------
 def make_client(uri: str):
     """An MlflowClient for ``uri``; a sqlite file that does not exist is an error (not silently created)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per small PNG is noise
     from mlflow.tracking import MlflowClient
 
     if uri.startswith("sqlite:///"):
@@ -155,7 +157,7 @@ def find_runs(client, experiment_id: str, run_ids: Sequence[str] | None = None) 
 
     if run_ids:
         runs = []
-        for rid in run_ids:
+        for rid in dict.fromkeys(run_ids):  # each once, in the order given
             try:
                 run = client.get_run(rid)
             except MlflowException as e:
@@ -207,13 +209,18 @@ def collect(client, experiment: str, uri: str, run_ids: Sequence[str] | None = N
         raise ReviewError(f"cannot read experiment {experiment!r} at {uri}: {_first_line(e)}") from None
     if exp is None:
         raise ReviewError(f"no experiment named {experiment!r} at {uri}")
+    if exp.lifecycle_stage != "active":
+        raise ReviewError(f"experiment {experiment!r} at {uri} is deleted")
     runs = find_runs(client, exp.experiment_id, run_ids)
     if not runs:
         raise ReviewError(f"experiment {experiment!r} at {uri} has no runs to review")
     summaries = []
     for run in runs:
         rid = run.info.run_id
-        history = sorted((m.step, m.value) for m in client.get_metric_history(rid, metric))
+        # a resumed run may log a step twice: the later value wins
+        by_step = {m.step: m.value for m in sorted(client.get_metric_history(rid, metric),
+                                                    key=lambda m: (m.step, m.timestamp))}
+        history = sorted(by_step.items())
         summaries.append(RunSummary(run_id=rid, name=run.info.run_name or rid[:8], status=run.info.status,
                                     start_time=run.info.start_time, params=dict(run.data.params),
                                     metrics=dict(run.data.metrics), history=history,
@@ -250,42 +257,58 @@ body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24p
 color:#1d2329;padding:0 16px;line-height:1.45}
 h1{font-size:1.5em;margin-bottom:4px}h2{border-bottom:1px solid #d0d7de;padding-bottom:4px;margin-top:32px}
 .meta{color:#57606a;font-size:.9em}.note{color:#57606a;font-style:italic}
-.scroll{overflow-x:auto}table{border-collapse:collapse;font-size:.88em}
-th,td{border:1px solid #d0d7de;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#f6f8fa}td.num{text-align:right;font-variant-numeric:tabular-nums}
-tr.run:nth-child(even){background:#fafbfc}code{font-size:.95em}
+.scroll{overflow-x:auto}table{border-collapse:collapse;font-size:.85em}
+th,td{border:1px solid #d0d7de;padding:4px 8px;text-align:left;vertical-align:top;max-width:22em;
+overflow-wrap:anywhere}th{background:#f6f8fa}td.num{text-align:right;font-variant-numeric:tabular-nums}
+td.nowrap{white-space:nowrap}tr.run:nth-child(even){background:#fafbfc}code{font-size:.95em}
 img.figure{max-width:100%;height:auto;border:1px solid #eaeef2}
-img.grid{image-rendering:pixelated;width:256px;max-width:100%;height:auto;border:1px solid #eaeef2}
-figure{margin:0 0 16px 0}figcaption{color:#57606a;font-size:.85em}
+img.grid{image-rendering:pixelated;max-width:100%;height:auto;border:1px solid #eaeef2}
+figure{margin:0}figcaption{color:#57606a;font-size:.85em}
 """
 
 
+def _td(value: str, cls: str = "", title: str = "") -> str:
+    attrs = (f' class="{cls}"' if cls else "") + (f' title="{html.escape(title)}"' if title else "")
+    return f"<td{attrs}>{html.escape(value)}</td>"
+
+
 def _runs_table(review: Review, differing: list[str]) -> str:
-    metric_keys = sorted(set().union(*(r.metrics.keys() for r in review.runs)))
+    """One row per run: name, id, status, start, the differing params, the last value of every metric."""
+    metric_keys = sorted(set().union(*(r.metrics.keys() for r in review.runs)),
+                         key=lambda k: (k != review.metric, k))  # the reviewed metric first
     head = ["run", "run id", "status", "start time", *differing, *metric_keys]
-    numeric_cols = {len(head) - len(metric_keys) + i for i in range(len(metric_keys))}
     rows = []
     for r in review.runs:
-        cells = [r.name, r.run_id, r.status, _time(r.start_time), *(r.params.get(k, "—") for k in differing),
-                 *(_fmt(r.metrics[k]) if k in r.metrics else "—" for k in metric_keys)]
-        tds = "".join(f'<td{" class=num" if i in numeric_cols else ""}>{html.escape(str(c))}</td>'
-                      for i, c in enumerate(cells))
-        rows.append(f'<tr class="run" data-run="{html.escape(r.run_id)}">{tds}</tr>')
+        cells = [_td(r.name), _td(r.run_id[:8], "nowrap", r.run_id), _td(r.status), _td(_time(r.start_time), "nowrap"),
+                 *(_td(r.params.get(k, "—")) for k in differing),
+                 *(_td(_fmt(r.metrics[k]) if k in r.metrics else "—", "num") for k in metric_keys)]
+        rows.append(f'<tr class="run" data-run="{html.escape(r.run_id)}">{"".join(cells)}</tr>')
     ths = "".join(f'<th scope="col">{html.escape(h)}</th>' for h in head)
     if len(review.runs) < 2:
         note = "<p class=note>Only one run: there are no parameters that differ between runs.</p>"
     elif not differing:
         note = "<p class=note>All runs have the same parameters.</p>"
     else:
-        note = (f"<p>Parameters that differ between runs: {', '.join(f'<code>{html.escape(k)}</code>' for k in differing)}"
-                f"; metrics show their last logged value.</p>")
+        keys = ", ".join(f"<code>{html.escape(k)}</code>" for k in differing)
+        note = f"<p>Parameters that differ between runs: {keys}. Metrics show their last logged value.</p>"
     return (f'<section id="runs-table"><h2>Runs</h2>{note}<div class="scroll"><table><thead><tr>{ths}</tr></thead>'
             f"<tbody>{''.join(rows)}</tbody></table></div></section>")
 
 
-def _run_title(run: RunSummary, differing: list[str]) -> str:
-    shown = [f"{k}={run.params.get(k, '—')}" for k in differing if k in run.params][:3]
+def _run_title(run: RunSummary, differing: list[str], most: int = 3) -> str:
+    """The run's label with the settings that tell it apart (paths, URIs and its own name left out)."""
+    shown = [f"{k}={v}" for k in differing if (v := run.params.get(k)) is not None
+             and v != run.name and "/" not in v and len(v) <= 24][:most]
     return run.label + (f" [{', '.join(shown)}]" if shown else "")
+
+
+def _grid_width(path: Path, target: int = 256) -> int:
+    """Display width of a sample grid: small grids are enlarged by a whole factor (crisp pixels) towards target."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        width = im.width
+    return width * max(1, min(8, target // max(width, 1)))
 
 
 def write_report(client, review: Review, out: str | Path, smooth: float = 0.0, sweep: Sequence[str] = (),
@@ -300,8 +323,7 @@ def write_report(client, review: Review, out: str | Path, smooth: float = 0.0, s
     sweep_metric = sweep_metric or review.metric
 
     # loss (metric) curves
-    curves = {_run_title(r, [k for k in differing if as_number(r.params.get(k)) is not None]): r.history
-              for r in runs}
+    curves = {_run_title(r, differing): r.history for r in runs}
     if any(curves.values()):
         path = metric_curves(curves, review.metric, out / "metric_curves.png", smooth)
         files.append(path)
@@ -333,8 +355,8 @@ def write_report(client, review: Review, out: str | Path, smooth: float = 0.0, s
                     shutil.copyfile(local, dest)
                     files.append(dest)
                     alt = f"sample grid of run {r.label} at step {step}"
-                    tds.append(f"<td><figure>{_img(dest, alt, 'grid', data_run=r.run_id)}"
-                               f"<figcaption>step {step}</figcaption></figure></td>")
+                    img = _img(dest, alt, "grid", data_run=r.run_id, width=str(_grid_width(dest)))
+                    tds.append(f"<td><figure>{img}<figcaption>step {step}</figcaption></figure></td>")
                 trs.append(f'<tr><th scope="row">{html.escape(title)}</th>{"".join(tds)}</tr>')
         grids = (f'<div class="scroll"><table><thead><tr><th></th>{heads}</tr></thead>'
                  f'<tbody>{"".join(trs)}</tbody></table></div>')

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from ldm.config import flatten
 
 log = logging.getLogger(__name__)
 DEFAULT_STORE = "runs"
+RETRY_SECONDS = 30.0
 
 
 def default_tracking_uri(root: str | Path = DEFAULT_STORE) -> str:
@@ -43,6 +45,7 @@ class Tracker:
         self.run_id: str | None = None
         self._pending: list[tuple[dict[str, float], int]] = []
         self._failing = False
+        self._retry_at = 0.0  # while failing, calls wait until then (a dead server must not stall training)
         self._client = None
 
     # --- lifecycle -----------------------------------------------------------------------------------
@@ -50,7 +53,9 @@ class Tracker:
         """Start (or resume, given run_id) the run and log flattened params."""
         if not self.enabled:
             return None
-        os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+        # fail fast when a server is unreachable: the tracker queues and retries on its own
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         from mlflow.tracking import MlflowClient
 
         if self.uri.startswith("sqlite:///"):
@@ -98,8 +103,6 @@ class Tracker:
         self._flush()
 
     def _flush(self) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         while self._pending:
@@ -150,14 +153,21 @@ class Tracker:
             self._call(self._client.set_tag, self.run_id, key, value)
 
     def _call(self, fn, *args, **kwargs) -> bool:
-        """Call an MLflow client method; on failure warn once, keep going, report False."""
+        """Call an MLflow client method; on failure warn once, keep going, report False.
+
+        After a failure further calls are not attempted for RETRY_SECONDS (metrics stay queued), so a tracking
+        server that went away costs training one timeout per interval, not one per logging call.
+        """
+        if self._failing and time.monotonic() < self._retry_at:
+            return False
         try:
             fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - tracking must never stop training
             if not self._failing:
                 log.warning("MLflow call %s failed (%s); training continues, metrics are kept and retried",
-                            getattr(fn, "__name__", fn), e)
+                            getattr(fn, "__name__", fn), str(e).splitlines()[0][:300])
             self._failing = True
+            self._retry_at = time.monotonic() + RETRY_SECONDS
             return False
         if self._failing:
             log.warning("MLflow tracking is back")

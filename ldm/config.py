@@ -40,6 +40,7 @@ class DataConfig:
     batch_size: int = 32  # micro-batch per process
     num_workers: int = 0
     shuffle_buffer: int = 1000
+    batches_per_epoch: int | None = None  # per process; None: train split size / (batch_size x processes)
     caption: Literal["label", "label_tags"] = "label"
     flip: bool = False
 

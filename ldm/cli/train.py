@@ -1,7 +1,8 @@
 """ldm-train: train the text-conditioned latent diffusion UNet under DeepSpeed.
 
 Single process:   ldm-train --config configs/ldm/emoji.yaml train.max_steps=200
-N processes:      launch/local.sh N --config configs/ldm/emoji.yaml   (torchrun / deepspeed set RANK etc.)
+N processes:      launch/local.sh -n N --config configs/ldm/emoji.yaml   (torchrun sets RANK etc.)
+Several nodes:    launch/torchrun.sh, launch/deepspeed_hostfile.sh, sbatch launch/slurm.sbatch
 Resumes automatically from <run.output_dir>/checkpoints/latest. On SIGUSR1 or SIGTERM it checkpoints at
 the next step, runs $LDM_REQUEUE_CMD (if set, e.g. `scontrol requeue $SLURM_JOB_ID`) and exits 0.
 """

@@ -33,8 +33,8 @@ from ldm.conditioning.text import Cond, FrozenTextEncoder
 LAYERS = ("last", "penultimate")
 # The visual tower is discarded: building a one-block stand-in avoids initialising e.g. ViT-H's 630M weights.
 _STUB_VISION = {"image_size": 32, "patch_size": 32, "width": 64, "head_width": 64, "layers": 1}
-# Prefixes under which text-tower weights appear: a Stable Diffusion 2.x checkpoint, a DDP training checkpoint.
-_OPENCLIP_PREFIXES = ("cond_stage_model.model.", "module.")
+SD2_TEXT_PREFIX = "cond_stage_model.model."  # the OpenCLIP text tower inside a Stable Diffusion 2.x checkpoint
+_OPENCLIP_PREFIXES = (SD2_TEXT_PREFIX, "module.")  # "module.": an open_clip DDP training checkpoint
 _OPENCLIP_IGNORED = ("visual.", "logit_scale", "logit_bias")
 
 
@@ -145,7 +145,7 @@ class OpenCLIPTextEncoder(FrozenTextEncoder):
         if not hasattr(tower, "token_embedding") or not causal:
             raise ValueError(f"OpenCLIP model {model_name!r}: only causal CLIP text transformers are supported")
         if path is not None:
-            state = _text_state(read_state_dict(path))
+            state = _text_state(read_state_dict(path, prefixes=(SD2_TEXT_PREFIX,)))
             expected = {k: v for k, v in model.state_dict().items() if not k.startswith(_OPENCLIP_IGNORED)}
             check_state_dict(expected, state, str(path))
             model.load_state_dict(state, strict=False)  # the check above covered every used key

@@ -2,7 +2,7 @@
 
 from ldm.data.emoji import EmojiRecord, emoji_records, load_rgb
 from ldm.data.shards import build_emoji_shards, write_shards
-from ldm.data.stream import make_loader, resize_center_crop, resolve_shards, to_rgb
+from ldm.data.stream import dataset_size, make_loader, resize_center_crop, resolve_shards, to_rgb
 
-__all__ = ["EmojiRecord", "build_emoji_shards", "emoji_records", "load_rgb", "make_loader",
+__all__ = ["EmojiRecord", "build_emoji_shards", "dataset_size", "emoji_records", "load_rgb", "make_loader",
            "resize_center_crop", "resolve_shards", "to_rgb", "write_shards"]

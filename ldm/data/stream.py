@@ -33,6 +33,17 @@ IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 MAX_TAGS = 3
 
 
+def dataset_size(spec: str, split: str = "train") -> int | None:
+    """Number of samples of a split when the spec has an index.json (None for plain URL patterns)."""
+    path = Path(str(spec)).expanduser()
+    if path.is_dir():
+        path = path / "index.json"
+    if "://" in str(spec) or str(spec).startswith("pipe:") or not (path.is_file() and path.suffix == ".json"):
+        return None
+    info = json.loads(path.read_text(encoding="utf-8")).get("splits", {}).get(split)
+    return int(info["total"]) if info else None
+
+
 def resolve_shards(spec: str, split: str = "train") -> list[str]:
     """Shard URLs of a spec: a folder with index.json, an index.json, or a URL / brace / glob pattern."""
     spec = str(spec)

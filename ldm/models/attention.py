@@ -5,10 +5,9 @@ The image features attend to themselves and then to the text tokens ``context``;
 parameter names follow diffusers' ``Transformer2DModel``, so its state dicts load unchanged.
 Attention is ``torch.nn.functional.scaled_dot_product_attention`` throughout.
 
-Speed (same arithmetic as diffusers, fewer and larger kernels): self-attention computes q, k and v with
-one matmul against the concatenated to_q/to_k/to_v weights (cross-attention: k and v from the context in
-one), and the spatial transformer reads a channels-last feature map as its token sequence without a copy,
-applying proj_in/proj_out (1x1 convolutions in SD 1.x) as matmuls on the tokens.
+Speed (the arithmetic of diffusers, fewer kernels): self-attention computes q, k and v with one matmul
+against the concatenated to_q/to_k/to_v weights (cross-attention: k and v of the context in one), and
+the spatial transformer applies proj_in/proj_out (1x1 convolutions in SD 1.x) as matmuls on its tokens.
 """
 
 from __future__ import annotations
@@ -45,7 +44,8 @@ class Attention(nn.Module):
         else:
             q = self.to_q(x).view(b, n, h, -1).transpose(1, 2)  # (B, h, N, d)
             weight = torch.cat([self.to_k.weight, self.to_v.weight])  # (2 h d, D)
-            k, v = F.linear(context, weight).view(b, context.shape[1], 2, h, -1).permute(2, 0, 3, 1, 4)  # (B, h, L, d)
+            kv = F.linear(context, weight).view(b, context.shape[1], 2, h, -1)  # (B, L, 2, h, d)
+            k, v = kv.permute(2, 0, 3, 1, 4)  # 2 x (B, h, L, d)
         mask = None
         if context_mask is not None:
             mask = context_mask[:, None, None, :].to(torch.bool)  # (B, 1, 1, L), True = attend
@@ -136,13 +136,12 @@ class SpatialTransformer(nn.Module):
         """Map x (B, C, H, W) to the same shape, attending to context (B, L, D)."""
         b, _, height, width = x.shape
         h = self.norm(x)  # (B, C, H, W)
-        # A view when h is channels-last (the UNet's layout), a copy otherwise.
         h = h.permute(0, 2, 3, 1).reshape(b, height * width, -1)  # (B, HW, C)
         h = _pointwise(self.proj_in, h)  # (B, HW, inner)
         for block in self.transformer_blocks:
             h = block(h, context, context_mask)  # (B, HW, inner)
         h = _pointwise(self.proj_out, h)  # (B, HW, C)
-        return x + h.view(b, height, width, -1).permute(0, 3, 1, 2)  # (B, C, H, W), channels-last
+        return x + h.view(b, height, width, -1).permute(0, 3, 1, 2)  # (B, C, H, W)
 
 
 def _pointwise(layer: nn.Module, tokens: torch.Tensor) -> torch.Tensor:

@@ -103,8 +103,8 @@ class UNetLayout:
                 if attention:
                     pairs.append((f"up_blocks.{lv}.attentions.{j}", f"output_blocks.{i}.1"))
             if lv < self.levels - 1:
-                last = lv * (n + 1) + n
-                pairs.append((f"up_blocks.{lv}.upsamplers.0.conv", f"output_blocks.{last}.{2 if attention else 1}.conv"))
+                last = f"output_blocks.{lv * (n + 1) + n}.{2 if attention else 1}"  # after the attention, if any
+                pairs.append((f"up_blocks.{lv}.upsamplers.0.conv", f"{last}.conv"))
         for ours, theirs in resnets:
             pairs.extend((f"{ours}.{a}", f"{theirs}.{b}") for a, b in _RESNET)
         return pairs

@@ -21,7 +21,14 @@ import torch
 from safetensors.torch import save_file
 
 from autoencoder.io import check_state_dict, read_state_dict, write_folder_atomically
-from ldm.models.convert import compvis_to_diffusers, compvis_unet_subdict, detect_layout, diffusers_to_compvis
+from ldm.models.convert import (
+    COMPVIS_PREFIX,
+    EMA_PREFIX,
+    compvis_to_diffusers,
+    compvis_unet_subdict,
+    detect_layout,
+    diffusers_to_compvis,
+)
 from ldm.models.unet import UNet
 
 CONFIG_NAME = "config.json"
@@ -32,7 +39,8 @@ Source = str | os.PathLike | Mapping[str, torch.Tensor]
 def load_unet_weights(unet: UNet, source: Source, layout: str = "auto", ema: bool = False) -> UNet:
     """Load a checkpoint (file or state dict; layout 'auto', 'diffusers' or 'compvis') into unet, strictly."""
     name = "<state dict>" if isinstance(source, Mapping) else str(source)
-    state = dict(source) if isinstance(source, Mapping) else read_state_dict(source)
+    prefixes = () if layout == "diffusers" else (COMPVIS_PREFIX, EMA_PREFIX) if ema else (COMPVIS_PREFIX,)
+    state = dict(source) if isinstance(source, Mapping) else read_state_dict(source, prefixes)
     layout = detect_layout(state) if layout == "auto" else layout
     if layout == "compvis":
         state = compvis_unet_subdict(state, ema)

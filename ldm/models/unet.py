@@ -34,6 +34,22 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
+def drop_padding(
+    context: torch.Tensor, context_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Remove context positions no sample attends to, and a mask that masks nothing (same result, less work).
+
+    A masked key gets zero attention weight, so dropping the columns masked in every row is exact;
+    with text padded to a fixed length this shortens cross-attention to the batch's longest prompt.
+    """
+    if context_mask is None:
+        return context, None
+    keep = context_mask.bool().any(dim=0)  # (L,)
+    if bool(keep.any()) and not bool(keep.all()):
+        context, context_mask = context[:, keep], context_mask[:, keep]  # (B, L', D), (B, L')
+    return context, (None if bool(context_mask.all()) else context_mask)
+
+
 def _maybe_checkpoint(enabled: bool, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
     """Run fn(*args), recomputing its activations in backward when enabled and grads are on."""
     if enabled and torch.is_grad_enabled():
@@ -329,12 +345,9 @@ class UNet(nn.Module):
         if t.shape != (b,):
             raise ValueError(f"t must be a scalar or have shape ({b},), got {tuple(t.shape)}")
         temb = self.time_embedding(self.time_proj(t).to(x.dtype))  # (B, 4*C0)
-        if context_mask is not None and bool(context_mask.all()):
-            context_mask = None  # nothing to mask: the unmasked attention kernel is faster
+        context, context_mask = drop_padding(context, context_mask)
 
-        # Channels-last activations: faster oneDNN convolutions on CPU, and the spatial transformers
-        # read (B, H, W, C) memory as tokens without a copy. The output is returned in the default layout.
-        h = self.conv_in(x.contiguous(memory_format=torch.channels_last))  # (B, C0, H, W)
+        h = self.conv_in(x)  # (B, C0, H, W)
         skips = [h]
         for block in self.down_blocks:
             h, states = block(h, temb, context, context_mask)  # (B, Ci, H_i, W_i)
@@ -345,8 +358,7 @@ class UNet(nn.Module):
             block_skips, skips = skips[-n:], skips[:-n]
             size = tuple(skips[-1].shape[-2:]) if skips else None  # the next level's resolution
             h = block(h, block_skips, temb, context, context_mask, size)  # (B, Ci, H_{i-1}, W_{i-1})
-        out = self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, out_channels, H, W)
-        return out.contiguous()
+        return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, out_channels, H, W)
 
     def to_diffusers_config(self) -> dict[str, Any]:
         """Keyword arguments for diffusers' UNet2DConditionModel with the same modules and shapes."""

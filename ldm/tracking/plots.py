@@ -88,6 +88,7 @@ def sweep_plot(param: str, metric: str, points: Sequence[tuple[float | str, floa
     ax.plot(xs, ys, color="C0", marker="o", linewidth=1.2 if numeric else 0)
     for x, y, (_, _, label) in zip(xs, ys, ordered):
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small", color="0.3")
+    ax.margins(x=0.1, y=0.15)  # room for the run labels beside the markers
     ax.set_xlabel(param)
     ax.set_ylabel(f"final {metric}")
     ax.set_title(f"final {metric} vs {param}")

@@ -92,7 +92,10 @@ def evenly_spaced(items: Sequence[int], k: int) -> list[int]:
     return [items[i] for i in idx]
 
 
-def sample_rows(steps_by_run: Mapping[str, Iterable[int]], max_rows: int = 4) -> list[tuple[str, dict[str, int | None]]]:
+SampleRow = tuple[str, dict[str, int | None]]  # (row title, run id -> step, None for "no samples")
+
+
+def sample_rows(steps_by_run: Mapping[str, Iterable[int]], max_rows: int = 4) -> list[SampleRow]:
     """Rows of the side-by-side sample grids: (row title, run id -> step or None for "no samples").
 
     Steps every run (with samples) has are shown, at most ``max_rows`` of them spread from first to last; when
@@ -258,9 +261,10 @@ color:#1d2329;padding:0 16px;line-height:1.45}
 h1{font-size:1.5em;margin-bottom:4px}h2{border-bottom:1px solid #d0d7de;padding-bottom:4px;margin-top:32px}
 .meta{color:#57606a;font-size:.9em}.note{color:#57606a;font-style:italic}
 .scroll{overflow-x:auto}table{border-collapse:collapse;font-size:.85em}
-th,td{border:1px solid #d0d7de;padding:4px 8px;text-align:left;vertical-align:top;max-width:22em;
-overflow-wrap:anywhere}th{background:#f6f8fa}td.num{text-align:right;font-variant-numeric:tabular-nums}
-td.nowrap{white-space:nowrap}tr.run:nth-child(even){background:#fafbfc}code{font-size:.95em}
+th,td{border:1px solid #d0d7de;padding:4px 8px;text-align:left;vertical-align:top}
+td{white-space:nowrap}td.long{white-space:normal;overflow-wrap:anywhere;min-width:12em;max-width:22em}
+th{background:#f6f8fa}td.num{text-align:right;font-variant-numeric:tabular-nums}
+tr.run:nth-child(even){background:#fafbfc}code{font-size:.95em}
 img.figure{max-width:100%;height:auto;border:1px solid #eaeef2}
 img.grid{image-rendering:pixelated;max-width:100%;height:auto;border:1px solid #eaeef2}
 figure{margin:0}figcaption{color:#57606a;font-size:.85em}
@@ -272,6 +276,11 @@ def _td(value: str, cls: str = "", title: str = "") -> str:
     return f"<td{attrs}>{html.escape(value)}</td>"
 
 
+def _breakable(key: str) -> str:
+    """An escaped key that may wrap after "/" or "." only (train/<wbr>samples_per_s), never inside a word."""
+    return re.sub(r"([/.])", r"\1<wbr>", html.escape(key))
+
+
 def _runs_table(review: Review, differing: list[str]) -> str:
     """One row per run: name, id, status, start, the differing params, the last value of every metric."""
     metric_keys = sorted(set().union(*(r.metrics.keys() for r in review.runs)),
@@ -279,11 +288,12 @@ def _runs_table(review: Review, differing: list[str]) -> str:
     head = ["run", "run id", "status", "start time", *differing, *metric_keys]
     rows = []
     for r in review.runs:
-        cells = [_td(r.name), _td(r.run_id[:8], "nowrap", r.run_id), _td(r.status), _td(_time(r.start_time), "nowrap"),
-                 *(_td(r.params.get(k, "—")) for k in differing),
+        values = [r.params.get(k, "—") for k in differing]
+        cells = [_td(r.name), _td(r.run_id[:8], title=r.run_id), _td(r.status), _td(_time(r.start_time)),
+                 *(_td(v, "long" if len(v) > 24 else "") for v in values),
                  *(_td(_fmt(r.metrics[k]) if k in r.metrics else "—", "num") for k in metric_keys)]
         rows.append(f'<tr class="run" data-run="{html.escape(r.run_id)}">{"".join(cells)}</tr>')
-    ths = "".join(f'<th scope="col">{html.escape(h)}</th>' for h in head)
+    ths = "".join(f'<th scope="col">{_breakable(h)}</th>' for h in head)
     if len(review.runs) < 2:
         note = "<p class=note>Only one run: there are no parameters that differ between runs.</p>"
     elif not differing:
@@ -303,98 +313,114 @@ def _run_title(run: RunSummary, differing: list[str], most: int = 3) -> str:
 
 
 def _grid_width(path: Path, target: int = 256) -> int:
-    """Display width of a sample grid: small grids are enlarged by a whole factor (crisp pixels) towards target."""
+    """Display width of a sample grid: small grids are enlarged by a whole factor (crisp pixels) so that their
+    longer side approaches ``target`` pixels; large ones keep their size."""
     from PIL import Image
 
     with Image.open(path) as im:
-        width = im.width
-    return width * max(1, min(8, target // max(width, 1)))
+        width, height = im.size
+    return width * max(1, min(8, target // max(width, height, 1)))
 
 
-def write_report(client, review: Review, out: str | Path, smooth: float = 0.0, sweep: Sequence[str] = (),
-                 sweep_metric: str | None = None, max_sample_rows: int = 4) -> ReviewResult:
-    """Draw the figures, fetch the sample grids and write ``<out>/report.html`` with the PNGs beside it."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    files: list[Path] = []
+def _curves_section(review: Review, out: Path, differing: list[str], smooth: float, files: list[Path]) -> str:
     runs = review.runs
-    params = {r.run_id: r.params for r in runs}
-    differing = differing_params(params)
-    sweep_metric = sweep_metric or review.metric
-
-    # loss (metric) curves
     curves = {_run_title(r, differing): r.history for r in runs}
-    if any(curves.values()):
+    if not any(curves.values()):
+        body = f"<p class=note>No run logged the metric <code>{html.escape(review.metric)}</code>.</p>"
+    else:
         path = metric_curves(curves, review.metric, out / "metric_curves.png", smooth)
         files.append(path)
+        alt = f"{review.metric} against step for {len(runs)} run(s)" + (f", EMA smoothing {smooth:g}" if smooth else "")
+        body = _img(path, alt, "figure")
         missing = [r.label for r in runs if not r.history]
-        body = _img(path, f"{review.metric} against step for {len(runs)} run(s)"
-                    + (f", EMA smoothing {smooth:g}" if smooth > 0 else ""), "figure")
         if missing:
             body += f"<p class=note>No {html.escape(review.metric)} logged by: {html.escape(', '.join(missing))}.</p>"
-    else:
-        body = f"<p class=note>No run logged the metric <code>{html.escape(review.metric)}</code>.</p>"
-    loss_html = f'<section id="loss-curves"><h2>{html.escape(review.metric)} curves</h2>{body}</section>'
+    return f'<section id="loss-curves"><h2>{html.escape(review.metric)} curves</h2>{body}</section>'
 
-    # sample grids side by side
-    rows = sample_rows({r.run_id: r.samples for r in runs}, max_sample_rows)
-    if rows:
-        heads = "".join(f'<th scope="col">{html.escape(_run_title(r, differing))}</th>' for r in runs)
-        trs = []
-        with tempfile.TemporaryDirectory() as tmp:
-            for title, steps in rows:
-                tds = []
-                for r in runs:
-                    step = steps[r.run_id]
-                    if step is None:
-                        tds.append("<td class=note>no samples</td>")
-                        continue
+
+def _grids_section(client, review: Review, out: Path, differing: list[str], max_rows: int, files: list[Path]) -> str:
+    runs = review.runs
+    rows = sample_rows({r.run_id: r.samples for r in runs}, max_rows)
+    if not rows:
+        return '<section id="sample-grids"><h2>Sample grids</h2><p class=note>No run logged sample grids.</p></section>'
+    heads = "".join(f'<th scope="col">{html.escape(_run_title(r, differing))}</th>' for r in runs)
+    trs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for title, steps in rows:
+            tds = []
+            for r in runs:
+                step = steps[r.run_id]
+                if step is None:
+                    tds.append("<td class=note>no samples</td>")
+                    continue
+                try:
                     local = Path(client.download_artifacts(r.run_id, r.samples[step], tmp))
-                    dest = out / "grids" / f"{_safe(r.name)}_{r.run_id[:8]}_step{step:07d}.png"
-                    dest.parent.mkdir(exist_ok=True)
-                    shutil.copyfile(local, dest)
-                    files.append(dest)
-                    alt = f"sample grid of run {r.label} at step {step}"
-                    img = _img(dest, alt, "grid", data_run=r.run_id, width=str(_grid_width(dest)))
-                    tds.append(f"<td><figure>{img}<figcaption>step {step}</figcaption></figure></td>")
-                trs.append(f'<tr><th scope="row">{html.escape(title)}</th>{"".join(tds)}</tr>')
-        grids = (f'<div class="scroll"><table><thead><tr><th></th>{heads}</tr></thead>'
-                 f'<tbody>{"".join(trs)}</tbody></table></div>')
-        if rows[0][0].startswith("latest"):
-            grids = "<p class=note>The runs share no step with a sample grid: each run's latest is shown.</p>" + grids
-    else:
-        grids = "<p class=note>No run logged sample grids.</p>"
-    grids_html = f'<section id="sample-grids"><h2>Sample grids</h2>{grids}</section>'
+                except Exception as e:  # noqa: BLE001 - one missing grid should not lose the whole report
+                    tds.append(f"<td class=note>cannot fetch {html.escape(r.samples[step])}: "
+                               f"{html.escape(_first_line(e))}</td>")
+                    continue
+                dest = out / "grids" / f"{_safe(r.name)}_{r.run_id[:8]}_step{step:07d}.png"
+                dest.parent.mkdir(exist_ok=True)
+                shutil.copyfile(local, dest)
+                files.append(dest)
+                img = _img(dest, f"sample grid of run {r.label} at step {step}", "grid", data_run=r.run_id,
+                           width=str(_grid_width(dest)))
+                tds.append(f"<td><figure>{img}<figcaption>step {step}</figcaption></figure></td>")
+            trs.append(f'<tr><th scope="row">{html.escape(title)}</th>{"".join(tds)}</tr>')
+    note = ("<p class=note>The runs share no step with a sample grid: each run's latest is shown.</p>"
+            if rows[0][0].startswith("latest") else "<p>Grids at the steps all runs share.</p>")
+    return (f'<section id="sample-grids"><h2>Sample grids</h2>{note}<div class="scroll"><table><thead><tr><th></th>'
+            f'{heads}</tr></thead><tbody>{"".join(trs)}</tbody></table></div></section>')
 
-    # sweeps: final metric against each numeric setting that varies (or the ones asked for)
-    keys = list(sweep) or sweep_params(params, differing)
+
+def _sweeps_section(review: Review, out: Path, keys: Sequence[str], metric: str, files: list[Path]) -> str:
     parts = []
     for k in keys:
-        raw = [(r.params[k], r.metrics[sweep_metric], r.name) for r in runs
-               if k in r.params and sweep_metric in r.metrics]
+        raw = [(r.params[k], r.metrics[metric], r.name) for r in review.runs if k in r.params and metric in r.metrics]
+        if not any(k in r.params for r in review.runs):
+            parts.append(f"<p class=note>No run has the parameter <code>{html.escape(k)}</code>.</p>")
+            continue
         if len({x for x, _, _ in raw}) < 2:
-            parts.append(f"<p class=note>{html.escape(k)}: fewer than two different values among the runs that "
-                         f"logged {html.escape(sweep_metric)}; nothing to plot.</p>")
+            parts.append(f"<p class=note><code>{html.escape(k)}</code>: fewer than two different values among the "
+                         f"runs that logged {html.escape(metric)}; nothing to plot.</p>")
             continue
         numbers = [as_number(x) for x, _, _ in raw]
         # numbers on a numeric axis; any non-numeric value makes all of them categories
         pts = raw if None in numbers else [(n, y, name) for n, (_, y, name) in zip(numbers, raw)]
-        path = sweep_plot(k, sweep_metric, pts, out / f"sweep_{_safe(k)}.png")
+        path = sweep_plot(k, metric, pts, out / f"sweep_{_safe(k)}.png")
         files.append(path)
-        parts.append(_img(path, f"final {sweep_metric} against {k} over {len(pts)} runs", "figure"))
-    if not parts:
+        parts.append(_img(path, f"final {metric} against {k} over {len(pts)} runs", "figure"))
+    if not keys:
         parts.append("<p class=note>No numeric parameter varies across the runs: no sweep to plot.</p>")
-    sweeps_html = f'<section id="sweeps"><h2>Sweeps: final {html.escape(sweep_metric)}</h2>{"".join(parts)}</section>'
+    return f'<section id="sweeps"><h2>Sweeps: final {html.escape(metric)}</h2>{"".join(parts)}</section>'
 
+
+def write_report(client, review: Review, out: str | Path, smooth: float = 0.0, sweep: Sequence[str] = (),
+                 sweep_metric: str | None = None, max_sample_rows: int = 4) -> ReviewResult:
+    """Draw the figures, fetch the sample grids and write ``<out>/report.html`` with the PNGs beside it.
+
+    ``sweep`` names the parameters to plot the final ``sweep_metric`` (default: the reviewed metric) against;
+    empty means every numeric parameter that varies across the runs.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    params = {r.run_id: r.params for r in review.runs}
+    differing = differing_params(params)
+    sweep_keys = list(sweep) or sweep_params(params, differing)
+    sections = [_runs_table(review, differing),
+                _curves_section(review, out, differing, smooth, files),
+                _grids_section(client, review, out, differing, max_sample_rows, files),
+                _sweeps_section(review, out, sweep_keys, sweep_metric or review.metric, files)]
     title = f"Review of experiment {review.experiment}"
     doc = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
            f"<h1>{html.escape(title)}</h1>"
            f'<p class="meta">Tracking URI <code>{html.escape(review.uri)}</code> · experiment id '
-           f"{html.escape(review.experiment_id)} · {len(runs)} run(s) · written "
+           f"{html.escape(review.experiment_id)} · {len(review.runs)} run(s) · written "
            f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}</p>"
-           f"{_runs_table(review, differing)}{loss_html}{grids_html}{sweeps_html}</body></html>\n")
+           f"{''.join(sections)}</body></html>\n")
     report = out / REPORT_NAME
     report.write_text(doc, encoding="utf-8")
     return ReviewResult(report=report, files=[report, *files])

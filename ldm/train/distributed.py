@@ -40,7 +40,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # several processes on one machine's cores oversubscribe badly with more than their share of threads
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // max(local_world, 1)))
     import deepspeed
 
     if not torch.distributed.is_initialized():

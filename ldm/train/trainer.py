@@ -133,17 +133,20 @@ class Trainer:
         self.ema = EMA(self.engine.module, cfg.train.ema_decay)
         self.checkpointer = Checkpointer(self.out / "checkpoints", self.dist.rank, cfg.train.keep_last)
         self.step, self.epoch, self.run_id, self.samples_seen = 0, 0, None, 0
+        self.epoch_batches = 0  # micro-batches of the current data epoch already consumed (the data position)
         self.generator = torch.Generator().manual_seed(cfg.run.seed * 100_003 + self.dist.rank)
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.nonfinite_steps, self.bad_in_a_row, self.rollbacks = 0, 0, 0
         state = self.checkpointer.load(self.engine, self.ema)
         if state is not None:
             self.step, self.epoch, self.run_id = state["step"], state["epoch"], state.get("run_id")
+            self.epoch_batches = state.get("epoch_batches", 0)
             self.samples_seen = state.get("samples_seen", 0)
             self.generator.set_state(state["generator"])
             self._print(f"resumed from {self.checkpointer.root / self.checkpointer.latest()} at step {self.step}")
         self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.run.name,
                                enabled=self.dist.is_main and cfg.tracking.enabled)
+        self.stop = StopRequest()  # from here on a pre-emption signal means: checkpoint and exit
 
     # --- helpers -------------------------------------------------------------------------------------
     def _print(self, msg: str) -> None:
@@ -151,24 +154,49 @@ class Trainer:
             tqdm.write(msg)
 
     def _batches(self) -> Iterator[dict]:
-        """Endless per-rank stream: epochs of equal batch counts on every rank (no DDP hang on uneven shards)."""
+        """Endless per-rank stream: epochs of equal batch counts on every rank (no DDP hang on uneven shards).
+
+        The stream is a pure function of (seed, epoch, rank, worker), so the position is (epoch, batches
+        consumed): a resumed run re-opens its epoch and skips what it had consumed, continuing exactly.
+        """
         from ldm.data import make_loader, resolve_shards
 
         urls = resolve_shards(self.cfg.data.train, "train")
-        per_epoch = self.cfg.train.ckpt_every * self.cfg.train.grad_accum
+        per_epoch = self.batches_per_epoch
         while True:
             loader = make_loader(urls, batch_size=self.cfg.data.batch_size, image_size=self.cfg.data.image_size,
                                  seed=self.cfg.run.seed, rank=self.dist.rank, world_size=self.dist.world_size,
                                  num_workers=self.cfg.data.num_workers, shuffle_buffer=self.cfg.data.shuffle_buffer,
                                  batches_per_epoch=per_epoch, caption=self.cfg.data.caption, flip=self.cfg.data.flip,
                                  epoch=self.epoch)
-            yield from loader
+            for i, batch in enumerate(loader):
+                if i < self.epoch_batches:
+                    continue  # consumed before the checkpoint we resumed from
+                self.epoch_batches = i + 1
+                yield batch
             self.epoch += 1
+            self.epoch_batches = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Micro-batches per data epoch on each rank: data.batches_per_epoch, else one pass over the train split."""
+        from ldm.data import dataset_size
+
+        if self.cfg.data.batches_per_epoch:
+            return self.cfg.data.batches_per_epoch
+        total = dataset_size(self.cfg.data.train, "train")
+        if total is None:
+            return 1000
+        return max(1, total // (self.cfg.data.batch_size * self.dist.world_size))
 
     def _trainer_state(self) -> dict[str, Any]:
-        return {"step": self.step, "epoch": self.epoch, "run_id": self.tracker.run_id or self.run_id,
+        epoch, consumed = self.epoch, self.epoch_batches
+        if consumed >= self.batches_per_epoch:  # the epoch is complete
+            epoch, consumed = epoch + 1, 0
+        return {"step": self.step, "epoch": epoch, "run_id": self.tracker.run_id or self.run_id,
                 "samples_seen": self.samples_seen, "generator": self.generator.get_state(),
-                "zero_stage": self.cfg.train.zero_stage, "world_size": self.dist.world_size}
+                "zero_stage": self.cfg.train.zero_stage, "world_size": self.dist.world_size,
+                "epoch_batches": consumed}
 
     def encode_captions(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """Frozen text-encoder outputs, memoised per caption (the encoder is deterministic, so this is exact)."""
@@ -224,6 +252,7 @@ class Trainer:
         log.warning("%s at step %d: rolled back to %s (rollback %d of %d)", reason, self.step, latest,
                     self.rollbacks, self.cfg.train.max_rollbacks)
         self.step, self.epoch, self.samples_seen = state["step"], state["epoch"], state["samples_seen"]
+        self.epoch_batches = state["epoch_batches"]
         self.generator.set_state(state["generator"])
         self.bad_in_a_row = 0
 
@@ -242,11 +271,10 @@ class Trainer:
         global_batch = cfg.data.batch_size * t.grad_accum * self.dist.world_size
         batches = self._batches()
         bar = tqdm(total=t.max_steps, initial=self.step, desc="ldm", disable=not self.dist.is_main, dynamic_ncols=True)
-        stop = StopRequest()
         try:
-            return self._loop(bar, batches, global_batch, stop)
+            return self._loop(bar, batches, global_batch, self.stop)
         finally:
-            stop.restore()
+            self.stop.restore()
 
     def _loop(self, bar, batches, global_batch: int, stop: StopRequest) -> dict[str, Any]:
         t = self.cfg.train

@@ -22,6 +22,10 @@ setup() {
     "$venv/bin/python" -m pip install --quiet -e ".[test]"
     echo "$stamp" > "$venv/.installed"
   fi
+  if [[ "$cmd" == test && ! -x /usr/bin/chromium ]] && command -v apt-get >/dev/null && [[ $EUID -eq 0 ]]; then
+    echo "[setup] installing Debian chromium (the review-report test renders its HTML in it)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  fi
   export PATH="$PWD/$venv/bin:$PATH"
   export LDM_CACHE="${LDM_CACHE:-$PWD/.cache}"                       # npm tarballs (emoji data)
   export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"  # DeepSpeed ops

@@ -36,6 +36,7 @@ class RunConfig:
 class DataConfig:
     train: str = "data/emoji"  # folder with index.json, an index.json, or a shard URL pattern
     val: str | None = "data/emoji"
+    latents: str | None = None  # pre-encoded latent shards (ldm-shards latents); used instead of `train` when set
     image_size: int = 32
     batch_size: int = 32  # micro-batch per process
     num_workers: int = 0

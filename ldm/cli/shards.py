@@ -46,13 +46,46 @@ def build_parser() -> argparse.ArgumentParser:
     emoji.add_argument("--limit", type=_positive, default=None, help="keep only N emoji (quick tests)")
     emoji.add_argument("--cache", default=None, help="npm tarball cache (default $LDM_CACHE/npm or ~/.cache/ldm/npm)")
     emoji.add_argument("--styles", default="google,twitter", help="comma-separated: google,twitter")
+    lat = sub.add_parser("latents", help="pre-encode image shards into latent shards with a frozen autoencoder")
+    lat.add_argument("--data", required=True, help="image shards (folder with index.json)")
+    lat.add_argument("--autoencoder", required=True, help="autoencoder folder (model.safetensors + config.json)")
+    lat.add_argument("--out", required=True, help="output folder for the latent shards + index.json")
+    lat.add_argument("--image-size", type=_positive, required=True, help="the image size the autoencoder expects")
+    lat.add_argument("--batch-size", type=_positive, default=64)
+    lat.add_argument("--samples-per-shard", type=_positive, default=1000)
+    lat.add_argument("--caption", default="label", choices=("label", "label_tags"))
     return parser
+
+
+def encode_latents(args: argparse.Namespace) -> int:
+    """`ldm-shards latents`: the cache is fingerprinted with the encoder's weights and config."""
+    import torch
+
+    from autoencoder import load_pretrained
+    from ldm.data.latents import encode_latent_shards, folder_hash
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        ae = load_pretrained(args.autoencoder, device=device)
+        digest = folder_hash(args.autoencoder)
+    except (FileNotFoundError, ValueError) as exn:
+        print(f"ldm-shards: error: --autoencoder: {exn}", file=sys.stderr)
+        return 2
+    index = encode_latent_shards(args.data, args.out, lambda x: ae.encode(x.to(device)), encoder_hash=digest,
+                                 image_size=args.image_size, batch_size=args.batch_size,
+                                 samples_per_shard=args.samples_per_shard, caption=args.caption)
+    print(f"wrote {args.out}/index.json  latents {index['latents'].get('latent_shape')}  encoder {digest[:12]}")
+    for split, info in index["splits"].items():
+        print(f"  {split:5s} {info['total']:6d} samples in {len(info['shards'])} shards")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for usage errors, 1 when fetching the data fails)."""
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 with a one-line message on usage errors
+    if args.dataset == "latents":
+        return encode_latents(args)
     styles = tuple(s.strip() for s in args.styles.split(",") if s.strip())
     bad = [s for s in styles if s not in ("google", "twitter")]
     if not styles or bad:

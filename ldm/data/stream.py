@@ -175,8 +175,9 @@ class ShardStream(IterableDataset):
 
     def __init__(self, urls: list[str], *, batch_size: int, image_size: int, seed: int, rank: int,
                  world_size: int, shuffle_buffer: int, batches_per_epoch: int | None, caption: str,
-                 flip: bool, epoch: int) -> None:
+                 flip: bool, epoch: int, latents: bool = False) -> None:
         super().__init__()
+        self.latents = latents
         self.urls, self.batch_size, self.image_size = list(urls), batch_size, image_size
         self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, epoch
         self.shuffle_buffer, self.batches_per_epoch = shuffle_buffer, batches_per_epoch
@@ -197,8 +198,12 @@ class ShardStream(IterableDataset):
                 yield {"url": rng.choice(pool)}
 
     def _decode(self, sample: dict, rng: random.Random) -> tuple[torch.Tensor, str]:
-        """Raw sample -> (image (3, H, W) in [-1, 1], caption); raises on a bad sample."""
+        """Raw sample -> (image (3, H, W) in [-1, 1] or cached latent (C, h, w), caption); raises on a bad sample."""
         caption = pick_caption(sample, self.caption)
+        if self.latents:
+            if "npy" not in sample:
+                raise ValueError("no latent (npy) in sample")
+            return torch.from_numpy(np.load(io.BytesIO(sample["npy"]))), caption  # (C, h, w)
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         if ext is None:
             raise ValueError("no image in sample")
@@ -230,8 +235,8 @@ class ShardStream(IterableDataset):
 
     def _collate(self, images: list[torch.Tensor], captions: list[str], keys: list[str]) -> dict:
         """One batch dict."""
-        return {"image": torch.stack(images), "caption": captions, "key": keys,  # image: (B, 3, H, W)
-                "skipped": self.skips.count}
+        return {"latent" if self.latents else "image": torch.stack(images),  # (B, 3, H, W) or (B, C, h, w)
+                "caption": captions, "key": keys, "skipped": self.skips.count}
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -278,8 +283,11 @@ class ShardLoader:
 def make_loader(urls: list[str], *, batch_size: int, image_size: int, seed: int = 0,
                 rank: int = 0, world_size: int = 1, num_workers: int = 0,
                 shuffle_buffer: int = 1000, batches_per_epoch: int | None = None,
-                caption: str = "label", flip: bool = False, epoch: int = 0) -> Iterable[dict]:
-    """Batches {image (B, 3, H, W) in [-1, 1], caption, key, skipped} from WebDataset shard URLs."""
+                caption: str = "label", flip: bool = False, epoch: int = 0, latents: bool = False) -> Iterable[dict]:
+    """Batches {image (B, 3, H, W) in [-1, 1], caption, key, skipped} from WebDataset shard URLs.
+
+    With ``latents=True`` the shards are pre-encoded latent shards and batches hold ``latent`` (B, C, h, w).
+    """
     if isinstance(urls, str):
         urls = resolve_shards(urls)
     if not urls:
@@ -297,5 +305,6 @@ def make_loader(urls: list[str], *, batch_size: int, image_size: int, seed: int 
         raise ValueError(f"batches_per_epoch must be >= 1, got {batches_per_epoch}")
     stream = ShardStream(urls, batch_size=batch_size, image_size=image_size, seed=seed, rank=rank,
                          world_size=world_size, shuffle_buffer=shuffle_buffer,
-                         batches_per_epoch=batches_per_epoch, caption=caption, flip=flip, epoch=epoch)
+                         batches_per_epoch=batches_per_epoch, caption=caption, flip=flip, epoch=epoch,
+                         latents=latents)
     return ShardLoader(stream, num_workers)

@@ -245,13 +245,17 @@ class DiscreteVP(GaussianProcess):
             return super().timesteps(steps, spacing)
         if not 1 <= steps <= self.T:
             raise ValueError(f"steps must be in [1, {self.T}], got {steps}")
+        # the float arithmetic of numpy's arange / linspace in diffusers, so ties at .5 round the same way
         i = torch.arange(steps, dtype=torch.float64)
         if spacing == "leading":
             n = (i * (self.T // steps)).flip(0)
-        elif spacing == "trailing":  # T - i T/steps, not a float arange (which yields steps + 1 points for some steps)
-            n = (self.T - i * (self.T / steps)).round() - 1
+        elif spacing == "trailing":  # T + i delta for i < steps: a float arange can yield steps + 1 points
+            delta = (self.T - self.T / steps) - self.T
+            n = (self.T + i * delta).round() - 1
         elif spacing == "linspace":
-            n = torch.linspace(0, self.T - 1, steps, dtype=torch.float64).round().flip(0)
+            n = i * ((self.T - 1) / (steps - 1)) if steps > 1 else i
+            n[-1] = self.T - 1 if steps > 1 else 0
+            n = n.round().flip(0)
         else:
             raise ValueError(f"unknown spacing {spacing!r}; choose leading, trailing, linspace, uniform or logsnr")
         return torch.cat([(n + 1) / self.T, torch.zeros(1, dtype=torch.float64)])

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ldm.builders import build_process, build_text_encoder, build_unet
 from ldm.conditioning import conditioning_dropout, null_condition
-from ldm.config import LDMConfig, TrainConfig, save_config, to_dict
+from ldm.config import ConfigError, LDMConfig, TrainConfig, save_config, to_dict
 from ldm.diffusion import diffusion_loss
 from ldm.pipeline import TextToImage, make_grid, unet_denoiser
 from ldm.tracking import Tracker
@@ -117,6 +117,13 @@ class Trainer:
         device = self.dist.device
 
         self.autoencoder = load_pretrained(cfg.autoencoder.path, device=device)
+        if cfg.data.latents is not None:  # stale latents would train silently wrong: refuse at start
+            from ldm.data.latents import check_latent_cache, folder_hash
+
+            try:
+                check_latent_cache(cfg.data.latents, folder_hash(cfg.autoencoder.path))
+            except ValueError as e:
+                raise ConfigError(f"data.latents: {e}") from None
         self.text_encoder = build_text_encoder(cfg.text_encoder, device)
         self.null_cond = null_condition(self.text_encoder)  # (1, L, D): the null condition, saved with the model
         self.process = build_process(cfg.diffusion)
@@ -161,14 +168,15 @@ class Trainer:
         """
         from ldm.data import make_loader, resolve_shards
 
-        urls = resolve_shards(self.cfg.data.train, "train")
+        latents = self.cfg.data.latents is not None
+        urls = resolve_shards(self.cfg.data.latents or self.cfg.data.train, "train")
         per_epoch = self.batches_per_epoch
         while True:
             loader = make_loader(urls, batch_size=self.cfg.data.batch_size, image_size=self.cfg.data.image_size,
                                  seed=self.cfg.run.seed, rank=self.dist.rank, world_size=self.dist.world_size,
                                  num_workers=self.cfg.data.num_workers, shuffle_buffer=self.cfg.data.shuffle_buffer,
                                  batches_per_epoch=per_epoch, caption=self.cfg.data.caption, flip=self.cfg.data.flip,
-                                 epoch=self.epoch)
+                                 epoch=self.epoch, latents=latents)
             for i, batch in enumerate(loader):
                 if i < self.epoch_batches:
                     continue  # consumed before the checkpoint we resumed from
@@ -184,7 +192,7 @@ class Trainer:
 
         if self.cfg.data.batches_per_epoch:
             return self.cfg.data.batches_per_epoch
-        total = dataset_size(self.cfg.data.train, "train")
+        total = dataset_size(self.cfg.data.latents or self.cfg.data.train, "train")
         if total is None:
             return 1000
         return max(1, total // (self.cfg.data.batch_size * self.dist.world_size))
@@ -213,9 +221,11 @@ class Trainer:
     def micro_step(self, batch: dict) -> float:
         """One forward/backward on a micro-batch; DeepSpeed steps the optimizer at accumulation boundaries."""
         d = self.cfg.diffusion
-        images = batch["image"].to(self.dist.device)  # (B, 3, H, W) in [-1, 1]
         with torch.no_grad():
-            z = self.autoencoder.encode(images)  # (B, C, h, w) scaled latents
+            if "latent" in batch:  # pre-encoded by the same (hash-checked) autoencoder
+                z = batch["latent"].to(self.dist.device)  # (B, C, h, w) scaled latents
+            else:
+                z = self.autoencoder.encode(batch["image"].to(self.dist.device))  # (B, C, h, w) scaled latents
             cond = self.encode_captions(batch["caption"])  # (B, L, D) + (B, L)
         cond = conditioning_dropout(cond, self.null_cond, d.cond_dropout, self.generator)
         denoiser = unet_denoiser(self.engine)

@@ -109,3 +109,17 @@ def test_large_presets_match_diffusers_shapes_on_meta(name, params):
     shapes = {k: v.shape for k, v in ours.state_dict().items()}
     assert shapes == {k: v.shape for k, v in ref.state_dict().items()}
     assert sum(p.numel() for p in ours.parameters()) == params
+
+
+def test_padding_no_sample_attends_to_is_dropped_exactly():
+    torch.manual_seed(0)
+    model = UNet(**TINY).eval()
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([5.0, 600.0])
+    context = torch.randn(2, 7, TINY["context_dim"])
+    mask = torch.tensor([[1, 1, 0, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        out = model(x, t, context, mask)
+        shorter = model(x, t, context[:, :4], mask[:, :4])  # columns 4-6 are padding in every row
+        torch.testing.assert_close(out, shorter, atol=1e-6, rtol=0)
+        full = torch.ones(2, 7, dtype=torch.bool)  # a mask that masks nothing is no mask
+        torch.testing.assert_close(model(x, t, context, full), model(x, t, context), atol=1e-6, rtol=0)

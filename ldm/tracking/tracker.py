@@ -19,6 +19,7 @@ from ldm.config import flatten
 log = logging.getLogger(__name__)
 DEFAULT_STORE = "runs"
 RETRY_SECONDS = 30.0
+SYSTEM_METRICS_SECONDS = 10.0
 
 
 def default_tracking_uri(root: str | Path = DEFAULT_STORE) -> str:
@@ -73,7 +74,20 @@ class Tracker:
         self.run_id = run_id
         if params:
             self.log_params(params)
+        self._start_system_metrics()
         return run_id
+
+    def _start_system_metrics(self) -> None:
+        """CPU/GPU/memory/network as `system/*` metrics every SYSTEM_METRICS_SECONDS, from a background thread."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._system = SystemMetricsMonitor(self.run_id, sampling_interval=SYSTEM_METRICS_SECONDS,
+                                                tracking_uri=self.uri, resume_logging=True)
+            self._system.start()
+        except Exception as e:  # noqa: BLE001 - optional (needs psutil); never stops training
+            log.warning("system metrics are off: %s", e)
+            self._system = None
 
     def _artifact_location(self) -> str | None:
         if self.uri.startswith("sqlite:///"):
@@ -81,6 +95,9 @@ class Tracker:
         return None
 
     def end(self, status: str = "FINISHED") -> None:
+        if getattr(self, "_system", None) is not None:
+            self._system.finish()
+            self._system = None
         if self.enabled and self.run_id:
             self._flush()
             self._call(self._client.set_terminated, self.run_id, status)

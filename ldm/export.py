@@ -84,7 +84,10 @@ def load_pipeline(folder: str | Path, device: torch.device | str = "cpu", use_em
 
     folder = Path(folder)
     if not (folder / "config.yaml").exists():
-        raise FileNotFoundError(f"{folder} is not an exported model folder (no config.yaml)")
+        raise FileNotFoundError(f"{folder} is neither an exported model folder nor a training run (no config.yaml)")
+    if not (folder / "unet_ema.safetensors").exists() and (folder / "checkpoints").is_dir():
+        # a training run folder: export its latest checkpoint next to it first
+        folder = export_checkpoint(folder, Path(folder) / "export")
     cfg = load_config(LDMConfig, folder / "config.yaml")
     autoencoder = load_pretrained(folder / "autoencoder", device=device)
     text_encoder = build_text_encoder(cfg.text_encoder, device)

@@ -49,6 +49,17 @@ def test_pipeline_end_to_end(tmp_path, tiny_shards, tiny_autoencoder):
     assert meta["prompt"] == "dog face" and meta["seed"] == 8 and meta["guidance"] == 3.0
     assert (samples / "grid.png").exists()
 
+    # a training run folder works too (its latest checkpoint is exported first) and gives the same images
+    import shutil
+
+    shutil.rmtree(out / "export")
+    again = subprocess.run([sys.executable, "-m", "ldm.cli.sample", "--model", str(out), "--prompt", "red apple",
+                            "--prompt", "dog face", "--guidance", "3", "--steps", "4", "--sampler", "euler_maruyama",
+                            "--images-per-prompt", "2", "--seed", "5", "--out", str(tmp_path / "again")],
+                           capture_output=True, text=True, env=env, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert Image.open(tmp_path / "again" / "00003.png").tobytes() == image.tobytes()
+
     # MLflow: params, a metric history, an image artifact
     client = MlflowClient(tracking_uri=uri)
     run = client.search_runs([client.get_experiment_by_name("emoji-ldm").experiment_id])[0]

@@ -25,8 +25,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ldm-sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
-                   help="exported model: a folder (written at the end of ldm-train), runs:/<run_id>/export "
-                        "or models:/<name>/<version> from MLflow")
+                   help="exported model folder (written at the end of ldm-train), a training run folder "
+                        "(its latest checkpoint is exported first), runs:/<run_id>/export or "
+                        "models:/<name>/<version> from MLflow")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI for runs:/ and models:/ (default: $MLFLOW_TRACKING_URI or runs/mlflow.db)")
     p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             pipe, cfg = load_pipeline(resolve_model(args.model, args.tracking_uri), device,
                                       use_ema=not args.raw_weights)
             pipe.check_sampler(args.sampler, args.spacing)
-        except ValueError as e:
+        except (ValueError, FileNotFoundError) as e:
             usage_error(str(e))
         prompts = [p for p in args.prompt for _ in range(args.images_per_prompt)]
         seeds = [args.seed + i for i in range(len(prompts))]

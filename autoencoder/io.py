@@ -1,9 +1,11 @@
 """Saving, loading and latent scaling of the KL autoencoder.
 
 A saved autoencoder is a folder with `model.safetensors` (weights) and `config.json`
-(constructor arguments, including scale_factor and shift_factor, plus a format tag). Weights are
-only ever read with safetensors, so loading never runs pickled code. Folders written by
-diffusers' `AutoencoderKL.save_pretrained` load through `load_diffusers`.
+(constructor arguments, including scale_factor and shift_factor, plus a format tag). Folders written
+by diffusers' `AutoencoderKL.save_pretrained` load through `load_diffusers` and `save_diffusers`
+writes one; CompVis/Stability checkpoints (a whole SD `.ckpt`/`.safetensors` or a stage-1 file) load
+through `load_compvis` / `load_weights` (key conversion in `autoencoder.convert`). Weights are read
+with safetensors or `torch.load(weights_only=True)`, so loading never runs pickled code.
 
 The scale factor follows Rombach et al. 2022 (the `scale_by_std` option of their code): 1 / std of
 the latents over some data, so the diffusion model sees latents of roughly unit variance. LDM
@@ -15,16 +17,22 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from autoencoder.convert import COMPVIS_PREFIXES, compvis_to_diffusers, compvis_vae_subdict, diffusers_to_compvis
 from autoencoder.model import AutoencoderKL
 
+# Stable Diffusion 1.x/2.x's KL-f8 autoencoder (its CompVis checkpoints carry no config).
+SD_VAE_CONFIG: dict[str, Any] = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                                     norm_num_groups=32, scale_factor=0.18215)
 FORMAT_TAG = "ldm-autoencoder-kl"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -39,8 +47,8 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def save_pretrained(model: AutoencoderKL, folder: str | os.PathLike) -> Path:
-    """Write weights + config into `folder` atomically: built in a temp dir beside it, then renamed.
+def write_folder_atomically(folder: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """Build a folder with fill(tmp) in a temp dir beside it, then rename it into place.
 
     A crash leaves either the previous folder or the complete new one, never a partial folder. The
     folder is replaced as a whole: other files inside an existing `folder` are not kept.
@@ -49,9 +57,7 @@ def save_pretrained(model: AutoencoderKL, folder: str | os.PathLike) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        _write_json(tmp / CONFIG_NAME, {"format": FORMAT_TAG, **model.config})
+        fill(tmp)
         if folder.exists():
             # A directory cannot be renamed over a non-empty one: move the old one aside first.
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
@@ -71,6 +77,30 @@ def save_pretrained(model: AutoencoderKL, folder: str | os.PathLike) -> Path:
     return folder
 
 
+def _cpu_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+
+
+def save_pretrained(model: AutoencoderKL, folder: str | os.PathLike) -> Path:
+    """Write weights + config into `folder` atomically (see write_folder_atomically)."""
+
+    def fill(tmp: Path) -> None:
+        save_file(_cpu_weights(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        _write_json(tmp / CONFIG_NAME, {"format": FORMAT_TAG, **model.config})
+
+    return write_folder_atomically(folder, fill)
+
+
+def save_diffusers(model: AutoencoderKL, folder: str | os.PathLike) -> Path:
+    """Write a folder that diffusers' AutoencoderKL.from_pretrained (and load_diffusers) loads."""
+
+    def fill(tmp: Path) -> None:
+        save_file(_cpu_weights(model), str(tmp / DIFFUSERS_WEIGHTS_NAME), metadata={"format": "pt"})
+        _write_json(tmp / CONFIG_NAME, {"_class_name": "AutoencoderKL", **model.to_diffusers_config()})
+
+    return write_folder_atomically(folder, fill)
+
+
 def _read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_NAME
     if not path.is_file():
@@ -79,9 +109,12 @@ def _read_config(folder: Path) -> dict[str, Any]:
         return json.load(f)
 
 
-def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+def check_state_dict(
+    expected: torch.nn.Module | Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], source: str
+) -> None:
     """Raise a ValueError naming `source` and every missing, unexpected or mis-shaped key."""
-    expected = model.state_dict()
+    if isinstance(expected, torch.nn.Module):
+        expected = expected.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = sorted(
@@ -93,6 +126,78 @@ def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], 
             f"checkpoint {source} does not match the model config: "
             f"missing keys {missing}; unexpected keys {unexpected}; shape mismatches {shapes}"
         )
+
+
+def read_state_dict(path: str | os.PathLike, prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file, or of a .ckpt/.pt/.pth/.bin file read with torch.load(weights_only=True).
+
+    Nothing is unpickled beyond tensors and plain containers, so a file cannot run code. A Lightning
+    checkpoint's ``state_dict`` entry is returned when present. When some key starts with one of
+    `prefixes`, only those keys are returned (and only those are read from a safetensors file, e.g.
+    the VAE of a whole Stable Diffusion checkpoint).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = _select(list(f.keys()), prefixes)
+            return {k: f.get_tensor(k) for k in keys}
+    if path.suffix not in (".ckpt", ".pt", ".pth", ".bin"):
+        raise ValueError(f"{path}: unknown checkpoint format (expected .safetensors, .ckpt, .pt, .pth or .bin)")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path}: refusing to unpickle objects other than tensors; convert the file to "
+                         f"safetensors in a trusted environment ({str(err).splitlines()[0]})") from None
+    if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
+        data = data["state_dict"]
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path}: expected a state dict, found {type(data).__name__}")
+    not_tensors = sorted(k for k, v in data.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise ValueError(f"{path}: entries that are not tensors: {not_tensors[:10]}")
+    return {k: data[k] for k in _select(list(data), prefixes)}
+
+
+def _select(keys: list[str], prefixes: tuple[str, ...]) -> list[str]:
+    """The keys under prefixes if there are any, else all keys."""
+    chosen = [k for k in keys if k.startswith(prefixes)] if prefixes else []
+    return chosen or keys
+
+
+def load_weights(
+    model: AutoencoderKL, source: str | os.PathLike | Mapping[str, torch.Tensor], layout: str = "auto"
+) -> AutoencoderKL:
+    """Load a checkpoint (file or state dict) in our/diffusers or CompVis layout into `model`, all keys checked.
+
+    CompVis sources may be a whole Stable Diffusion checkpoint (first_stage_model.* is used) or a bare
+    stage-1 file (its training-loss loss.* entries are ignored). Mismatches are reported in the
+    checkpoint's own key names.
+    """
+    name = "<state dict>" if isinstance(source, Mapping) else str(source)
+    prefixes = () if layout == "diffusers" else COMPVIS_PREFIXES
+    state = dict(source) if isinstance(source, Mapping) else read_state_dict(source, prefixes)
+    if layout == "auto":
+        layout = "compvis" if any(".down.0." in k or k.startswith(COMPVIS_PREFIXES) for k in state) else "diffusers"
+    if layout == "compvis":
+        state = compvis_vae_subdict(state)
+        check_state_dict(diffusers_to_compvis(model.state_dict()), state, name)
+        state = compvis_to_diffusers(state)
+    elif layout != "diffusers":
+        raise ValueError(f"layout must be 'auto', 'diffusers' or 'compvis', got {layout!r}")
+    check_state_dict(model, state, name)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def load_compvis(
+    source: str | os.PathLike | Mapping[str, torch.Tensor], config: Mapping[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+) -> AutoencoderKL:
+    """A frozen AutoencoderKL from a CompVis checkpoint; config defaults to Stable Diffusion's VAE."""
+    model = AutoencoderKL(**(SD_VAE_CONFIG if config is None else config))
+    return freeze(load_weights(model, source, layout="compvis").to(device))
 
 
 def _build(config: Mapping[str, Any], folder: Path) -> AutoencoderKL:

@@ -290,6 +290,26 @@ class AutoencoderKL(nn.Module):
             "shift_factor": self.shift_factor,
         }
 
+    def to_diffusers_config(self) -> dict[str, Any]:
+        """Keyword arguments of diffusers' AutoencoderKL with the same modules, shapes and latent scaling."""
+        levels = len(self.block_out_channels)
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "latent_channels": self.latent_channels,
+            "block_out_channels": list(self.block_out_channels),
+            "layers_per_block": self.layers_per_block,
+            "norm_num_groups": self.norm_num_groups,
+            "act_fn": "silu",
+            "down_block_types": ["DownEncoderBlock2D"] * levels,
+            "up_block_types": ["UpDecoderBlock2D"] * levels,
+            "mid_block_add_attention": self.mid_block_add_attention,
+            "use_quant_conv": self.use_quant_conv,
+            "use_post_quant_conv": self.use_post_quant_conv,
+            "scaling_factor": self.scale_factor,
+            "shift_factor": self.shift_factor,
+        }
+
     @property
     def downsample_factor(self) -> int:
         """Spatial factor f between image and latent: 2 ** (number of levels - 1)."""

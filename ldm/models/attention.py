@@ -4,10 +4,6 @@ The image features attend to themselves and then to the text tokens ``context``;
 (norm, proj_in, transformer_blocks.{k}.{norm1, attn1, norm2, attn2, norm3, ff}, proj_out) and the
 parameter names follow diffusers' ``Transformer2DModel``, so its state dicts load unchanged.
 Attention is ``torch.nn.functional.scaled_dot_product_attention`` throughout.
-
-Speed (the arithmetic of diffusers, fewer kernels): self-attention computes q, k and v with one matmul
-against the concatenated to_q/to_k/to_v weights (cross-attention: k and v of the context in one), and
-the spatial transformer applies proj_in/proj_out (1x1 convolutions in SD 1.x) as matmuls on its tokens.
 """
 
 from __future__ import annotations
@@ -36,16 +32,12 @@ class Attention(nn.Module):
         self, x: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Attend from x (B, N, C) to context (B, L, D), or to x itself when context is None."""
+        context = x if context is None else context
         b, n, _ = x.shape
         h = self.num_heads
-        if context is None:  # one matmul for q, k, v; the weights stay separate parameters (diffusers names)
-            weight = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])  # (3 h d, C)
-            q, k, v = F.linear(x, weight).view(b, n, 3, h, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, d)
-        else:
-            q = self.to_q(x).view(b, n, h, -1).transpose(1, 2)  # (B, h, N, d)
-            weight = torch.cat([self.to_k.weight, self.to_v.weight])  # (2 h d, D)
-            kv = F.linear(context, weight).view(b, context.shape[1], 2, h, -1)  # (B, L, 2, h, d)
-            k, v = kv.permute(2, 0, 3, 1, 4)  # 2 x (B, h, L, d)
+        q = self.to_q(x).view(b, n, h, -1).transpose(1, 2)  # (B, h, N, d)
+        k = self.to_k(context).view(b, context.shape[1], h, -1).transpose(1, 2)  # (B, h, L, d)
+        v = self.to_v(context).view(b, context.shape[1], h, -1).transpose(1, 2)  # (B, h, L, d)
         mask = None
         if context_mask is not None:
             mask = context_mask[:, None, None, :].to(torch.bool)  # (B, 1, 1, L), True = attend
@@ -136,15 +128,18 @@ class SpatialTransformer(nn.Module):
         """Map x (B, C, H, W) to the same shape, attending to context (B, L, D)."""
         b, _, height, width = x.shape
         h = self.norm(x)  # (B, C, H, W)
-        h = h.permute(0, 2, 3, 1).reshape(b, height * width, -1)  # (B, HW, C)
-        h = _pointwise(self.proj_in, h)  # (B, HW, inner)
+        if self.use_linear_projection:
+            h = h.permute(0, 2, 3, 1).reshape(b, height * width, -1)  # (B, HW, C)
+            h = self.proj_in(h)  # (B, HW, inner)
+        else:
+            h = self.proj_in(h)  # (B, inner, H, W)
+            h = h.permute(0, 2, 3, 1).reshape(b, height * width, -1)  # (B, HW, inner)
         for block in self.transformer_blocks:
             h = block(h, context, context_mask)  # (B, HW, inner)
-        h = _pointwise(self.proj_out, h)  # (B, HW, C)
-        return x + h.view(b, height, width, -1).permute(0, 3, 1, 2)  # (B, C, H, W)
-
-
-def _pointwise(layer: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Apply a Linear or a 1x1 Conv2d to tokens (B, N, Cin) -> (B, N, Cout) as one matmul."""
-    weight = layer.weight if layer.weight.ndim == 2 else layer.weight.flatten(1)  # (Cout, Cin)
-    return F.linear(tokens, weight, layer.bias)
+        if self.use_linear_projection:
+            h = self.proj_out(h)  # (B, HW, C)
+            h = h.reshape(b, height, width, -1).permute(0, 3, 1, 2)  # (B, C, H, W)
+        else:
+            h = h.reshape(b, height, width, -1).permute(0, 3, 1, 2)  # (B, inner, H, W)
+            h = self.proj_out(h)  # (B, C, H, W)
+        return x + h

@@ -1,0 +1,1 @@
+"""Benchmarks: timing scripts run by hand, not part of the test suite."""

@@ -45,4 +45,6 @@ def build_unet(cfg: UNetConfig, in_channels: int, context_dim: int) -> torch.nn.
 def build_text_encoder(cfg: TextEncoderConfig, device: torch.device | str = "cpu"):
     from ldm.conditioning import build_text_encoder as build
 
-    return build(cfg.kind, cfg.path, cfg.max_length, device)
+    options = {k: getattr(cfg, k) for k in ("layer", "mask_padding", "model_name", "tokenizer_path")
+               if getattr(cfg, k) is not None}
+    return build(cfg.kind, cfg.path, cfg.max_length, device, **options)

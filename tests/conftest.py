@@ -14,6 +14,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread when the CPU is shared; restores the thread count after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def npm_cache() -> Path:
     """The project's npm tarball cache ($LDM_CACHE/npm or ~/.cache/ldm/npm); the code fetches what is missing."""

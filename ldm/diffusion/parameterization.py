@@ -25,6 +25,11 @@ WEIGHTINGS = ("uniform", "min_snr")
 Denoiser = Callable[[Tensor, Tensor, Any], Tensor]
 
 
+def _time_dtype(x: Tensor) -> torch.dtype:
+    """Model times go to networks in float32, or in float64 when the computation itself is float64."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def to_x0_eps(output: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, prediction: str) -> tuple[Tensor, Tensor]:
     """Convert a network output of the given kind into (x0, eps)."""
     a, s = _bcast(alpha, x_t), _bcast(sigma, x_t)
@@ -104,7 +109,7 @@ class Predictor:
         if self.prediction in ("eps", "score") and bool((alpha == 0).any()):
             raise ValueError(f"x0 is undefined from a {self.prediction} prediction at zero SNR (alpha = 0): "
                              "a zero-terminal-SNR chain needs prediction 'v' or 'x0' (Lin et al. 2023, Sec. 3.2)")
-        m = self.process.model_time(t).to(device=x_t.device, dtype=torch.float32).expand(x_t.shape[0])  # (B,)
+        m = self.process.model_time(t).to(device=x_t.device, dtype=_time_dtype(x_t)).expand(x_t.shape[0])  # (B,)
         out = self.denoiser(x_t, m, cond)
         return to_x0_eps(out, x_t, alpha, sigma, self.prediction)
 
@@ -137,7 +142,7 @@ def diffusion_loss(
     alpha, sigma = process.alpha(t), process.sigma(t)  # (B,)
     x_t = _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * eps
     target = from_x0_eps(x0, eps, alpha, sigma, prediction)
-    out = denoiser(x_t, process.model_time(t).to(device=x0.device, dtype=torch.float32), cond)
+    out = denoiser(x_t, process.model_time(t).to(device=x0.device, dtype=_time_dtype(x0)), cond)
     per_sample = (out.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
     weight = loss_weight(process.snr(t), prediction, weighting, min_snr_gamma, alpha**2 + sigma**2).to(per_sample)
     return (weight * per_sample).mean()

@@ -25,7 +25,7 @@ def scaled_linear_betas(T: int, beta_start: float = 0.00085, beta_end: float = 0
 
 
 def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
-    """Cosine schedule alpha_bar(t) = cos^2(((t/T + s)/(1 + s)) pi/2) (Nichol & Dhariwal 2021, Eq. 17), beta <= 0.999."""
+    """Cosine schedule alpha_bar(t) = cos^2(((t/T + s)/(1 + s)) pi/2), beta <= 0.999 (Nichol & Dhariwal, Eq. 17)."""
     f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
     betas = [min(1 - f(i + 1) / f(i), max_beta) for i in range(T)]
     return torch.tensor(betas, dtype=torch.float64)

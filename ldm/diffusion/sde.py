@@ -79,9 +79,10 @@ class GaussianProcess:
             ts = torch.linspace(1.0, self.t_min, steps, dtype=torch.float64)
         elif spacing == "logsnr":
             dense = torch.linspace(1.0, self.t_min, 20001, dtype=torch.float64)
-            lam = self.log_snr_half(dense)  # non-decreasing along the descending grid
-            finite = lam[torch.isfinite(lam)]
-            lam = torch.nan_to_num(lam, neginf=float(finite.min()) - 1.0)  # zero terminal SNR: lambda(1) = -inf
+            lam = self.log_snr_half(dense)  # increasing along the descending grid
+            # lambda(1) from the interior: a chain's terminal knot may sit below the interpolation floor, or be
+            # -inf at zero terminal SNR; the grid still starts at t = 1
+            lam[0] = 2 * lam[1] - lam[2]
             target = torch.linspace(float(lam[0]), float(lam[-1]), steps, dtype=torch.float64)
             idx = torch.searchsorted(lam, target).clamp(1, len(dense) - 1)
             width = lam[idx] - lam[idx - 1]
@@ -195,19 +196,19 @@ class DiscreteVP(GaussianProcess):
         self._exact = torch.cat([torch.zeros(1, dtype=torch.float64), self.alphas_cumprod.log()])  # (T+1,), may be -inf
         self._knots = self._exact.clamp_min(LOG_ALPHA_BAR_FLOOR)
         self._exact_list, self._knots_list = self._exact.tolist(), self._knots.tolist()  # scalar fast path
+        self._scalar_memo: dict[float, tuple[Tensor, Tensor]] = {}
         self.t_min = 1.0 / self.T
 
     def _log_alpha_bar(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """Piecewise-linear log alpha_bar(t) (exact at the knots) and its slope d/dt (of the interval to the right)."""
-        if t.dim() == 0:  # samplers ask for one time per step: the same arithmetic on python floats, ~20x faster
-            pos = float(t) * self.T
-            near = round(pos)
-            on_knot = abs(pos - near) < 1e-8
-            pos = float(near) if on_knot else pos
-            idx = min(max(math.floor(pos), 0), self.T - 1)
-            left, right = self._knots_list[idx], self._knots_list[idx + 1]
-            value = self._exact_list[near] if on_knot and 0 <= near <= self.T else left + (pos - idx) * (right - left)
-            return torch.tensor(value, dtype=torch.float64), torch.tensor((right - left) * self.T, dtype=torch.float64)
+        if t.dim() == 0:  # samplers ask for one time at a time, repeatedly: python floats, memoised
+            key = float(t)
+            hit = self._scalar_memo.get(key)
+            if hit is None:
+                if len(self._scalar_memo) > 100_000:
+                    self._scalar_memo.clear()
+                hit = self._scalar_memo[key] = self._log_alpha_bar_scalar(key)
+            return hit
         pos = t * self.T
         near = pos.round()
         on_knot = (pos - near).abs() < 1e-8  # t = (n + 1) / T up to float rounding
@@ -218,6 +219,17 @@ class DiscreteVP(GaussianProcess):
         exact = self._exact[near.clamp(0, self.T).long()]
         value = torch.where(on_knot & (near >= 0) & (near <= self.T), exact, value)
         return value, (right - left) * self.T
+
+    def _log_alpha_bar_scalar(self, t: float) -> tuple[Tensor, Tensor]:
+        """The same arithmetic as the batched path on python floats (bit-identical results)."""
+        pos = t * self.T
+        near = round(pos)
+        on_knot = abs(pos - near) < 1e-8
+        pos = float(near) if on_knot else pos
+        idx = min(max(math.floor(pos), 0), self.T - 1)
+        left, right = self._knots_list[idx], self._knots_list[idx + 1]
+        value = self._exact_list[near] if on_knot and 0 <= near <= self.T else left + (pos - idx) * (right - left)
+        return torch.tensor(value, dtype=torch.float64), torch.tensor((right - left) * self.T, dtype=torch.float64)
 
     def log_alpha(self, t):
         return 0.5 * self._log_alpha_bar(t)[0]

@@ -25,7 +25,7 @@ from ldm.sampling.samplers import DEFAULT_CONTINUOUS_SPACING, DEFAULT_SPACING, S
 def sample(model: Predictor, shape: tuple[int, ...], *, sampler: str = "ddpm", steps: int = 50, cond: Any = None,
            generator=None, spacing: str | None = None, device: torch.device | str = "cpu",
            x_T: torch.Tensor | None = None, dtype: torch.dtype = torch.float32, **options) -> torch.Tensor:
-    """Draw x_T from the prior at the grid's first time and run a registered sampler over the default (or given) grid."""
+    """Draw x_T from the prior at the grid's first time; run a registered sampler over the default (or given) grid."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
     if spacing is None:  # discrete chains default per sampler; continuous processes have one uniform grid

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ldm.diffusion.parameterization import Predictor
-from ldm.diffusion.sde import _bcast, randn
+from ldm.diffusion.sde import randn
 
 Tensor = torch.Tensor
 
@@ -52,13 +52,13 @@ def ddpm(model: Predictor, x: Tensor, ts: Tensor, cond: Any = None, generator=No
 
 @torch.no_grad()
 def ddim(model: Predictor, x: Tensor, ts: Tensor, cond: Any = None, generator=None, eta: float = 0.0) -> Tensor:
-    """DDIM (Song, Meng & Ermon 2021, Eq. 12): eta = 0 deterministic, eta = 1 ancestral-like."""
+    """DDIM (Song, Meng & Ermon 2021, Eq. 12): eta = 0 deterministic; eta = 1 is exactly ddpm(variance="small")."""
     p = model.process
     for t, s, last in _pairs(ts):
         x0, eps = model(x, t, cond)
         if last:
             return x0
-        c2 = eta**2 * float(p.posterior_variance(t, s))  # sigma_t(eta)^2 = eta^2 beta_tilde
+        c2 = eta**2 * float(p.posterior_variance(t, s)) if eta > 0 else 0.0  # sigma_t(eta)^2 = eta^2 beta_tilde
         x = float(p.alpha(s)) * x0 + math.sqrt(max(float(p.sigma(s)) ** 2 - c2, 0.0)) * eps
         if eta > 0:
             x = x + math.sqrt(c2) * _noise(x, generator)

@@ -35,12 +35,7 @@ SD_NAMES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny kernels: one thread is fastest on a shared CPU
 
 
 def _reference(config: dict, seed: int = 0) -> torch.nn.Module:

@@ -22,13 +22,7 @@ from autoencoder.model import DiagonalGaussian
 TINY = dict(block_out_channels=(8, 16), norm_num_groups=4, latent_channels=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions run far faster on one thread when the CPU is shared with other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny kernels: one thread is fastest on a shared CPU
 
 
 def tiny_model(seed: int = 0, **overrides) -> AutoencoderKL:

@@ -22,13 +22,7 @@ from ldm.conditioning import (
 PROMPTS = ["red apple", "a dog face with a hat", ""]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread while the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny kernels: one thread is fastest on a shared CPU
 
 
 def _check_interface(encoder, cond: dict, batch: int) -> None:

@@ -48,12 +48,7 @@ SD15_NAMES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny kernels: one thread is fastest on a shared CPU
 
 
 def _reference(seed: int = 0, **overrides) -> tuple[dict, torch.nn.Module]:

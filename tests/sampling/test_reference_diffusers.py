@@ -134,8 +134,9 @@ def test_ddim_matches_diffusers(chain, eta, source):
 @pytest.mark.parametrize("zsnr", [False, True])
 @pytest.mark.parametrize("schedule", SCHEDULE)
 def test_betas_match_diffusers(schedule, zsnr):
-    sched = diffusers.DDPMScheduler(num_train_timesteps=T, beta_schedule=SCHEDULE[schedule], rescale_betas_zero_snr=zsnr,
-                                    beta_start=BETA_RANGE[schedule][0], beta_end=BETA_RANGE[schedule][1])
+    sched = diffusers.DDPMScheduler(num_train_timesteps=T, beta_schedule=SCHEDULE[schedule],
+                                    beta_start=BETA_RANGE[schedule][0], beta_end=BETA_RANGE[schedule][1],
+                                    rescale_betas_zero_snr=zsnr)
     ours = make_betas(schedule, T, zero_terminal_snr=zsnr)
     ab = DiscreteVP(ours).alphas_cumprod
     if zsnr:  # the rescale is linear in sqrt(alpha_bar); diffusers' float32 betas carry ~1e-3 relative error there

@@ -98,8 +98,7 @@ class CLIPTextEncoder(FrozenTextEncoder):
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> Cond:
         """Encode prompts to (B, max_length, D) token features of the chosen layer."""
-        batch = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
-                               return_tensors="pt").to(self.device)
+        batch = self.tokenize(prompts)
         ids = batch["input_ids"]  # (B, L); like SD, no attention mask: CLIP is causal, padding comes last
         out = self.model(input_ids=ids, output_hidden_states=self.layer == "penultimate")
         if self.layer == "last":

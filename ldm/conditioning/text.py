@@ -54,6 +54,11 @@ class FrozenTextEncoder(nn.Module):
     def train(self, mode: bool = True) -> "FrozenTextEncoder":
         return super().train(False)  # frozen: always in eval mode
 
+    def tokenize(self, prompts: list[str]) -> dict[str, Tensor]:
+        """Token ids and attention mask, padded/truncated to max_length, on the encoder's device."""
+        return self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
+                              return_tensors="pt").to(self.device)
+
 
 def masked_mean(context: Tensor, mask: Tensor) -> Tensor:
     """Mean of context (B, L, D) over the tokens where mask (B, L) is True -> (B, D)."""
@@ -82,8 +87,7 @@ class HFTextEncoder(FrozenTextEncoder):
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> Cond:
         """Encode prompts to the padded token embeddings (B, max_length, D) and their mask."""
-        batch = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
-                               return_tensors="pt").to(self.device)
+        batch = self.tokenize(prompts)
         hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         cond = {"context": hidden.float(), "context_mask": batch["attention_mask"].bool()}  # (B, L, D), (B, L)
         if self.pooled:

@@ -57,6 +57,18 @@ def tiny_autoencoder(tmp_path_factory, tiny_shards) -> Path:
     return base / "autoencoder"
 
 
+@pytest.fixture(scope="session")
+def tiny_ldm_run(tmp_path_factory, tiny_shards, tiny_autoencoder) -> Path:
+    """A tiny LDM trained 4 steps through the real CLI (no tracking): its run folder (checkpoints/, export/)."""
+    from ldm.cli.train import main
+
+    out = tmp_path_factory.mktemp("tiny_ldm") / "run"
+    rc = main(["--config", str(ROOT / "configs/ldm/emoji.yaml"),
+               *tiny_ldm_overrides(tiny_shards, tiny_autoencoder, out, None)])
+    assert rc == 0
+    return out
+
+
 def tiny_ldm_overrides(shards: Path, autoencoder: Path, out: Path, tracking_uri: str | None) -> list[str]:
     """Overrides that shrink configs/ldm/emoji.yaml to seconds on a CPU."""
     return [f"data.train={shards}", f"data.val={shards}", "data.image_size=16", "data.batch_size=4",

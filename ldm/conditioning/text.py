@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ldm.diffusion.sde import rand
+
 Tensor = torch.Tensor
 Cond = dict[str, Tensor]  # {"context": (B, L, D), "context_mask": (B, L) bool[, "pooled": (B, P)]}
 TEXT_ENCODER_KINDS = ("hf", "clip", "openclip")
@@ -129,13 +131,15 @@ def expand_cond(cond: Cond, batch: int) -> Cond:
     return {k: v.expand(batch, *v.shape[1:]) for k, v in cond.items()}
 
 
-def conditioning_dropout(cond: Cond, null: Cond, p: float, generator: torch.Generator | None = None) -> Cond:
-    """Replace each sample's condition by the null condition with probability p (Ho & Salimans 2022, Alg. 1)."""
+def conditioning_dropout(cond: Cond, null: Cond, p: float, generator=None) -> Cond:
+    """Replace each sample's condition by the null condition with probability p (Ho & Salimans 2022, Alg. 1).
+
+    ``generator``: one torch.Generator, or a list with one per sample.
+    """
     if p <= 0:
         return cond
     B = cond["context"].shape[0]
-    gen_device = generator.device if generator is not None else "cpu"
-    drop = (torch.rand(B, generator=generator, device=gen_device) < p).to(cond["context"].device)  # (B,)
+    drop = (rand(B, generator) < p).to(cond["context"].device)  # (B,)
     out = {}
     for key, value in cond.items():
         mask = drop.view(B, *([1] * (value.dim() - 1)))

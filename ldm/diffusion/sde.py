@@ -30,16 +30,33 @@ def as_time(t: float | Tensor) -> Tensor:
     return torch.as_tensor(t, dtype=torch.float64)
 
 
+def per_sample(draw, n: int, generator: torch.Generator | list[torch.Generator] | None) -> Tensor:
+    """``draw(k, g)`` -> (k, ...) from one generator, or one row per element from a list of per-sample generators.
+
+    Per-sample generators make each sample's randomness independent of how samples are grouped into batches
+    and ranks (the trainer seeds them from the sample key), so a run is the same on 1 or N processes.
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != n:
+            raise ValueError(f"{len(generator)} generators for a batch of {n}")
+        return torch.cat([draw(1, g) for g in generator])
+    return draw(n, generator)
+
+
 def randn(shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator] | None = None,
           device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
     """Standard normal noise from one generator, or one generator per batch element (per-image seeds)."""
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
-        return torch.stack([torch.randn(shape[1:], generator=g, device=g.device, dtype=dtype).to(device)
-                            for g in generator])
-    gen_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+    def draw(k: int, g: torch.Generator | None) -> Tensor:
+        return torch.randn((k, *shape[1:]), generator=g, device=g.device if g is not None else device,
+                           dtype=dtype).to(device)
+
+    return per_sample(draw, shape[0], generator)
+
+
+def rand(n: int, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
+    """(n,) float64 uniforms on [0, 1) on the CPU, from one generator or one per element."""
+    return per_sample(lambda k, g: torch.rand(k, generator=g, dtype=torch.float64,
+                                              device=g.device if g is not None else "cpu").cpu(), n, generator)
 
 
 class GaussianProcess:
@@ -94,8 +111,7 @@ class GaussianProcess:
 
     def sample_time(self, n: int, generator: torch.Generator | None = None, device="cpu") -> Tensor:
         """Training times t ~ U[t_min, 1]."""
-        u = torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device if generator else "cpu")
-        return (self.t_min + (1 - self.t_min) * u).to(device)
+        return (self.t_min + (1 - self.t_min) * rand(n, generator)).to(device)
 
     # --- derived quantities --------------------------------------------------------------------
     def alpha(self, t: float | Tensor) -> Tensor:
@@ -274,8 +290,8 @@ class DiscreteVP(GaussianProcess):
 
     def sample_time(self, n, generator=None, device="cpu"):
         """Training times: n ~ U{0..T-1} placed at t = (n + 1) / T."""
-        idx = torch.randint(0, self.T, (n,), generator=generator, device=generator.device if generator else "cpu")
-        return ((idx.to(torch.float64) + 1) / self.T).to(device)
+        idx = (rand(n, generator) * self.T).floor().clamp(max=self.T - 1)  # uniform on {0..T-1}
+        return ((idx + 1) / self.T).to(device)
 
 
 class VPSDE(GaussianProcess):

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ldm.train.distributed import barrier
-from ldm.train.ema import EMA
+from ldm.train.ema import EMA, consolidate_partitions
 
 
 def tag_for(step: int) -> str:
@@ -99,16 +99,81 @@ class Checkpointer:
             shutil.rmtree(self.root / old, ignore_errors=True)
 
     def load(self, engine, ema: EMA, tag: str | None = None) -> dict[str, Any] | None:
-        """Restore engine, EMA, RNG and trainer state from ``tag`` (default: latest); None when nothing to load."""
+        """Restore engine, EMA, RNG and trainer state from ``tag`` (default: latest); None when nothing to load.
+
+        A checkpoint written by another number of processes is loaded too: DeepSpeed's ZeRO partitions go
+        through a universal checkpoint (converted once, beside the original), the EMA is consolidated and
+        re-partitioned, and the trainer state of rank 0 stands for the new ranks. The returned state keeps
+        the writer's ``world_size`` so the trainer can re-place its data position.
+        """
         tag = tag or self.latest()
         if tag is None:
             return None
-        path, _ = engine.load_checkpoint(str(self.root), tag=tag)
-        if path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.root / tag}")
         folder = self.root / tag
-        ema.load_state_dict(load_file(str(folder / f"ema_rank{self.rank}.safetensors")))
-        state = torch.load(folder / f"trainer_rank{self.rank}.pt", weights_only=False)  # our own file
+        saved = torch.load(folder / "trainer_rank0.pt", weights_only=False)  # our own file
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        old_world, old_stage = saved.get("world_size", world), saved.get("zero_stage", 0)
+        stage = engine.zero_optimization_stage()
+        if old_stage != stage and 0 in (old_stage, stage):
+            raise RuntimeError(f"checkpoint {folder} was written with ZeRO stage {old_stage} but this run uses stage "
+                               f"{stage}: resume with train.zero_stage={old_stage} (or any stage 1-3 from 1-3)")
+        if (old_world, old_stage) != (world, stage) and old_stage > 0:
+            self._load_universal(engine, folder)
+        else:
+            path, _ = engine.load_checkpoint(str(self.root), tag=tag)
+            if path is None:
+                raise RuntimeError(f"DeepSpeed could not load checkpoint {folder}")
+        if old_world == world:
+            ema.load_state_dict(load_file(str(folder / f"ema_rank{self.rank}.safetensors")))
+            state = torch.load(folder / f"trainer_rank{self.rank}.pt", weights_only=False)
+        else:
+            ema.load_full_state_dict(self._full_ema(folder, ema, old_world, old_stage))
+            state = saved
         set_rng_state(state.pop("rng"))
         state.pop("param_digest", None)
         return state
+
+    def _load_universal(self, engine, folder: Path) -> None:
+        """Load ZeRO-partitioned state written by another world size via DeepSpeed's universal checkpoint."""
+        universal = folder / "universal"
+        if self.rank == 0 and not (universal / "done").exists():
+            convert_to_universal(folder, universal)
+        barrier()
+        # DeepSpeed reads the flag only while loading; it is set for this one load so that later loads
+        # (rollbacks to checkpoints this run writes) take the ordinary path
+        engine._config.load_universal_checkpoint = True
+        try:
+            path, _ = engine.load_checkpoint(str(folder), tag="universal")
+        finally:
+            engine._config.load_universal_checkpoint = False
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {universal}")
+
+    @staticmethod
+    def _full_ema(folder: Path, ema: EMA, old_world: int, old_stage: int) -> dict[str, torch.Tensor]:
+        """Full EMA weights from a checkpoint's per-rank files (ZeRO-3 partitions consolidated)."""
+        if old_stage != 3:
+            return load_file(str(folder / "ema_rank0.safetensors"))  # replicated: every rank's file is whole
+        parts = [load_file(str(folder / f"ema_rank{r}.safetensors")) for r in range(old_world)]
+        return {n: consolidate_partitions([p[n] for p in parts], getattr(param, "ds_shape", param.shape))
+                for n, param in ema.named}
+
+
+def convert_to_universal(folder: Path, out: Path) -> None:
+    """DeepSpeed checkpoint folder -> universal checkpoint (``ds_to_universal``), written beside it atomically."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(input_folder=str(folder), output_folder=str(tmp / "universal"), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # the converter prints a line per stage and progress bars
+        ds_to_universal(args)
+    (tmp / "universal" / "done").write_text("ok\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp / "universal", out)
+    shutil.rmtree(tmp, ignore_errors=True)

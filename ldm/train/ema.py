@@ -41,6 +41,31 @@ class EMA:
                 raise ValueError(f"EMA parameter {n}: shape {tuple(state[n].shape)} != {tuple(s.shape)}")
             s.copy_(state[n])
 
+    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load full EMA weights by name (e.g. from a checkpoint of another world size), keeping this rank's part.
+
+        Under ZeRO-3 a parameter's partition on rank r of W is its flattened tensor, zero-padded to W equal
+        parts, part r (the layout ``consolidate_partitions`` undoes).
+        """
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if self.partitioned else 0
+        local = {}
+        for s, (n, p) in zip(self.shadow, self.named):
+            if n not in state:
+                raise KeyError(f"EMA state lacks parameter {n}")
+            shape = tuple(getattr(p, "ds_shape", p.shape))
+            if tuple(state[n].shape) != shape:
+                raise ValueError(f"EMA parameter {n}: shape {tuple(state[n].shape)} != {shape}")
+            full = state[n].float().flatten()
+            if self.partitioned:
+                size = s.numel()
+                full = torch.nn.functional.pad(full, (0, max(0, size * (rank + 1) - full.numel())))
+                local[n] = full[rank * size:(rank + 1) * size].view_as(s)
+            else:
+                local[n] = full.view_as(s)
+        self.load_state_dict(local)
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full EMA weights by parameter name. Under ZeRO-3 this is collective: every rank must call it."""
         if not self.partitioned:

@@ -7,6 +7,7 @@ conditioning dropout -> diffusion loss on the UNet (a DeepSpeed engine: ZeRO, bf
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -141,15 +142,13 @@ class Trainer:
         self.checkpointer = Checkpointer(self.out / "checkpoints", self.dist.rank, cfg.train.keep_last)
         self.step, self.epoch, self.run_id, self.samples_seen = 0, 0, None, 0
         self.epoch_batches = 0  # micro-batches of the current data epoch already consumed (the data position)
-        self.generator = torch.Generator().manual_seed(cfg.run.seed * 100_003 + self.dist.rank)
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.nonfinite_steps, self.bad_in_a_row, self.rollbacks = 0, 0, 0
         state = self.checkpointer.load(self.engine, self.ema)
         if state is not None:
             self.step, self.epoch, self.run_id = state["step"], state["epoch"], state.get("run_id")
-            self.epoch_batches = state.get("epoch_batches", 0)
+            self.epoch_batches = self._replace_position(state)
             self.samples_seen = state.get("samples_seen", 0)
-            self.generator.set_state(state["generator"])
             self._print(f"resumed from {self.checkpointer.root / self.checkpointer.latest()} at step {self.step}")
         self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.run.name,
                                enabled=self.dist.is_main and cfg.tracking.enabled)
@@ -197,13 +196,31 @@ class Trainer:
             return 1000
         return max(1, total // (self.cfg.data.batch_size * self.dist.world_size))
 
+    def _replace_position(self, state: dict[str, Any]) -> int:
+        """Micro-batches of the current epoch to skip; re-placed when the checkpoint has another data layout.
+
+        Each rank streams its own split of the shards, so a different world size or micro-batch splits the
+        epoch differently: the run continues after the same number of the epoch's samples, not the same samples.
+        """
+        layout = (state.get("world_size", self.dist.world_size), state.get("micro_batch", self.cfg.data.batch_size))
+        if layout == (self.dist.world_size, self.cfg.data.batch_size):
+            return state.get("epoch_batches", 0)
+        consumed = state.get("epoch_batches", 0) * layout[0] * layout[1]  # samples of this epoch, all ranks
+        batches = min(consumed // (self.dist.world_size * self.cfg.data.batch_size), self.batches_per_epoch)
+        self._print(f"warning: checkpoint written by {layout[0]} processes x micro-batch {layout[1]}, resuming on "
+                    f"{self.dist.world_size} x {self.cfg.data.batch_size}: weights, optimizer, EMA and LR schedule "
+                    f"are exact; the data stream is re-split, continuing epoch {state['epoch']} after {batches} "
+                    "micro-batches per process")
+        return batches
+
     def _trainer_state(self) -> dict[str, Any]:
         epoch, consumed = self.epoch, self.epoch_batches
         if consumed >= self.batches_per_epoch:  # the epoch is complete
             epoch, consumed = epoch + 1, 0
         return {"step": self.step, "epoch": epoch, "run_id": self.tracker.run_id or self.run_id,
-                "samples_seen": self.samples_seen, "generator": self.generator.get_state(),
+                "samples_seen": self.samples_seen,
                 "zero_stage": self.cfg.train.zero_stage, "world_size": self.dist.world_size,
+                "micro_batch": self.cfg.data.batch_size,
                 "epoch_batches": consumed}
 
     def encode_captions(self, captions: list[str]) -> dict[str, torch.Tensor]:
@@ -218,6 +235,17 @@ class Trainer:
         return {"context": torch.stack([self._text_cache[c][0] for c in captions]),  # (B, L, D)
                 "context_mask": torch.stack([self._text_cache[c][1] for c in captions])}  # (B, L)
 
+    def sample_generators(self, keys: list[str]) -> list[torch.Generator]:
+        """One generator per sample, seeded by (run seed, rollbacks, optimizer step, sample key).
+
+        Every random draw of a sample (condition dropout, t, eps) comes from its own generator, so training
+        does not depend on how samples are split into micro-batches and ranks: 2 processes x batch b compute
+        what 1 process x batch 2b computes, and a run resumed on another world size keeps its noise.
+        """
+        prefix = f"{self.cfg.run.seed}/{self.rollbacks}/{self.step}/"
+        return [torch.Generator().manual_seed(int.from_bytes(
+            hashlib.blake2b((prefix + key).encode(), digest_size=8).digest(), "little")) for key in keys]
+
     def micro_step(self, batch: dict) -> float:
         """One forward/backward on a micro-batch; DeepSpeed steps the optimizer at accumulation boundaries."""
         d = self.cfg.diffusion
@@ -227,11 +255,12 @@ class Trainer:
             else:
                 z = self.autoencoder.encode(batch["image"].to(self.dist.device))  # (B, C, h, w) scaled latents
             cond = self.encode_captions(batch["caption"])  # (B, L, D) + (B, L)
-        cond = conditioning_dropout(cond, self.null_cond, d.cond_dropout, self.generator)
+        generators = self.sample_generators(batch["key"])
+        cond = conditioning_dropout(cond, self.null_cond, d.cond_dropout, generators)
         denoiser = unet_denoiser(self.engine)
         loss = diffusion_loss(denoiser, z, cond, self.process, prediction=d.prediction,
                               weighting=d.weighting, min_snr_gamma=d.min_snr_gamma, offset_noise=d.offset_noise,
-                              generator=self.generator)
+                              generator=generators)
         if any_across_ranks(not bool(torch.isfinite(loss.detach()))):
             # skip this micro-batch on every rank: a zero loss through a finite input gives exactly zero
             # gradients and keeps DeepSpeed's accumulation bookkeeping in step
@@ -262,8 +291,7 @@ class Trainer:
         log.warning("%s at step %d: rolled back to %s (rollback %d of %d)", reason, self.step, latest,
                     self.rollbacks, self.cfg.train.max_rollbacks)
         self.step, self.epoch, self.samples_seen = state["step"], state["epoch"], state["samples_seen"]
-        self.epoch_batches = state["epoch_batches"]
-        self.generator.set_state(state["generator"])
+        self.epoch_batches = self._replace_position(state)
         self.bad_in_a_row = 0
 
     # --- the loop ------------------------------------------------------------------------------------

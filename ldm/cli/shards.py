@@ -1,10 +1,16 @@
-"""`ldm-shards`: build WebDataset shards, e.g. `ldm-shards emoji --out data/emoji --image-size 32`."""
+"""`ldm-shards`: build WebDataset shards, e.g. `ldm-shards emoji --out data/emoji --image-size 32`.
+
+    ldm-shards folder --images photos/ --out data/photos --image-size 256            # sidecar <stem>.txt captions
+    ldm-shards folder --images photos/ --captions captions.csv --out data/photos     # or a CSV / JSONL file
+    ldm-shards reshard 'laion/{00000..00099}.tar' --out data/laion --samples-per-shard 5000 --image-size 256
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from ldm.data.builders import BuildError, build_folder_shards, reshard
 from ldm.data.emoji import EmojiDataError
 from ldm.data.shards import build_emoji_shards
 
@@ -15,6 +21,19 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _size_or_keep(text: str) -> int | None:
+    """argparse type: an image side >= 1, or 0 / none to keep every image's size."""
+    if text.strip().lower() in ("0", "none"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer or none, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (or 0 / none to keep the size), got {value}")
+    return value or None
 
 
 def _fraction(text: str) -> float:
@@ -46,6 +65,25 @@ def build_parser() -> argparse.ArgumentParser:
     emoji.add_argument("--limit", type=_positive, default=None, help="keep only N emoji (quick tests)")
     emoji.add_argument("--cache", default=None, help="npm tarball cache (default $LDM_CACHE/npm or ~/.cache/ldm/npm)")
     emoji.add_argument("--styles", default="google,twitter", help="comma-separated: google,twitter")
+    folder = sub.add_parser("folder", help="an image folder captioned by sidecar .txt files or a CSV / JSONL file")
+    folder.add_argument("--images", required=True, help="image folder (searched recursively without --captions)")
+    folder.add_argument("--captions", default=None,
+                        help="CSV (with a header) or JSONL file of image path (relative to --images) and caption; "
+                             "default: the sidecar <stem>.txt next to each image")
+    folder.add_argument("--path-column", default=None, help="column / key of the image path (default: path, file "
+                                                            "or image, whichever is present)")
+    folder.add_argument("--caption-column", default=None, help="column / key of the caption (default: caption or text)")
+    resh = sub.add_parser("reshard", help="re-shard img2dataset-style tars (key.jpg|png, key.txt, key.json)")
+    resh.add_argument("inputs", nargs="+", metavar="INPUT",
+                      help="folder of .tar files, brace/glob pattern, tar URLs (http(s)://, pipe:)")
+    for p in (folder, resh):
+        p.add_argument("--out", required=True, help="output folder (shards + index.json)")
+        p.add_argument("--image-size", type=_size_or_keep, default=None,
+                       help="resize + centre-crop to this square side; 0 or none keeps each size (default)")
+        p.add_argument("--samples-per-shard", type=_positive, default=1000, help="default 1000")
+        p.add_argument("--val-fraction", type=_fraction, default=0.05,
+                       help="held-out fraction, by a stable hash of the path / key (default 0.05)")
+        p.add_argument("--seed", type=int, default=0, help="salts the split hash; seeds the folder sample order")
     lat = sub.add_parser("latents", help="pre-encode image shards into latent shards with a frozen autoencoder")
     lat.add_argument("--data", required=True, help="image shards (folder with index.json)")
     lat.add_argument("--autoencoder", required=True, help="autoencoder folder (model.safetensors + config.json)")
@@ -80,12 +118,35 @@ def encode_latents(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_dataset(args: argparse.Namespace) -> int:
+    """`ldm-shards folder` / `ldm-shards reshard`: bad samples are skipped and counted, bad usage exits 2."""
+    common = dict(image_size=args.image_size, samples_per_shard=args.samples_per_shard,
+                  val_fraction=args.val_fraction, seed=args.seed, progress=True)
+    try:
+        if args.dataset == "folder":
+            index = build_folder_shards(args.images, args.out, captions=args.captions, path_column=args.path_column,
+                                        caption_column=args.caption_column, **common)
+        else:
+            index = reshard(args.inputs, args.out, **common)
+    except BuildError as exn:
+        print(f"ldm-shards: error: {exn}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}/index.json  image_size={index['image_size'] or 'kept'}")
+    for split, info in index["splits"].items():
+        print(f"  {split:5s} {info['total']:6d} samples in {len(info['shards'])} shards")
+    skipped = index["skipped"]
+    print("skipped: " + (", ".join(f"{k}={v}" for k, v in skipped.items()) if skipped else "none"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for usage errors, 1 when fetching the data fails)."""
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 with a one-line message on usage errors
     if args.dataset == "latents":
         return encode_latents(args)
+    if args.dataset in ("folder", "reshard"):
+        return build_dataset(args)
     styles = tuple(s.strip() for s in args.styles.split(",") if s.strip())
     bad = [s for s in styles if s not in ("google", "twitter")]
     if not styles or bad:

@@ -81,6 +81,9 @@ def resolve_shards(spec: str, split: str = "train") -> list[str]:
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Composite any transparency onto a solid background (white by default); returns RGB."""
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):  # 16-bit grey: keep the high byte (convert clips)
+        grey = np.asarray(image).astype(np.int64).clip(0, 65535) >> 8  # (H, W)
+        image = Image.fromarray(grey.astype(np.uint8), "L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa"):
@@ -115,10 +118,11 @@ def pick_caption(sample: dict, mode: str) -> str:
 
 
 class _SkipCounter:
-    """Counts bad samples (and unreadable shards) skipped by this worker and logs each one."""
+    """Counts bad samples and unreadable shards (each once) skipped by this worker and logs each one."""
 
     def __init__(self, max_empty_shards: int) -> None:
         self.count = 0
+        self.url, self.opened, self.counted_shard = None, 0, 0  # the current shard, its number, the last bad one
         self.empty_shards = 0  # shards opened in a row without a single sample coming out
         self.max_empty_shards = max_empty_shards
 
@@ -129,11 +133,16 @@ class _SkipCounter:
         return True
 
     def handler(self, exn: Exception) -> bool:
-        """WebDataset exception handler for shard-level errors (unreadable or truncated tar)."""
-        return self.skip("shard data", exn)
+        """Handler for shard-level errors (unreadable URL, failed pipe, truncated tar): a shard counts once."""
+        if self.counted_shard == self.opened:  # e.g. a truncated tar raises in two places, a 404 read and close
+            log.warning("bad shard %s: %s", self.url, exn)
+            return True
+        self.counted_shard = self.opened
+        return self.skip(f"shard {self.url}", exn)
 
     def opening(self, url: str) -> None:
         """Called per shard; stops an endless resampled stream whose shards are all unreadable."""
+        self.url, self.opened = url, self.opened + 1
         self.empty_shards += 1
         if self.empty_shards > self.max_empty_shards:
             raise RuntimeError(f"{self.empty_shards - 1} shards in a row gave no sample (last {url}); "
@@ -154,7 +163,7 @@ def _open_shards(shards: Iterable[dict], skips: _SkipCounter) -> Iterator[dict]:
         try:
             stream = wds.gopen(url, "rb")
         except Exception as exn:
-            skips.skip(f"shard {url}", exn)
+            skips.handler(exn)
             continue
         try:
             yield {"url": url, "stream": stream}
@@ -167,7 +176,7 @@ def _open_shards(shards: Iterable[dict], skips: _SkipCounter) -> Iterator[dict]:
         try:
             stream.close()  # for `pipe:` this also checks the command's exit status
         except Exception as exn:
-            skips.skip(f"shard {url}", exn)
+            skips.handler(exn)
 
 
 class ShardStream(IterableDataset):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -9,10 +10,35 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 
 import torch
 
 from ldm.data import make_loader, resolve_shards
+
+
+@contextmanager
+def serve_directory(folder, probe: str):
+    """`python -m http.server` on a free loopback port serving folder; yields its base URL once `probe` answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                               "--directory", str(folder)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/{probe}", timeout=1).close()
+                break
+            except OSError:
+                assert time.time() < deadline, "http.server did not start"
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
 
 
 def _read(urls):
@@ -24,33 +50,38 @@ def _read(urls):
 def test_local_pipe_and_http_agree(tiny_shards):
     local = resolve_shards(str(tiny_shards), "train")
     names = [os.path.basename(u) for u in local]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                               "--directory", str(tiny_shards)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/index.json", timeout=1).close()
-                break
-            except OSError:
-                assert time.time() < deadline, "http.server did not start"
-                time.sleep(0.2)
+    with serve_directory(tiny_shards, "index.json") as base:
         keys, images, captions = _read(local)
         assert len(keys) == sum(1 for _ in keys) > 0 and len(set(keys)) == len(keys)
-        for urls in ([f"pipe:cat {u}" for u in local], [f"http://127.0.0.1:{port}/{n}" for n in names]):
+        for urls in ([f"pipe:cat {u}" for u in local], [f"{base}/{n}" for n in names]):
             other_keys, other_images, other_captions = _read(urls)
             assert other_keys == keys and other_captions == captions
             assert torch.equal(other_images, images)
         # a brace pattern over http expands to the same shard list
-        pattern = f"http://127.0.0.1:{port}/train-{{000000..{len(names) - 1:06d}}}.tar"
-        assert resolve_shards(pattern) == [f"http://127.0.0.1:{port}/{n}" for n in sorted(names)]
-    finally:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
+        pattern = f"{base}/train-{{000000..{len(names) - 1:06d}}}.tar"
+        assert resolve_shards(pattern) == [f"{base}/{n}" for n in sorted(names)]
+
+
+def test_unreadable_urls_are_skipped_and_counted(tiny_shards, tmp_path, caplog):
+    """An http 404, a refused connection and failing `pipe:` commands are each skipped with a warning and
+    counted once; the readable shards among them are read in full."""
+    local = resolve_shards(str(tiny_shards), "train")[0]
+    name = os.path.basename(local)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]  # nothing listens here once the socket is closed
+    with serve_directory(tiny_shards, "index.json") as base:
+        urls = [f"{base}/missing-000000.tar", f"{base}/{name}", "pipe:exit 3", f"pipe:cat {tmp_path}/nothing.tar",
+                f"pipe:cat {local}", f"http://127.0.0.1:{closed_port}/{name}"]
+        with caplog.at_level(logging.WARNING, logger="ldm.data.stream"):
+            batches = list(make_loader(urls, batch_size=5, image_size=16, shuffle_buffer=0))  # last batch partial
+    keys = [k for b in batches for k in b["key"]]
+    good, _, _ = _read([local])
+    assert keys == good + good and len(good) > 0
+    assert batches[-1]["skipped"] == 4
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    for url in (urls[0], urls[2], urls[3], urls[5]):
+        assert url in warned
 
 
 def test_stop_and_resume_continues_with_the_unseen_samples(tiny_shards):

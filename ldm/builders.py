@@ -7,7 +7,9 @@ import dataclasses
 import torch
 
 from ldm.config import DiffusionConfig, TextEncoderConfig, UNetConfig
-from ldm.diffusion import VESDE, VPSDE, DiscreteVP, GaussianProcess, SubVPSDE, make_betas
+from ldm.diffusion import (
+    VESDE, VPSDE, DiscreteVE, DiscreteVP, GaussianProcess, SubVPSDE, diffusion_loss, dsm_loss, make_betas, ssm_loss,
+)
 
 
 def build_process(cfg: DiffusionConfig) -> GaussianProcess:
@@ -19,7 +21,20 @@ def build_process(cfg: DiffusionConfig) -> GaussianProcess:
         return VPSDE(time_scale=cfg.num_timesteps - 1)
     if cfg.process == "subvp":
         return SubVPSDE(time_scale=cfg.num_timesteps - 1)
+    if cfg.process == "ncsn":
+        return DiscreteVE(levels=cfg.num_timesteps)
     return VESDE()
+
+
+def build_objective(cfg: DiffusionConfig, process: GaussianProcess):
+    """The training loss of the config as ``loss(denoiser, x0, cond, generator) -> scalar``."""
+    if cfg.objective == "dsm":
+        return lambda denoiser, x0, cond, generator: dsm_loss(denoiser, x0, cond, process, generator=generator)
+    if cfg.objective == "ssm":
+        return lambda denoiser, x0, cond, generator: ssm_loss(denoiser, x0, cond, process, generator=generator)
+    return lambda denoiser, x0, cond, generator: diffusion_loss(
+        denoiser, x0, cond, process, prediction=cfg.prediction, weighting=cfg.weighting,
+        min_snr_gamma=cfg.min_snr_gamma, offset_noise=cfg.offset_noise, generator=generator)
 
 
 def unet_kwargs(cfg: UNetConfig, in_channels: int, context_dim: int) -> dict:

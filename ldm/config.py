@@ -88,7 +88,7 @@ class UNetConfig:
 
 @dataclass
 class DiffusionConfig:
-    process: Literal["discrete", "vp", "subvp", "ve"] = "discrete"
+    process: Literal["discrete", "vp", "subvp", "ve", "ncsn"] = "discrete"  # ncsn: num_timesteps geometric VE levels
     schedule: Literal["linear", "scaled_linear", "cosine"] = "linear"
     num_timesteps: int = 1000
     beta_start: float | None = None
@@ -99,6 +99,27 @@ class DiffusionConfig:
     min_snr_gamma: float = 5.0
     offset_noise: float = 0.0
     cond_dropout: float = 0.1
+    # denoising: E||target - net||^2 above; dsm: sigma^2-weighted denoising score matching (NCSN on process ncsn,
+    # Song et al. 2021 on ve); ssm: sliced score matching. dsm/ssm train a score network (prediction score).
+    objective: Literal["denoising", "dsm", "ssm"] = "denoising"
+
+    def check(self) -> None:
+        if self.process == "ncsn" and self.num_timesteps < 2:
+            raise ConfigError(f"diffusion.num_timesteps: process 'ncsn' has that many noise levels, at least 2, "
+                              f"got {self.num_timesteps}")
+        if self.objective == "denoising":
+            return
+        if self.prediction != "score":
+            raise ConfigError(f"diffusion.prediction: objective {self.objective!r} trains a network that outputs the "
+                              f"score s(x_t, t) directly; set prediction=score (for an {self.prediction} network the "
+                              "sigma^2-weighted score matching loss is the eps-MSE: objective 'denoising')")
+        if self.weighting != "uniform":
+            raise ConfigError(f"diffusion.weighting: {self.weighting!r} reweights objective 'denoising' only; "
+                              f"{self.objective!r} weighs noise level t by sigma(t)^2 (Song & Ermon 2019): use uniform")
+        if self.offset_noise:
+            raise ConfigError(f"diffusion.offset_noise: only for objective 'denoising': {self.objective!r} needs "
+                              "x_t ~ N(alpha x0, sigma^2 I), whose score -eps/sigma is the denoising target and whose "
+                              "samples are what sliced score matching sees")
 
 
 @dataclass
@@ -156,6 +177,7 @@ class LDMConfig:
         _positive(self, "data.batch_size", "data.image_size", "train.max_steps", "train.grad_accum",
                   "diffusion.num_timesteps", "sampling.steps")
         self.text_encoder.check()
+        self.diffusion.check()
         if self.diffusion.zero_terminal_snr and self.diffusion.prediction in ("eps", "score"):
             raise ConfigError(f"diffusion.prediction: {self.diffusion.prediction!r} cannot be sampled from a "
                               "zero-terminal-SNR schedule (x0 is undefined at t = 1); use v or x0")

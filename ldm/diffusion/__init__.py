@@ -1,5 +1,6 @@
-"""Diffusion math: schedules, forward processes and SDEs, parameterisations, the training objective."""
+"""Diffusion math: schedules, forward processes and SDEs, parameterisations, training objectives, likelihoods."""
 
+from ldm.diffusion.likelihood import ELBO, Likelihood, bits_per_dim, ddpm_elbo, ode_likelihood, odeint
 from ldm.diffusion.parameterization import (
     PREDICTIONS,
     Predictor,
@@ -10,10 +11,12 @@ from ldm.diffusion.parameterization import (
     to_x0_eps,
 )
 from ldm.diffusion.schedules import SCHEDULES, make_betas, rescale_zero_terminal_snr
-from ldm.diffusion.sde import VESDE, VPSDE, DiscreteVP, GaussianProcess, SubVPSDE, randn
+from ldm.diffusion.score_matching import OBJECTIVES, dsm_loss, ssm_loss
+from ldm.diffusion.sde import VESDE, VPSDE, DiscreteVE, DiscreteVP, GaussianProcess, SubVPSDE, randn
 
 __all__ = [
-    "PREDICTIONS", "SCHEDULES", "DiscreteVP", "GaussianProcess", "Predictor", "SubVPSDE", "VESDE", "VPSDE",
-    "diffusion_loss", "from_x0_eps", "loss_weight", "make_betas", "randn", "rescale_zero_terminal_snr",
-    "score_from_eps", "to_x0_eps",
+    "ELBO", "OBJECTIVES", "PREDICTIONS", "SCHEDULES", "DiscreteVE", "DiscreteVP", "GaussianProcess", "Likelihood",
+    "Predictor", "SubVPSDE", "VESDE", "VPSDE", "bits_per_dim", "ddpm_elbo", "diffusion_loss", "dsm_loss",
+    "from_x0_eps", "loss_weight", "make_betas", "odeint", "ode_likelihood", "randn", "rescale_zero_terminal_snr",
+    "score_from_eps", "ssm_loss", "to_x0_eps",
 ]

@@ -178,6 +178,14 @@ class GaussianProcess:
         std = float(((2 * self.log_alpha(t)).exp() + self.sigma2(t)).sqrt())
         return randn(shape, generator, device, dtype) * std
 
+    def prior_logp(self, x: Tensor, t: float = 1.0) -> Tensor:
+        """log N(x; 0, (alpha(t)^2 + sigma(t)^2) I) per sample (B,): the density prior_sample draws from, the
+        log p_T term of a likelihood (Song et al. 2021, App. D.2)."""
+        t = as_time(t)
+        var = float((2 * self.log_alpha(t)).exp() + self.sigma2(t))
+        sq = x.flatten(1).pow(2).sum(1)  # (B,)
+        return -0.5 * (sq / var + x[0].numel() * math.log(2 * math.pi * var))
+
     def reverse_drift(self, x: Tensor, t: float | Tensor, score: Tensor, probability_flow: bool = False) -> Tensor:
         """Reverse SDE drift f x - g^2 score, or the probability-flow ODE drift f x - g^2 score / 2."""
         weight = 0.5 if probability_flow else 1.0
@@ -358,3 +366,39 @@ class VESDE(GaussianProcess):
 
     def time_from_model(self, m):
         return (as_time(m) - math.log(self.sigma_min)) / self._log_ratio
+
+
+class DiscreteVE(VESDE):
+    """NCSN's L geometric noise levels sigma_max = sigma_1 > ... > sigma_L = sigma_min (Song & Ermon 2019, Sec. 4.2)
+    as a VE process.
+
+    Level i in {0..L-1} (increasing sigma, i.e. sigma_{L-i}) sits at t_i = (i + 1) / L, as the steps of DiscreteVP
+    do, and sigma(t) = sigma_min (sigma_max / sigma_min)^((L t - 1) / (L - 1)) is geometric in between, so
+    continuous-time solvers run on it too. Training draws one of the L levels uniformly (the sum over levels of
+    NCSN's Eq. 6); the uniform solver grid with steps = L visits exactly the L levels, largest first (their Alg. 1).
+    """
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, levels: int = 10):
+        if levels < 2:
+            raise ValueError(f"DiscreteVE needs at least 2 noise levels, got {levels}")
+        super().__init__(sigma_min, sigma_max, t_min=1.0 / levels)
+        self.levels = levels
+        self._rate = self._log_ratio * levels / (levels - 1)  # d log sigma / dt
+
+    def sigma2(self, t):
+        return (self.sigma_min * ((t - self.t_min) * self._rate).exp()) ** 2
+
+    def dsigma2_dt(self, t):
+        return 2 * self._rate * self.sigma2(t)
+
+    def time_from_model(self, m):
+        return (as_time(m) - math.log(self.sigma_min)) / self._rate + self.t_min
+
+    def noise_levels(self) -> Tensor:
+        """sigma_1 > ... > sigma_L (L,), largest first, the order annealed Langevin visits them."""
+        return self.sigma(torch.arange(self.levels, 0, -1, dtype=torch.float64) / self.levels)
+
+    def sample_time(self, n, generator=None, device="cpu"):
+        """Training times: one of the L levels uniformly, at t = (i + 1) / L."""
+        idx = (rand(n, generator) * self.levels).floor().clamp(max=self.levels - 1)  # uniform on {0..L-1}
+        return ((idx + 1) / self.levels).to(device)

@@ -21,10 +21,9 @@ from typing import Any, Iterator
 import torch
 from tqdm import tqdm
 
-from ldm.builders import build_process, build_text_encoder, build_unet
+from ldm.builders import build_objective, build_process, build_text_encoder, build_unet
 from ldm.conditioning import conditioning_dropout, null_condition
 from ldm.config import ConfigError, LDMConfig, TrainConfig, save_config, to_dict
-from ldm.diffusion import diffusion_loss
 from ldm.pipeline import TextToImage, make_grid, unet_denoiser
 from ldm.tracking import Tracker
 from ldm.train.checkpoint import Checkpointer
@@ -128,6 +127,7 @@ class Trainer:
         self.text_encoder = build_text_encoder(cfg.text_encoder, device)
         self.null_cond = null_condition(self.text_encoder)  # (1, L, D): the null condition, saved with the model
         self.process = build_process(cfg.diffusion)
+        self.objective = build_objective(cfg.diffusion, self.process)  # loss(denoiser, x0, cond, generators)
         latent_channels = self.autoencoder.config["latent_channels"]
         size = cfg.data.image_size // self.autoencoder.downsample_factor
         self.latent_shape = (latent_channels, size, size)
@@ -258,9 +258,7 @@ class Trainer:
         generators = self.sample_generators(batch["key"])
         cond = conditioning_dropout(cond, self.null_cond, d.cond_dropout, generators)
         denoiser = unet_denoiser(self.engine)
-        loss = diffusion_loss(denoiser, z, cond, self.process, prediction=d.prediction,
-                              weighting=d.weighting, min_snr_gamma=d.min_snr_gamma, offset_noise=d.offset_noise,
-                              generator=generators)
+        loss = self.objective(denoiser, z, cond, generators)
         if any_across_ranks(not bool(torch.isfinite(loss.detach()))):
             # skip this micro-batch on every rank: a zero loss through a finite input gives exactly zero
             # gradients and keeps DeepSpeed's accumulation bookkeeping in step

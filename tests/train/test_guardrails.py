@@ -17,15 +17,20 @@ def _trainer(tmp_path, tiny_shards, tiny_autoencoder, *extra):
 
 
 def _poison(monkeypatch, bad_calls):
-    """Make diffusion_loss return NaN on the given (1-based) calls."""
-    real, calls = trainer_mod.diffusion_loss, []
+    """Make the training objective return NaN on the given (1-based) calls."""
+    real_build, calls = trainer_mod.build_objective, []
 
-    def loss(*args, **kwargs):
-        calls.append(1)
-        value = real(*args, **kwargs)
-        return value * float("nan") if bad_calls(len(calls)) else value
+    def build(cfg, process):
+        real = real_build(cfg, process)
 
-    monkeypatch.setattr(trainer_mod, "diffusion_loss", loss)
+        def loss(*args, **kwargs):
+            calls.append(1)
+            value = real(*args, **kwargs)
+            return value * float("nan") if bad_calls(len(calls)) else value
+
+        return loss
+
+    monkeypatch.setattr(trainer_mod, "build_objective", build)
 
 
 def test_single_nan_is_skipped_and_counted(tmp_path, tiny_shards, tiny_autoencoder, monkeypatch):

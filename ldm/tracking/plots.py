@@ -1,4 +1,5 @@
-"""Figures for the experiment review: metric curves of several runs and sweep plots, as PNG files.
+"""Figures for the experiment review: metric curves of several runs, sweep plots, and the evaluation sweeps
+(FID and probe accuracy against the guidance scale, FID against NFE per sampler), as PNG files.
 
 Uses matplotlib's object API (``matplotlib.figure.Figure``, rendered by the Agg canvas) and never pyplot, so
 no global backend is chosen or changed and nothing needs a display.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 Curve = Sequence[tuple[int, float]]  # (step, value), sorted by step
 
@@ -93,5 +94,79 @@ def sweep_plot(param: str, metric: str, points: Sequence[tuple[float | str, floa
     ax.set_ylabel(f"final {metric}")
     ax.set_title(f"final {metric} vs {param}")
     ax.grid(alpha=0.3)
+    fig.savefig(path, format="png")
+    return path
+
+
+def _by(rows: Sequence[Mapping], *keys: str) -> dict[tuple, list[Mapping]]:
+    groups: dict[tuple, list[Mapping]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return groups
+
+
+def guidance_tradeoff(rows: Sequence[Mapping], path: Path) -> Path:
+    """The quality/diversity trade-off of classifier-free guidance (Ho & Salimans 2022, Fig. 4): FID against the
+    guidance scale and, when the rows have it, probe accuracy against the guidance scale with the probe's accuracy on
+    real images (its ceiling) and the chance level; one line per (sampler, steps).
+
+    rows: dicts with sampler, steps, guidance, fid and optionally probe_acc, probe_acc_real, probe_chance.
+    """
+    probe = any("probe_acc" in r for r in rows)
+    fig = _figure(11.0 if probe else 7.0, 4.2)
+    axes = fig.subplots(1, 2 if probe else 1, squeeze=False)[0]
+    groups = _by(rows, "sampler", "steps")
+    for i, ((sampler, steps), pts) in enumerate(sorted(groups.items())):
+        pts = sorted(pts, key=lambda r: r["guidance"])
+        label = f"{sampler}, {steps} steps"
+        axes[0].plot([r["guidance"] for r in pts], [r["fid"] for r in pts], marker="o", color=f"C{i % 10}", label=label)
+        if probe:
+            pts = [r for r in pts if "probe_acc" in r]
+            axes[1].plot([r["guidance"] for r in pts], [r["probe_acc"] for r in pts], marker="o", color=f"C{i % 10}",
+                         label=label)
+    axes[0].set_xlabel("guidance scale")
+    axes[0].set_ylabel("FID (lower is better)")
+    axes[0].set_title("FID vs guidance")
+    if probe:
+        for key, style, text in (("probe_acc_real", "--", "real images"), ("probe_chance", ":", "chance")):
+            values = [r[key] for r in rows if key in r]
+            if values:
+                axes[1].axhline(values[0], color="0.4", linestyle=style, linewidth=1, label=f"{text} ({values[0]:.2f})")
+        axes[1].set_xlabel("guidance scale")
+        axes[1].set_ylabel("probe accuracy (subcategory)")
+        axes[1].set_title("text alignment (probe) vs guidance")
+        axes[1].set_ylim(0, 1)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        _legend(ax, len(groups) + 2)
+    fig.savefig(path, format="png")
+    return path
+
+
+def nfe_curves(rows: Sequence[Mapping], path: Path, reference: tuple[str, float] | None = None) -> Path:
+    """FID against the number of function evaluations, one line per sampler (and guidance scale when several);
+    ``reference`` (label, FID) draws that FID dashed and 10% above it dotted.
+
+    rows: dicts with sampler, nfe, guidance, fid.
+    """
+    fig = _figure(7.5, 4.5)
+    ax = fig.add_subplot()
+    several = len({r["guidance"] for r in rows}) > 1
+    groups = _by(rows, "sampler", "guidance")
+    for i, ((sampler, guidance), pts) in enumerate(sorted(groups.items())):
+        pts = sorted(pts, key=lambda r: r["nfe"])
+        ax.plot([r["nfe"] for r in pts], [r["fid"] for r in pts], marker="o", color=f"C{i % 10}",
+                label=f"{sampler}, guidance {guidance:g}" if several else sampler)
+    if reference is not None:
+        label, value = reference
+        ax.axhline(value, color="0.3", linestyle="--", linewidth=1, label=f"{label} ({value:.3g})")
+        ax.axhline(1.1 * value, color="0.3", linestyle=":", linewidth=1, label="+10%")
+    if max(r["nfe"] for r in rows) / max(min(r["nfe"] for r in rows), 1) >= 10:
+        ax.set_xscale("log")
+    ax.set_xlabel("function evaluations (NFE)")
+    ax.set_ylabel("FID (lower is better)")
+    ax.set_title("FID vs NFE per sampler")
+    ax.grid(alpha=0.3, which="both")
+    _legend(ax, len(groups) + (2 if reference else 0))
     fig.savefig(path, format="png")
     return path

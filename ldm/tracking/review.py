@@ -1,9 +1,12 @@
 """Experiment review: compare the runs of an MLflow experiment in one self-contained HTML report.
 
 ``collect`` reads the runs (params, last metric values, one metric's history, which steps have a sample grid)
-through ``MlflowClient``; small pure functions decide what to show (``differing_params``, ``matching_steps``,
-``sweep_params``); ``write_report`` draws the figures (``ldm.tracking.plots``), downloads the sample grids and
-renders ``report.html`` with every image embedded as a data URI; ``log_review`` logs the same files back as a new
+through ``MlflowClient``, and the evaluation sweep points nested under them (``ldm-eval --sweep``: params
+guidance/sampler/steps/nfe, metrics fid/kid/probe_acc...); small pure functions decide what to show
+(``differing_params``, ``matching_steps``, ``sweep_params``); ``write_report`` draws the figures
+(``ldm.tracking.plots``; for evaluation sweeps the trade-off of classifier-free guidance, FID and probe accuracy
+against the guidance scale, and FID against NFE per sampler), downloads the sample grids and renders
+``report.html`` with every image embedded as a data URI; ``log_review`` logs the same files back as a new
 run tagged ``ldm.review=true`` so they show up in the MLflow UI. Review runs are never themselves reviewed.
 """
 
@@ -21,9 +24,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from ldm.tracking.plots import metric_curves, sweep_plot
+from ldm.tracking.plots import guidance_tradeoff, metric_curves, nfe_curves, sweep_plot
 
 REVIEW_TAG = "ldm.review"
+PARENT_TAG = "mlflow.parentRunId"
+POINT_PARAMS = ("sampler", "steps", "guidance", "nfe")  # an evaluation sweep point (ldm.eval.sweep)
 REPORT_NAME = "report.html"
 
 
@@ -56,6 +61,7 @@ class Review:
     uri: str
     metric: str
     runs: list[RunSummary]
+    sweeps: dict[str, list[RunSummary]] = field(default_factory=dict)  # run id -> its nested sweep points
 
 
 @dataclass
@@ -179,6 +185,15 @@ def find_runs(client, experiment_id: str, run_ids: Sequence[str] | None = None) 
             return runs
 
 
+def find_children(client, experiment_id: str, parent_ids: Sequence[str]) -> list:
+    """The runs nested under the given runs (tag mlflow.parentRunId), oldest first."""
+    children = []
+    for rid in parent_ids:
+        children += client.search_runs([experiment_id], f"tags.`{PARENT_TAG}` = '{rid}'",
+                                       order_by=["attributes.start_time ASC"], max_results=10_000)
+    return children
+
+
 _PLAIN = re.compile(r"(?P<key>.+)_step(?P<step>\d+)\.png$")                  # samples/samples_step0000002.png
 _LOGGED = re.compile(r"(?P<key>[^/]+?)[+%]step[+%](?P<step>\d+)[+%].*\.png$")  # images/samples+step+2+timestamp+..
 
@@ -215,6 +230,10 @@ def collect(client, experiment: str, uri: str, run_ids: Sequence[str] | None = N
     if exp.lifecycle_stage != "active":
         raise ReviewError(f"experiment {experiment!r} at {uri} is deleted")
     runs = find_runs(client, exp.experiment_id, run_ids)
+    nested = [r for r in runs if PARENT_TAG in r.data.tags]
+    runs = [r for r in runs if PARENT_TAG not in r.data.tags]
+    if run_ids:
+        nested = find_children(client, exp.experiment_id, [r.info.run_id for r in runs])
     if not runs:
         raise ReviewError(f"experiment {experiment!r} at {uri} has no runs to review")
     summaries = []
@@ -228,7 +247,14 @@ def collect(client, experiment: str, uri: str, run_ids: Sequence[str] | None = N
                                     start_time=run.info.start_time, params=dict(run.data.params),
                                     metrics=dict(run.data.metrics), history=history,
                                     samples=sample_artifacts(client, rid, image_key)))
-    return Review(experiment=experiment, experiment_id=exp.experiment_id, uri=uri, metric=metric, runs=summaries)
+    sweeps: dict[str, list[RunSummary]] = {}
+    for run in nested:
+        if all(k in run.data.params for k in POINT_PARAMS) and "fid" in run.data.metrics:
+            sweeps.setdefault(run.data.tags[PARENT_TAG], []).append(RunSummary(
+                run_id=run.info.run_id, name=run.info.run_name or run.info.run_id[:8], status=run.info.status,
+                start_time=run.info.start_time, params=dict(run.data.params), metrics=dict(run.data.metrics)))
+    return Review(experiment=experiment, experiment_id=exp.experiment_id, uri=uri, metric=metric, runs=summaries,
+                  sweeps=sweeps)
 
 
 # --- the report ---------------------------------------------------------------------------------------
@@ -395,6 +421,47 @@ def _sweeps_section(review: Review, out: Path, keys: Sequence[str], metric: str,
     return f'<section id="sweeps"><h2>Sweeps: final {html.escape(metric)}</h2>{"".join(parts)}</section>'
 
 
+def sweep_rows(points: Sequence[RunSummary]) -> list[dict]:
+    """Evaluation sweep points as plot rows: typed params (sampler, steps, nfe, guidance) and every metric."""
+    rows = [{"sampler": p.params["sampler"], "steps": int(float(p.params["steps"])),
+             "nfe": int(float(p.params["nfe"])), "guidance": float(p.params["guidance"]), **p.metrics} for p in points]
+    return sorted(rows, key=lambda r: (r["sampler"], r["steps"], r["guidance"]))
+
+
+_SWEEP_COLUMNS = ("sampler", "steps", "nfe", "guidance", "fid", "kid", "probe_acc", "probe_acc_real", "probe_chance",
+                  "clip_score")
+
+
+def _eval_sweeps_section(review: Review, out: Path, files: list[Path]) -> str:
+    parts = []
+    for run in review.runs:
+        points = review.sweeps.get(run.run_id)
+        if not points:
+            continue
+        rows = sweep_rows(points)
+        cols = [c for c in _SWEEP_COLUMNS if any(c in r for r in rows)]
+        head = "".join(f'<th scope="col">{html.escape(c)}</th>' for c in cols)
+        body = "".join("<tr>" + "".join(_td(_fmt(r[c]) if isinstance(r.get(c), float) else str(r.get(c, "—")),
+                                               "" if c == "sampler" else "num") for c in cols) + "</tr>"
+                       for r in rows)
+        figures = []
+        if len({r["guidance"] for r in rows}) > 1:
+            path = guidance_tradeoff(rows, out / f"eval_sweep_{run.run_id[:8]}_guidance.png")
+            files.append(path)
+            figures.append(_img(path, f"FID and probe accuracy against the guidance scale, sweep of {run.label}",
+                                "figure"))
+        if len({r["nfe"] for r in rows}) > 1:
+            path = nfe_curves(rows, out / f"eval_sweep_{run.run_id[:8]}_nfe.png")
+            files.append(path)
+            figures.append(_img(path, f"FID against NFE per sampler, sweep of {run.label}", "figure"))
+        parts.append(f"<h3>{html.escape(run.label)}: {len(rows)} point(s)</h3>{''.join(figures)}"
+                     f'<div class="scroll"><table data-run="{html.escape(run.run_id)}"><thead><tr>{head}</tr></thead>'
+                     f"<tbody>{body}</tbody></table></div>")
+    if not parts:
+        parts.append("<p class=note>No evaluation sweep (ldm-eval --sweep) among these runs.</p>")
+    return f'<section id="eval-sweeps"><h2>Evaluation sweeps</h2>{"".join(parts)}</section>'
+
+
 def write_report(client, review: Review, out: str | Path, smooth: float = 0.0, sweep: Sequence[str] = (),
                  sweep_metric: str | None = None, max_sample_rows: int = 4) -> ReviewResult:
     """Draw the figures, fetch the sample grids and write ``<out>/report.html`` with the PNGs beside it.
@@ -411,7 +478,8 @@ def write_report(client, review: Review, out: str | Path, smooth: float = 0.0, s
     sections = [_runs_table(review, differing),
                 _curves_section(review, out, differing, smooth, files),
                 _grids_section(client, review, out, differing, max_sample_rows, files),
-                _sweeps_section(review, out, sweep_keys, sweep_metric or review.metric, files)]
+                _sweeps_section(review, out, sweep_keys, sweep_metric or review.metric, files),
+                _eval_sweeps_section(review, out, files)]
     title = f"Review of experiment {review.experiment}"
     doc = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
            f'<meta name="viewport" content="width=device-width, initial-scale=1">'

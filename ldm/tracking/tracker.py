@@ -44,6 +44,7 @@ class Tracker:
         self.uri = uri or default_tracking_uri()
         self.experiment, self.run_name = experiment, run_name
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
         self._pending: list[tuple[dict[str, float], int]] = []
         self._failing = False
         self._retry_at = 0.0  # while failing, calls wait until then (a dead server must not stall training)
@@ -67,6 +68,7 @@ class Tracker:
             exp_id = self._client.create_experiment(self.experiment, artifact_location=self._artifact_location())
         else:
             exp_id = exp.experiment_id
+        self.experiment_id = exp_id
         if run_id is None:
             run_id = self._client.create_run(exp_id, run_name=self.run_name, tags=tags or {}).info.run_id
         else:
@@ -164,6 +166,24 @@ class Tracker:
         except Exception as e:  # noqa: BLE001 - tracking must never stop training
             log.warning("could not register model %s: %s", name, e)
             return None
+
+    def log_child(self, run_name: str, params: dict[str, Any], metrics: dict[str, float]) -> str | None:
+        """A finished run nested under this one (tag mlflow.parentRunId), e.g. one point of a sweep; returns its id."""
+        if not self.enabled or self.run_id is None:
+            return None
+        from mlflow.entities import Metric, Param
+
+        try:
+            child = self._client.create_run(self.experiment_id, run_name=run_name,
+                                            tags={"mlflow.parentRunId": self.run_id}).info.run_id
+        except Exception as e:  # noqa: BLE001 - tracking must never stop the work it records
+            log.warning("could not create nested run %s: %s", run_name, str(e).splitlines()[0][:300])
+            return None
+        now = int(time.time() * 1000)
+        self._call(self._client.log_batch, child, params=[Param(k, str(v)) for k, v in flatten(params).items()],
+                   metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        self._call(self._client.set_terminated, child, "FINISHED")
+        return child
 
     def set_tag(self, key: str, value: str) -> None:
         if self.enabled:

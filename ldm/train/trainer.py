@@ -370,6 +370,8 @@ class Trainer:
                 self.checkpointer.save(self.engine, self.ema, self.step, self._trainer_state())
             if t.sample_every and self.step % t.sample_every == 0 and self.step != t.max_steps:
                 self.validate()
+            if self.cfg.eval.every and self.step % self.cfg.eval.every == 0:
+                self.evaluate()
         bar.close()
         self._print(f"step {self.step}: loss {last_loss:.4f}" if last_loss is not None else "nothing to train")
         grid = self.validate()
@@ -404,6 +406,31 @@ class Trainer:
             path = str(path)
         barrier()
         return path
+
+    def evaluate(self) -> dict[str, float] | None:
+        """Rank 0 generates the eval prompt set with the EMA weights and logs FID/KID/probe accuracy as eval/*.
+
+        The real reference set and the probe are loaded (computed and cached the first time) at the first call.
+        """
+        metrics = None
+        ema_state = self.ema.full_state_dict()  # collective under ZeRO-3
+        if self.dist.is_main:
+            from ldm.eval import Evaluator
+
+            e, d = self.cfg.eval, self.cfg.data
+            if getattr(self, "_evaluator", None) is None:
+                self._evaluator = Evaluator(e.data or d.val, image_size=d.image_size, train_data=d.train, split=e.split,
+                                            caption=d.caption, num_images=e.num_images, seed=e.seed,
+                                            inception=e.inception, probe=e.probe, probe_per_class=e.probe_per_class,
+                                            clip=e.clip, clip_model=e.clip_model, batch_size=e.batch_size,
+                                            cache_dir=e.cache_dir, device=self.dist.device)
+            pipe = TextToImage(self.ema_unet(ema_state), self.autoencoder, self.text_encoder, self.process,
+                               self.cfg.diffusion.prediction, self.null_cond, self.latent_shape)
+            metrics = self._evaluator.evaluate(pipe, sampler=e.sampler, steps=e.steps, guidance=e.guidance).metrics
+            self.tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, self.step)
+            self._print(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        barrier()
+        return metrics
 
     def full_model_state(self) -> dict[str, torch.Tensor]:
         """The trained weights in full on every rank (gathered from the partitions under ZeRO-3)."""

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from ldm.tracking.plots import ema
-from ldm.tracking.review import differing_params, evenly_spaced, matching_steps, sample_rows, sweep_params
+from ldm.tracking.review import (RunSummary, differing_params, evenly_spaced, matching_steps, sample_rows,
+                                 sweep_params, sweep_rows)
 from tests.conftest import ROOT, tiny_ldm_overrides
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -58,6 +59,27 @@ def test_ema_smoothing():
     assert smooth[0] == 4.0 and smooth[1] == pytest.approx(4 / 3) and 0 < smooth[2] < smooth[1]
     with pytest.raises(ValueError):
         ema([1.0], 1.0)
+
+
+def test_eval_sweep_rows_and_plots(tmp_path):
+    from ldm.tracking.plots import guidance_tradeoff, nfe_curves
+
+    def point(sampler, steps, nfe, guidance, fid, acc):
+        return RunSummary(run_id=f"{sampler}{steps}{guidance}", name="p", status="FINISHED", start_time=None,
+                          params={"sampler": sampler, "steps": str(steps), "nfe": str(nfe), "guidance": str(guidance)},
+                          metrics={"fid": fid, "probe_acc": acc, "probe_acc_real": 0.6, "probe_chance": 0.1})
+
+    points = [point("heun_ode", 10, 19, 4.0, 30.0, 0.4), point("ddim", 25, 25, 4.0, 25.0, 0.45),
+              point("ddim", 10, 10, 4.0, 40.0, 0.3), point("ddim", 25, 25, 0.0, 35.0, 0.1),
+              point("heun_ode", 25, 49, 4.0, 24.0, 0.5)]
+    rows = sweep_rows(points)
+    assert [(r["sampler"], r["steps"], r["guidance"]) for r in rows] == [
+        ("ddim", 10, 4.0), ("ddim", 25, 0.0), ("ddim", 25, 4.0), ("heun_ode", 10, 4.0), ("heun_ode", 25, 4.0)]
+    assert rows[3] == {"sampler": "heun_ode", "steps": 10, "nfe": 19, "guidance": 4.0, "fid": 30.0, "probe_acc": 0.4,
+                       "probe_acc_real": 0.6, "probe_chance": 0.1}
+    for path in (guidance_tradeoff(rows, tmp_path / "g.png"), nfe_curves(rows, tmp_path / "n.png", ("ref", 22.0))):
+        image = Image.open(path)
+        assert image.format == "PNG" and image.width > 600 and len(image.convert("L").getcolors(1 << 16)) > 50
 
 
 # --- a one-run experiment in the embedded sqlite store, and the errors ------------------------------

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
 from ldm.config import ConfigError, load_config
 
@@ -40,3 +41,34 @@ def run_main(fn: Callable[[], int | None]) -> int:
     except ConfigError as e:
         usage_error(f"config: {e}")
     return 0
+
+
+def resolve_model(model: str, tracking_uri: str | None) -> Path:
+    """A local folder for --model: MLflow runs:/ and models:/ URIs are downloaded (and cached) first."""
+    if not model.startswith(("runs:/", "models:/")):
+        return Path(model)
+    from ldm.tracking import download_artifacts
+
+    try:
+        return download_artifacts(model, tracking_uri)
+    except Exception as e:  # noqa: BLE001 - any lookup failure is a usage error naming the URI
+        usage_error(f"--model: cannot fetch {model}: {str(e).splitlines()[0]}")
+
+
+def load_model(model: str, device: str, tracking_uri: str | None = None, raw_weights: bool = False,
+               samplers: Iterable[tuple[str, str | None]] = ()):
+    """(pipeline, config) for --model (export, run folder, runs:/ or models:/ URI) on --device (auto: cuda if
+    there is one); every (sampler, spacing) must suit the model. Any problem is a usage error naming --model."""
+    import torch
+
+    from ldm.export import load_pipeline
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        pipe, cfg = load_pipeline(resolve_model(model, tracking_uri), device, use_ema=not raw_weights)
+        for sampler, spacing in samplers:
+            pipe.check_sampler(sampler, spacing)
+    except (ValueError, FileNotFoundError) as e:
+        usage_error(f"--model: {e}")
+    return pipe, cfg

@@ -21,7 +21,7 @@ import json
 import os
 from pathlib import Path
 
-from ldm.cli._common import run_main, usage_error
+from ldm.cli._common import load_model, run_main, usage_error
 from ldm.sampling import SAMPLERS
 
 
@@ -83,22 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
 
     def body() -> int:
-        import torch
-
-        from ldm.cli.sample import resolve_model
         from ldm.data import resolve_shards
         from ldm.eval import Evaluator, format_table, run_sweep
-        from ldm.export import load_pipeline
         from ldm.tracking import Tracker, default_tracking_uri
 
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        try:
-            pipe, cfg = load_pipeline(resolve_model(args.model, args.tracking_uri), device,
-                                      use_ema=not args.raw_weights)
-            for sampler in sorted({p.sampler for p in args.points}):
-                pipe.check_sampler(sampler)
-        except (ValueError, FileNotFoundError) as e:
-            usage_error(f"--model: {e}")
+        pipe, cfg = load_model(args.model, args.device, args.tracking_uri, args.raw_weights,
+                               [(sampler, None) for sampler in sorted({p.sampler for p in args.points})])
+        device = pipe.device
         data, train_data = args.data or cfg.data.val, args.train_data or cfg.data.train
         if data is None:
             usage_error("the model's config has no data.val: pass --data with held-out shards")

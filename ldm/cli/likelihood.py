@@ -28,7 +28,7 @@ import math
 import os
 from pathlib import Path
 
-from ldm.cli._common import run_main, usage_error
+from ldm.cli._common import load_model, run_main, usage_error
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -88,15 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         from ldm.config import to_dict
         from ldm.data.stream import make_loader, resolve_shards
         from ldm.diffusion import DiscreteVP, Predictor, ddpm_elbo, ode_likelihood
-        from ldm.export import load_pipeline
         from ldm.pipeline import unet_denoiser
         from ldm.tracking import Tracker, default_tracking_uri
 
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        try:
-            pipe, cfg = load_pipeline(args.model, device, use_ema=not args.raw_weights)
-        except (ValueError, FileNotFoundError) as e:
-            usage_error(f"--model: {e}")
+        pipe, cfg = load_model(args.model, args.device, raw_weights=args.raw_weights)
+        device = pipe.device
         spec = args.data or cfg.data.val
         if not spec:
             usage_error("the model's config has no data.val: pass --data with held-out shards")

@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ldm.cli._common import run_main, usage_error
+from ldm.cli._common import load_model, run_main, usage_error
 from ldm.sampling import SAMPLERS
 
 
@@ -60,18 +60,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def resolve_model(model: str, tracking_uri: str | None) -> Path:
-    """A local folder for --model: MLflow runs:/ and models:/ URIs are downloaded (and cached) first."""
-    if not model.startswith(("runs:/", "models:/")):
-        return Path(model)
-    from ldm.tracking import download_artifacts
-
-    try:
-        return download_artifacts(model, tracking_uri)
-    except Exception as e:  # noqa: BLE001 - any lookup failure is a usage error naming the URI
-        usage_error(f"--model: cannot fetch {model}: {str(e).splitlines()[0]}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
 
@@ -80,16 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         from PIL.PngImagePlugin import PngInfo
         from tqdm import tqdm
 
-        from ldm.export import load_pipeline
         from ldm.pipeline import make_grid, to_pil
 
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        try:
-            pipe, cfg = load_pipeline(resolve_model(args.model, args.tracking_uri), device,
-                                      use_ema=not args.raw_weights)
-            pipe.check_sampler(args.sampler, args.spacing)
-        except (ValueError, FileNotFoundError) as e:
-            usage_error(str(e))
+        pipe, cfg = load_model(args.model, args.device, args.tracking_uri, args.raw_weights,
+                               [(args.sampler, args.spacing)])
         prompts = [p for p in args.prompt for _ in range(args.images_per_prompt)]
         seeds = [args.seed + i for i in range(len(prompts))]
         out = Path(args.out)

@@ -35,7 +35,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ldm-likelihood", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
-                   help="exported model folder, or a training run folder (its latest checkpoint is exported first)")
+                   help="exported model folder, a training run folder (its latest checkpoint is exported first), "
+                        "or an MLflow runs:/ or models:/ URI")
     p.add_argument("--data", default=None, help="held-out shards: folder with index.json or a URL pattern "
                                                 "(default: the model's data.val)")
     p.add_argument("--split", default="val", help="split of --data (default: val)")
@@ -72,7 +73,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             usage_error(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.rtol <= 0 or args.atol <= 0:
         usage_error(f"--rtol and --atol must be positive, got {args.rtol} and {args.atol}")
-    if not Path(args.model).is_dir():
+    if not args.model.startswith(("runs:/", "models:/")) and not Path(args.model).is_dir():
         usage_error(f"--model: no such folder {args.model}")
     return args
 
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         from ldm.pipeline import unet_denoiser
         from ldm.tracking import Tracker, default_tracking_uri
 
-        pipe, cfg = load_model(args.model, args.device, raw_weights=args.raw_weights)
+        pipe, cfg = load_model(args.model, args.device, args.tracking_uri, args.raw_weights)
         device = pipe.device
         spec = args.data or cfg.data.val
         if not spec:

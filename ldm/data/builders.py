@@ -34,7 +34,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from ldm.data.shards import INDEX_NAME, _atomic_write_bytes, _remove_stale, encode_png, write_shards
+from ldm.data.shards import INDEX_NAME, _remove_stale, atomic_write_bytes, encode_png, write_shards
 from ldm.data.stream import (IMAGE_EXTENSIONS, _open_shards, _SkipCounter, resize_center_crop, resolve_shards,
                              to_rgb)
 
@@ -132,7 +132,7 @@ def _write_dataset(named: Iterable[tuple[str, dict]], out: Path, index: dict, *,
     index["skipped"] = skips.as_dict()
     if not index["splits"]:
         raise BuildError(f"no usable sample in the input (skipped: {index['skipped'] or 'none'})")
-    _atomic_write_bytes(out / INDEX_NAME, json.dumps(index, indent=2).encode("utf-8"))
+    atomic_write_bytes(out / INDEX_NAME, json.dumps(index, indent=2).encode("utf-8"))
     _remove_stale(out, {n for s in index["splits"].values() for n in s["shards"]})
     return index
 

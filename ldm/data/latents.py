@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ldm.data.shards import write_shards
+from ldm.data.shards import INDEX_NAME, atomic_write_bytes, write_shards
 from ldm.data.stream import dataset_size, make_loader, resolve_shards
 
 
@@ -63,7 +63,7 @@ def encode_latent_shards(data: str, out_dir: str | Path, encode: Callable[[torch
         names, counts = write_shards(samples(), out, split, samples_per_shard)
         bar.close()
         index["splits"][split] = {"shards": names, "counts": counts, "total": sum(counts)}
-    (out / "index.json").write_text(json.dumps(index, indent=2))
+    atomic_write_bytes(out / INDEX_NAME, json.dumps(index, indent=2).encode("utf-8"))  # last: the cache is complete
     return index
 
 

@@ -30,7 +30,7 @@ def encode_png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write data to path through a `.tmp` file and a rename."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -142,6 +142,6 @@ def build_emoji_shards(out_dir: str | Path, image_size: int = 32, samples_per_sh
         for split, recs in splits.items():
             names, counts = write_shards(_emoji_samples(recs, image_size, bar), out, split, samples_per_shard)
             index["splits"][split] = {"shards": names, "counts": counts, "total": sum(counts)}
-    _atomic_write_bytes(out / INDEX_NAME, json.dumps(index, indent=2).encode("utf-8"))
+    atomic_write_bytes(out / INDEX_NAME, json.dumps(index, indent=2).encode("utf-8"))
     _remove_stale(out, {n for s in index["splits"].values() for n in s["shards"]})
     return index

@@ -132,7 +132,7 @@ def test_diffusers_folder_export_round_trip(tmp_path: Path):
         state = model.state_dict()
         assert state.keys() == ours.state_dict().keys()
         assert all(torch.equal(state[k], v) for k, v in ours.state_dict().items())  # bitwise
-    assert _max_diff(ours, theirs) == 0.0
+    assert _max_diff(ours, theirs) <= 1e-5  # same weights; our kernels differ from diffusers' in rounding
     assert again.to_diffusers_config() == ours.to_diffusers_config()
 
 

@@ -102,6 +102,11 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+def norm(tensors: dict) -> float:
+    """L2 norm over all entries of a state dict."""
+    return float(torch.sqrt(sum(t.double().pow(2).sum() for t in tensors.values())))
+
+
 def final_weights(run) -> dict[str, dict]:
     return {n: load_file(str(run / "export" / f"{n}.safetensors")) for n in ("unet", "unet_ema")}
 
@@ -123,7 +128,9 @@ def test_two_processes_equal_one_process_with_twice_the_batch(fixed_runs, name):
     """Same global batch, same data order, per-sample noise keyed by sample: the layouts train the same model.
 
     Reductions run in another order (per-rank means, then the all-reduce), so equality is to float32 rounding
-    amplified by 6 AdamW steps; the bound is set against how far those steps move the weights at all.
+    amplified by 6 AdamW steps (Adam turns a rounding-level gradient of a near-zero entry into a step of up to
+    lr): the whole difference is bounded against how far the last 3 steps moved the weights, and every entry
+    against lr = 5e-4.
     """
     runs, logs = fixed_runs
     final_loss = {n: [line for line in log.splitlines() if line.startswith("step 6: loss")] for n, log in logs.items()}
@@ -131,11 +138,11 @@ def test_two_processes_equal_one_process_with_twice_the_batch(fixed_runs, name):
     ref, other = final_weights(runs["z0x1"]), final_weights(runs[name])
     at_step3 = torch.load(runs["z0x1"] / "checkpoints" / "step00000003" / "mp_rank_00_model_states.pt",
                           weights_only=False)["module"]
-    moved = max_diff(ref["unet"], {k: v.float() for k, v in at_step3.items()})  # 3 steps of training
+    moved = norm({k: ref["unet"][k] - at_step3[k].float() for k in ref["unet"]})  # steps 4-6 of training
     for kind in ("unet", "unet_ema"):
-        diff = max_diff(ref[kind], other[kind])
-        assert diff < 0.05 * moved, (kind, diff, moved)
-        assert diff < 1e-4, (kind, diff)
+        gap = norm({k: ref[kind][k] - other[kind][k] for k in ref[kind]})
+        assert gap < 1e-2 * moved, (kind, gap, moved)
+        assert max_diff(ref[kind], other[kind]) < 2e-4, kind
 
 
 @pytest.mark.distributed

@@ -67,7 +67,8 @@ def step_time(args) -> dict[str, float]:
 
     plain = build()
     cfg = train_config()
-    opt = torch.optim.AdamW(plain.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(plain.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
+                            fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
 
     def plain_step():

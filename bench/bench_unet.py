@@ -1,15 +1,16 @@
 """Benchmark P1: one training step of our UNet vs diffusers' UNet2DConditionModel of identical configuration.
 
 A step is forward + MSE loss + backward + AdamW step on the emoji-cpu preset (batch 32, 8x8x4 latents,
-16 MiniLM tokens of 384-d with padding masked, as in training). Both models hold the same weights, run in
-the same process on the same threads; repeats are interleaved (the order alternates) and medians are
+16 MiniLM tokens of 384-d with padding masked, as in training). Both models hold the same weights and use the
+same optimizer (torch's fused AdamW, as the trainer does; ``--loop-adam`` for the per-tensor loop), run in
+the same process on the same threads (``--threads``, default all); repeats are interleaved (the order alternates) and medians are
 compared, of wall-clock time and of process CPU time (which time slices lost to other processes on a
 shared machine do not inflate), and the fastest decile of CPU times (the steps least disturbed by other
 processes' use of the caches). Achieved FLOP/s (counted by torch's FlopCounterMode) is set against a
 matmul peak measured in the same run. On a busy machine the ratios move by several percent from run to
 run: repeat, and prefer more repeats.
 
-    nice -n 19 env OMP_NUM_THREADS=1 .venv/bin/python -m bench.bench_unet --repeats 15
+    .venv/bin/python -m bench.bench_unet --repeats 30 --threads 2
 """
 
 from __future__ import annotations
@@ -68,7 +69,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--no-mask", action="store_true", help="no padding mask (every token attended)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--loop-adam", action="store_true", help="torch's per-tensor AdamW loop instead of fused")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     ours = UNet(**unet_preset("emoji-cpu")).train()
@@ -77,10 +82,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     inp = make_inputs(args.batch, args.tokens, ours.config["context_dim"])
     mask = None if args.no_mask else inp["mask"]
     x, t, context, target = inp["x"], inp["t"], inp["context"], inp["target"]
+    adam = {"lr": 1e-4, "fused": not args.loop_adam}
     runs = {
-        "ours": (lambda: ours(x, t, context, mask), torch.optim.AdamW(ours.parameters(), lr=1e-4)),
+        "ours": (lambda: ours(x, t, context, mask), torch.optim.AdamW(ours.parameters(), **adam)),
         "diffusers": (lambda: ref(x, t, context, encoder_attention_mask=mask).sample,
-                      torch.optim.AdamW(ref.parameters(), lr=1e-4)),
+                      torch.optim.AdamW(ref.parameters(), **adam)),
     }
     with torch.no_grad():
         diff = (runs["ours"][0]() - runs["diffusers"][0]()).abs().max().item()
@@ -112,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     params = sum(p.numel() for p in ours.parameters())
     print(f"UNet emoji-cpu: {params / 1e6:.2f}M params; batch {args.batch}, 8x8x4 latents, "
           f"{args.tokens} tokens x {ours.config['context_dim']}-d, mask={'no' if mask is None else 'padded'}; "
-          f"torch {torch.__version__}, diffusers {diffusers.__version__}, {torch.get_num_threads()} thread(s)")
+          f"torch {torch.__version__}, diffusers {diffusers.__version__}, {torch.get_num_threads()} thread(s), "
+          f"{'loop' if args.loop_adam else 'fused'} AdamW")
     print(f"max |ours - diffusers| on the forward: {diff:.2e}")
     for name in runs:
         q = sorted(wall[name])

@@ -116,16 +116,42 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
+# Per axis, a 3x3 convolution (taps w0, w1, w2) of a nearest-neighbour x2 upsampled signal gives output
+# 2m from x[m-1] w0 + x[m] (w1 + w2) and output 2m+1 from x[m] (w0 + w1) + x[m+1] w2: a stride-2 transposed
+# convolution with the 4 taps [w2, w1 + w2, w0 + w1, w0] (padding 1), i.e. taps = _UPSAMPLE_TAPS @ w.
+_UPSAMPLE_TAPS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+
+
+class UpsampleConv(nn.Conv2d):
+    """A 3x3 convolution (diffusers' Upsample2D conv, same parameters) applied after nearest upsampling.
+
+    For the usual exact doubling it runs as one transposed convolution whose 4x4 kernel holds sums of the
+    3x3 taps: 4/9 of the multiply-adds, and no upsampled copy of the input in forward or backward.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Map (B, C, h, w) to (B, C, *size) as conv(nearest_upsample(x, size))."""
+        if tuple(size) != (2 * x.shape[-2], 2 * x.shape[-1]):  # odd skip size: upsample explicitly
+            return super().forward(F.interpolate(x, size=size, mode="nearest"))
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)  # sum bf16/fp16 taps in fp32
+        taps = _UPSAMPLE_TAPS.to(x.device, dtype)  # (4, 3)
+        kernel = torch.einsum("ka,oiab,lb->iokl", taps, self.weight.to(dtype), taps)  # (Cin, Cout, 4, 4)
+        return F.conv_transpose2d(x, kernel.to(self.weight.dtype), self.bias, stride=2, padding=1)
+
+
 class Upsample(nn.Module):
     """Nearest-neighbour upsampling to the skip connection's size, then a 3x3 convolution."""
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = UpsampleConv(channels)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Map (B, C, h, w) to (B, C, *size); size is 2x (h, w) unless the input size was odd."""
-        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+        return self.conv(x, size)
 
 
 class _Level(nn.Module):

@@ -145,3 +145,27 @@ def test_padding_no_sample_attends_to_is_dropped_exactly():
         torch.testing.assert_close(out, shorter, atol=1e-6, rtol=0)
         full = torch.ones(2, 7, dtype=torch.bool)  # a mask that masks nothing is no mask
         torch.testing.assert_close(model(x, t, context, full), model(x, t, context), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("size", [(4, 6), (8, 8), (5, 7), (9, 6)])
+def test_upsample_conv_equals_nearest_upsampling_then_conv(size):
+    """The transposed-convolution form of nearest x2 + 3x3 conv: outputs and all gradients in float64 (odd
+    skip sizes take the explicit path), and within bf16 rounding for bf16 weights and inputs."""
+    from ldm.models.unet import UpsampleConv
+
+    torch.manual_seed(0)
+    conv = UpsampleConv(6).double()
+    h, w = size[0] // 2 + size[0] % 2, size[1] // 2 + size[1] % 2  # the decoder's input for this skip size
+    x = torch.randn(2, 6, h, w, dtype=torch.float64, requires_grad=True)
+    out = conv(x, size)
+    grads = torch.autograd.grad(out.square().sum(), (x, conv.weight, conv.bias))
+    up = torch.nn.functional.interpolate(x, size=size, mode="nearest")
+    expected = torch.nn.functional.conv2d(up, conv.weight, conv.bias, padding=1)
+    expected_grads = torch.autograd.grad(expected.square().sum(), (x, conv.weight, conv.bias))
+    assert out.shape == (2, 6, *size)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, atol=1e-10, rtol=1e-12)
+    bf16 = UpsampleConv(6).to(torch.bfloat16)
+    bf16.load_state_dict(conv.state_dict())
+    torch.testing.assert_close(bf16(x.detach().bfloat16(), size).double(), expected.detach(), atol=0.1, rtol=0.03)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -31,8 +33,29 @@ def usage_error(message: str) -> None:
     raise SystemExit(EXIT_USAGE)
 
 
+def retain_freed_memory() -> bool:
+    """Let glibc keep freed memory for reuse instead of returning it to the OS after every tensor.
+
+    By default glibc serves large blocks (from 128 KiB, adaptively up to 32 MiB) with mmap and unmaps them
+    on free, and trims the heap top: every training step then faults its activations' pages in again. On
+    the 2-core CPU the embedded default trains 1.87 -> 2.46 steps/s with this (1.07M -> 0.27M page faults
+    in 60 steps), with the same losses. Users' MALLOC_*_ variables (or another allocator) take precedence.
+    Returns whether the settings were applied.
+    """
+    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt  # glibc only (not macOS, not musl)
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
+    return bool(mallopt(m_mmap_threshold, 256 << 20)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def run_main(fn: Callable[[], int | None]) -> int:
-    """Run a CLI body: configure logging; a ConfigError or ValueError from bad input exits 2 with one line."""
+    """Run a CLI body: configure logging and malloc; a ConfigError or ValueError from bad input exits 2 with one
+    line."""
+    retain_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("deepspeed", "DeepSpeed", "torch.distributed", "alembic", "mlflow", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,12 +1,12 @@
 """Benchmark P1: one training step of our UNet vs diffusers' UNet2DConditionModel of identical configuration.
 
 A step is forward + MSE loss + backward + AdamW step on the emoji-cpu preset (batch 32, 8x8x4 latents,
-16 MiniLM tokens of 384-d with padding masked, as in training). Both models hold the same weights and use the
-same optimizer (torch's fused AdamW, as the trainer does; ``--loop-adam`` for the per-tensor loop), run in
-the same process on the same threads (``--threads``, default all); repeats are interleaved (the order alternates) and medians are
-compared, of wall-clock time and of process CPU time (which time slices lost to other processes on a
-shared machine do not inflate), and the fastest decile of CPU times (the steps least disturbed by other
-processes' use of the caches). Achieved FLOP/s (counted by torch's FlopCounterMode) is set against a
+16 MiniLM tokens of 384-d with padding masked, as in training). Both models hold the same weights, use the
+same optimizer (torch's fused AdamW, as the trainer does; ``--loop-adam`` for the per-tensor loop) and run
+in the same process on the same threads (``--threads``, default all); repeats are interleaved (the order
+alternates) and medians are compared, of wall-clock time and of process CPU time (which time slices lost to
+other processes on a shared machine do not inflate), and the fastest decile of CPU times (the steps least
+disturbed by other processes' use of the caches). Achieved FLOP/s (counted by torch's FlopCounterMode) is set against a
 matmul peak measured in the same run. On a busy machine the ratios move by several percent from run to
 run: repeat, and prefer more repeats.
 

@@ -38,7 +38,7 @@ def retain_freed_memory() -> bool:
 
     By default glibc serves large blocks (from 128 KiB, adaptively up to 32 MiB) with mmap and unmaps them
     on free, and trims the heap top: every training step then faults its activations' pages in again. On
-    the 2-core CPU the embedded default trains 1.87 -> 2.46 steps/s with this (1.07M -> 0.27M page faults
+    the 2-core CPU the embedded default trains at 2.3-2.5 instead of 1.87 steps/s with this (1.07M -> 0.27M page faults
     in 60 steps), with the same losses. Users' MALLOC_*_ variables (or another allocator) take precedence.
     Returns whether the settings were applied.
     """

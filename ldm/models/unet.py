@@ -131,13 +131,14 @@ class UpsampleConv(nn.Conv2d):
 
     def __init__(self, channels: int):
         super().__init__(channels, channels, kernel_size=3, padding=1)
+        self.register_buffer("taps", _UPSAMPLE_TAPS.clone(), persistent=False)  # moves with the module
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Map (B, C, h, w) to (B, C, *size) as conv(nearest_upsample(x, size))."""
         if tuple(size) != (2 * x.shape[-2], 2 * x.shape[-1]):  # odd skip size: upsample explicitly
             return super().forward(F.interpolate(x, size=size, mode="nearest"))
         dtype = torch.promote_types(self.weight.dtype, torch.float32)  # sum bf16/fp16 taps in fp32
-        taps = _UPSAMPLE_TAPS.to(x.device, dtype)  # (4, 3)
+        taps = self.taps.to(dtype)  # (4, 3), entries 0/1: exact in any dtype
         kernel = torch.einsum("ka,oiab,lb->iokl", taps, self.weight.to(dtype), taps)  # (Cin, Cout, 4, 4)
         return F.conv_transpose2d(x, kernel.to(self.weight.dtype), self.bias, stride=2, padding=1)
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from autoencoder.io import check_state_dict, read_state_dict
+from ldm.io import check_state_dict, read_state_dict
 from ldm.conditioning.text import Cond, FrozenTextEncoder
 
 LAYERS = ("last", "penultimate")

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ldm.rng import rand
+from ldm.diffusion.rng import rand
 
 Tensor = torch.Tensor
 Cond = dict[str, Tensor]  # {"context": (B, L, D), "context_mask": (B, L) bool[, "pooled": (B, P)]}

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from ldm.rng import per_sample, rand, randn  # noqa: F401 - re-exported: the math's randomness
+from ldm.diffusion.rng import per_sample, rand, randn  # noqa: F401 - re-exported: the math's randomness
 
 Tensor = torch.Tensor
 LOG_ALPHA_BAR_FLOOR = math.log(2.0**-24)  # between knots a zero-terminal-SNR chain keeps a finite log alpha_bar

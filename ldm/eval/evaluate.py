@@ -139,7 +139,8 @@ class Evaluator:
         model = train_classifier(train.images, train.labels, seed=self.seed, progress=self.progress)
         floor_images = pool.subset(split.floor).floats()
         self.real_alignment = {"class_acc_real": model.accuracy(floor_images, self.labels),
-                               "class_chance": chance_level(self.labels), "classifier_images": len(train)}
+                               "class_chance": chance_level(self.labels), "classifier_images": len(train),
+                               "classifier_keys": train.keys}
         model.save(path)
         atomic_write_bytes(path.with_name(f"{ARCH}-ceiling.json"), json.dumps(self.real_alignment).encode())
         return model
@@ -168,7 +169,8 @@ class Evaluator:
             lo, hi = binomial_interval(acc, self.num_images)
             metrics.update({"class_acc": acc, "class_acc_lo": lo, "class_acc_hi": hi,
                             "class_acc_real": self.real_alignment["class_acc_real"],
-                            "class_chance": self.real_alignment["class_chance"]})
+                            "class_chance": self.real_alignment["class_chance"],
+                            "classifier_images": float(self.real_alignment["classifier_images"])})
         if self.clip is not None:
             scores = torch.cat([self.clip(images[i:i + self.batch_size], self.prompts[i:i + self.batch_size])
                                 for i in range(0, self.num_images, self.batch_size)])

@@ -15,7 +15,7 @@ from ldm.assemble import Components
 from ldm.conditioning import expand_cond
 from ldm.diffusion import band_times, eps_mse
 from ldm.pipeline import make_grid, unet_denoiser
-from ldm.rng import sample_generators
+from ldm.diffusion.rng import sample_generators
 from ldm.train.distributed import DistInfo, sum_across_ranks
 
 

@@ -22,7 +22,7 @@ from ldm.conditioning import conditioning_dropout
 from ldm.config import LDMConfig, save_config, to_dict
 from ldm.io import save_tensors
 from ldm.pipeline import unet_denoiser
-from ldm.rng import sample_generators
+from ldm.diffusion.rng import sample_generators
 from ldm.tracking import Tracker
 from ldm.train import hooks
 from ldm.train.checkpoint import Checkpointer

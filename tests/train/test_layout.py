@@ -11,7 +11,7 @@ from ldm.assemble import build_process
 from ldm.conditioning import conditioning_dropout
 from ldm.config import LDMConfig
 from ldm.diffusion import diffusion_loss
-from ldm.rng import sample_generators
+from ldm.diffusion.rng import sample_generators
 from ldm.train.position import DataPosition
 
 

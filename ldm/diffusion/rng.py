@@ -3,7 +3,8 @@
 Every stochastic function of the project takes a ``torch.Generator`` or a list with one generator per batch
 element. The trainer seeds one generator per sample from (run seed, rollbacks, optimizer step, sample key), so a
 sample's noise, time and condition dropout are the same whichever rank or micro-batch it lands in; sampling seeds
-image i with its own seed. This module imports nothing of the project (math, data and training all use it).
+image i with its own seed. It lives with the math, which needs it, and imports nothing else of the project; data,
+conditioning and training draw from it too.
 """
 
 from __future__ import annotations

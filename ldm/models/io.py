@@ -55,11 +55,13 @@ def load_unet_weights(unet: UNet, source: Source, layout: str = "auto", ema: boo
     return unet
 
 
-def save_diffusers(unet: UNet, folder: str | os.PathLike) -> Path:
-    """Write unet as a diffusers UNet2DConditionModel folder, atomically."""
+def save_diffusers(unet: UNet, folder: str | os.PathLike, state_dict: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write unet (its config, and its weights or the given state_dict) as a diffusers UNet2DConditionModel folder,
+    atomically."""
 
     def fill(tmp: Path) -> None:
-        weights = {k: v.detach().to("cpu").contiguous() for k, v in unet.state_dict().items()}
+        state = unet.state_dict() if state_dict is None else state_dict
+        weights = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
         save_file(weights, str(tmp / DIFFUSERS_WEIGHTS_NAME), metadata={"format": "pt"})
         config = {"_class_name": "UNet2DConditionModel", **unet.to_diffusers_config()}
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -29,6 +29,7 @@ from ldm.conditioning.base import (
 )
 from ldm.conditioning.clip import CLIPTextEncoder
 from ldm.conditioning.composite import CompositeTextEncoder, sdxl_text_encoders
+from ldm.conditioning.fingerprint import text_encoder_fingerprint
 from ldm.conditioning.hf import HFTextEncoder, default_text_encoder_path
 from ldm.conditioning.micro import NUM_TIME_IDS, micro_conditions
 from ldm.conditioning.openclip import OpenCLIPTextEncoder, quiet_random_init_warning
@@ -82,4 +83,4 @@ __all__ = ["CLIPTextEncoder", "CompositeTextEncoder", "Cond", "FrozenTextEncoder
            "NULL_KINDS", "NUM_TIME_IDS", "OpenCLIPTextEncoder", "TEXT_ENCODERS", "TEXT_ENCODER_KINDS",
            "build_text_encoder", "build_text_encoders", "conditioning_dropout", "default_text_encoder_path",
            "expand_cond", "masked_mean", "micro_conditions", "null_condition", "quiet_random_init_warning",
-           "sdxl_text_encoders"]
+           "sdxl_text_encoders", "text_encoder_fingerprint"]

@@ -149,6 +149,24 @@ def resolve_split(spec: str, split: str = "train", val_fraction: float = 0.0,
     return resolve_shards(spec, "train"), holdout
 
 
+def from_npy(data: bytes, dtype: str = "float32") -> torch.Tensor:
+    """A tensor stored as .npy bytes in a recorded dtype (bfloat16 is stored as its uint16 bits)."""
+    t = torch.from_numpy(np.load(io.BytesIO(data)))
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+def pick_cached_text(sample: dict, rng: random.Random) -> tuple[str, dict[str, torch.Tensor]]:
+    """One of a text-cache sample's captions (seeded choice) and its cached embeddings, as float32 and bool."""
+    info = json.loads(sample["text.json"])
+    captions, dtype = info["captions"], info["dtype"]
+    i = rng.randrange(len(captions)) if len(captions) > 1 else 0
+    out = {"context": from_npy(sample["text_context.npy"], dtype)[i].float(),  # (L, D)
+           "context_mask": from_npy(sample["text_mask.npy"])[i].bool()}  # (L,)
+    if "text_pooled.npy" in sample:
+        out["pooled"] = from_npy(sample["text_pooled.npy"], dtype)[i].float()  # (P,)
+    return captions[i], out
+
+
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Composite any transparency onto a solid background (white by default); returns RGB."""
     if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):  # 16-bit grey: keep the high byte (convert clips)
@@ -254,9 +272,10 @@ class ShardStream(IterableDataset):
 
     def __init__(self, urls: list[str], *, batch_size: int, image_size: int, seed: int, rank: int,
                  world_size: int, shuffle_buffer: int, batches_per_epoch: int | None, caption: str,
-                 flip: bool, epoch: int, latents: bool = False, holdout: KeyHoldout | None = None) -> None:
+                 flip: bool, epoch: int, latents: bool = False, holdout: KeyHoldout | None = None,
+                 text: bool = False) -> None:
         super().__init__()
-        self.latents, self.holdout = latents, holdout
+        self.latents, self.holdout, self.text = latents, holdout, text
         self.urls, self.batch_size, self.image_size = list(urls), batch_size, image_size
         self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, epoch
         self.shuffle_buffer, self.batches_per_epoch = shuffle_buffer, batches_per_epoch
@@ -276,9 +295,15 @@ class ShardStream(IterableDataset):
             while True:
                 yield {"url": rng.choice(pool)}
 
-    def _decode(self, sample: dict, rng: random.Random) -> tuple[torch.Tensor, str]:
-        """Raw sample -> (image (3, H, W) in [-1, 1] or cached latent (C, h, w), caption); raises on a bad sample."""
-        caption = pick_caption(sample, self.caption)
+    def _decode(self, sample: dict, rng: random.Random) -> tuple[torch.Tensor, str | tuple[str, dict]]:
+        """Raw sample -> (image (3, H, W) in [-1, 1] or cached latent (C, h, w), caption or (caption, cached
+        embeddings)); raises on a bad sample."""
+        if self.text:
+            if "text.json" not in sample:
+                raise ValueError("no cached text embeddings (text.json) in sample")
+            caption = pick_cached_text(sample, rng)
+        else:
+            caption = pick_caption(sample, self.caption)
         if self.latents:
             if "npy" not in sample:
                 raise ValueError("no latent (npy) in sample")
@@ -312,10 +337,14 @@ class ShardStream(IterableDataset):
         if images and self.batches_per_epoch is None:
             yield self._collate(images, captions, keys)
 
-    def _collate(self, images: list[torch.Tensor], captions: list[str], keys: list[str]) -> dict:
-        """One batch dict."""
-        return {"latent" if self.latents else "image": torch.stack(images),  # (B, 3, H, W) or (B, C, h, w)
-                "caption": captions, "key": keys, "skipped": self.skips.count}
+    def _collate(self, images: list[torch.Tensor], captions: list, keys: list[str]) -> dict:
+        """One batch dict (with cached text: context (B, L, D), context_mask (B, L)[, pooled (B, P)] too)."""
+        batch = {"latent" if self.latents else "image": torch.stack(images),  # (B, 3, H, W) or (B, C, h, w)
+                 "caption": captions, "key": keys, "skipped": self.skips.count}
+        if self.text:
+            batch["caption"] = [c for c, _ in captions]
+            batch.update({k: torch.stack([e[k] for _, e in captions]) for k in captions[0][1]})  # (B, ...)
+        return batch
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -365,11 +394,13 @@ def make_loader(urls: list[str], *, batch_size: int, image_size: int, seed: int 
                 rank: int = 0, world_size: int = 1, num_workers: int = 0,
                 shuffle_buffer: int = 1000, batches_per_epoch: int | None = None,
                 caption: str = "label", flip: bool = False, epoch: int = 0, latents: bool = False,
-                holdout: KeyHoldout | None = None) -> Iterable[dict]:
+                holdout: KeyHoldout | None = None, text: bool = False) -> Iterable[dict]:
     """Batches {image (B, 3, H, W) in [-1, 1], caption, key, skipped} from WebDataset shard URLs.
 
     With ``latents=True`` the shards are pre-encoded latent shards and batches hold ``latent`` (B, C, h, w).
     With a ``holdout`` only the samples of its part (held-out keys for "val", the others for "train") come out.
+    With ``text=True`` the shards hold cached text embeddings (``ldm.data.text_cache``): each sample's caption is
+    one of its cached captions and the batch carries its ``context``, ``context_mask`` and ``pooled``.
     """
     if isinstance(urls, str):
         urls = resolve_shards(urls)
@@ -389,5 +420,5 @@ def make_loader(urls: list[str], *, batch_size: int, image_size: int, seed: int 
     stream = ShardStream(urls, batch_size=batch_size, image_size=image_size, seed=seed, rank=rank,
                          world_size=world_size, shuffle_buffer=shuffle_buffer,
                          batches_per_epoch=batches_per_epoch, caption=caption, flip=flip, epoch=epoch,
-                         latents=latents, holdout=holdout)
+                         latents=latents, holdout=holdout, text=text)
     return ShardLoader(stream, num_workers)

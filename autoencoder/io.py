@@ -17,18 +17,14 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import pickle
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from autoencoder.convert import COMPVIS_PREFIXES, compvis_to_diffusers, compvis_vae_subdict, diffusers_to_compvis
 from autoencoder.model import AutoencoderKL
+from ldm.io import check_state_dict, load_tensors, read_state_dict, save_tensors, write_folder_atomically, write_json
 
 # Stable Diffusion 1.x/2.x's KL-f8 autoencoder (its CompVis checkpoints carry no config).
 SD_VAE_CONFIG: dict[str, Any] = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
@@ -39,54 +35,12 @@ CONFIG_NAME = "config.json"
 DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_folder_atomically(folder: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
-    """Build a folder with fill(tmp) in a temp dir beside it, then rename it into place.
-
-    A crash leaves either the previous folder or the complete new one, never a partial folder. The
-    folder is replaced as a whole: other files inside an existing `folder` are not kept.
-    """
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        fill(tmp)
-        if folder.exists():
-            # A directory cannot be renamed over a non-empty one: move the old one aside first.
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-            os.replace(folder, old / folder.name)
-            try:
-                os.replace(tmp, folder)
-            except BaseException:
-                os.replace(old / folder.name, folder)  # put the previous version back
-                raise
-            finally:
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
-
-
-def _cpu_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-
-
 def save_pretrained(model: AutoencoderKL, folder: str | os.PathLike) -> Path:
     """Write weights + config into `folder` atomically (see write_folder_atomically)."""
 
     def fill(tmp: Path) -> None:
-        save_file(_cpu_weights(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        _write_json(tmp / CONFIG_NAME, {"format": FORMAT_TAG, **model.config})
+        save_tensors(model.state_dict(), tmp / WEIGHTS_NAME)
+        write_json(tmp / CONFIG_NAME, {"format": FORMAT_TAG, **model.config})
 
     return write_folder_atomically(folder, fill)
 
@@ -95,8 +49,8 @@ def save_diffusers(model: AutoencoderKL, folder: str | os.PathLike) -> Path:
     """Write a folder that diffusers' AutoencoderKL.from_pretrained (and load_diffusers) loads."""
 
     def fill(tmp: Path) -> None:
-        save_file(_cpu_weights(model), str(tmp / DIFFUSERS_WEIGHTS_NAME), metadata={"format": "pt"})
-        _write_json(tmp / CONFIG_NAME, {"_class_name": "AutoencoderKL", **model.to_diffusers_config()})
+        save_tensors(model.state_dict(), tmp / DIFFUSERS_WEIGHTS_NAME)
+        write_json(tmp / CONFIG_NAME, {"_class_name": "AutoencoderKL", **model.to_diffusers_config()})
 
     return write_folder_atomically(folder, fill)
 
@@ -107,63 +61,6 @@ def _read_config(folder: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{folder}: no {CONFIG_NAME}; not a saved autoencoder folder")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-def check_state_dict(
-    expected: torch.nn.Module | Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], source: str
-) -> None:
-    """Raise a ValueError naming `source` and every missing, unexpected or mis-shaped key."""
-    if isinstance(expected, torch.nn.Module):
-        expected = expected.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(expected) & set(state) if state[k].shape != expected[k].shape
-    )
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"checkpoint {source} does not match the model config: "
-            f"missing keys {missing}; unexpected keys {unexpected}; shape mismatches {shapes}"
-        )
-
-
-def read_state_dict(path: str | os.PathLike, prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors file, or of a .ckpt/.pt/.pth/.bin file read with torch.load(weights_only=True).
-
-    Nothing is unpickled beyond tensors and plain containers, so a file cannot run code. A Lightning
-    checkpoint's ``state_dict`` entry is returned when present. When some key starts with one of
-    `prefixes`, only those keys are returned (and only those are read from a safetensors file, e.g.
-    the VAE of a whole Stable Diffusion checkpoint).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            keys = _select(list(f.keys()), prefixes)
-            return {k: f.get_tensor(k) for k in keys}
-    if path.suffix not in (".ckpt", ".pt", ".pth", ".bin"):
-        raise ValueError(f"{path}: unknown checkpoint format (expected .safetensors, .ckpt, .pt, .pth or .bin)")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"{path}: refusing to unpickle objects other than tensors; convert the file to "
-                         f"safetensors in a trusted environment ({str(err).splitlines()[0]})") from None
-    if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
-        data = data["state_dict"]
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{path}: expected a state dict, found {type(data).__name__}")
-    not_tensors = sorted(k for k, v in data.items() if not isinstance(v, torch.Tensor))
-    if not_tensors:
-        raise ValueError(f"{path}: entries that are not tensors: {not_tensors[:10]}")
-    return {k: data[k] for k in _select(list(data), prefixes)}
-
-
-def _select(keys: list[str], prefixes: tuple[str, ...]) -> list[str]:
-    """The keys under prefixes if there are any, else all keys."""
-    chosen = [k for k in keys if k.startswith(prefixes)] if prefixes else []
-    return chosen or keys
 
 
 def load_weights(
@@ -210,7 +107,7 @@ def _build(config: Mapping[str, Any], folder: Path) -> AutoencoderKL:
 def _load_frozen(model: AutoencoderKL, weights: Path, device: str | torch.device) -> AutoencoderKL:
     if not weights.is_file():
         raise FileNotFoundError(f"{weights.parent}: missing weights file {weights.name}")
-    state = load_file(str(weights), device="cpu")  # safetensors: plain tensors, no code
+    state = load_tensors(weights)  # safetensors: plain tensors, no code
     check_state_dict(model, state, str(weights.parent))
     model.load_state_dict(state, strict=True)
     return freeze(model.to(device))

@@ -45,7 +45,7 @@ def train_config():
 def engine_for(model, stage: int, batch: int):
     import deepspeed
 
-    from ldm.train.trainer import deepspeed_config, lr_lambda
+    from ldm.train.engine import deepspeed_config, lr_lambda
 
     cfg = train_config()
     cfg.zero_stage = stage
@@ -58,7 +58,7 @@ def engine_for(model, stage: int, batch: int):
 
 def step_time(args) -> dict[str, float]:
     from ldm.train.distributed import init_distributed
-    from ldm.train.trainer import lr_lambda
+    from ldm.train.engine import lr_lambda
 
     init_distributed("cpu")
     torch.set_num_threads(args.threads)

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from ldm.eval import Evaluator, SweepPoint, format_table, run_sweep
-from ldm.export import load_pipeline
-from ldm.tracking.plots import guidance_tradeoff, nfe_curves
+from ldm.assemble import load_exported
+from ldm.report.plots import guidance_tradeoff, nfe_curves
 
 SAMPLERS = ("ddpm", "ddim", "euler_maruyama", "pc", "heun_ode", "dpmpp_2m")
 
@@ -70,7 +70,7 @@ def main() -> None:
     start = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pipe, cfg = load_pipeline(args.model)
+    pipe, cfg = load_exported(args.model)
     evaluator = Evaluator(args.data, image_size=cfg.data.image_size, train_data=args.data,
                           caption=cfg.data.caption, num_images=args.num_images, batch_size=args.batch_size,
                           probe_per_class=args.probe_per_class, cache_dir=args.cache_dir)

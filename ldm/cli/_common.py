@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -53,23 +54,61 @@ def retain_freed_memory() -> bool:
 
 
 def run_main(fn: Callable[[], int | None]) -> int:
-    """Run a CLI body: configure logging and malloc; a ConfigError or ValueError from bad input exits 2 with one
-    line."""
+    """Run a CLI body: configure logging and malloc; a ConfigError, a bad weights file or export target exits 2 with
+    one line."""
     retain_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("deepspeed", "DeepSpeed", "torch.distributed", "alembic", "mlflow", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from ldm.export import ExportTargetError
+    from ldm.io import WeightsError
+
     try:
         return fn() or 0
     except ConfigError as e:
         usage_error(f"config: {e}")
+    except (WeightsError, ExportTargetError) as e:  # a bad input file or target, named in the message
+        usage_error(str(e))
     return 0
+
+
+def resolve_device(device: str, flag: str = "--device"):
+    """A torch.device for auto | cpu | cuda | cuda:N (auto: the first GPU when there is one); usage error otherwise."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        usage_error(f"{flag}: unknown device {device!r} (use auto, cpu, cuda or cuda:N)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        usage_error(f"{flag}: {device} requested but no CUDA device is available")
+    if dev.type not in ("cpu", "cuda"):
+        usage_error(f"{flag}: unsupported device {device!r} (use auto, cpu, cuda or cuda:N)")
+    return dev
+
+
+def check_output_folder(path: str, flag: str = "--out") -> Path:
+    """An output folder that is absent or a folder (a file there is a usage error, and is left untouched)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        usage_error(f"{flag}: {out} exists and is not a folder")
+    return out
+
+
+def check_guidance(value: float, flag: str = "--guidance") -> None:
+    if not math.isfinite(value) or value < 0:
+        usage_error(f"{flag}: must be a finite number >= 0, got {value}")
 
 
 def resolve_model(model: str, tracking_uri: str | None) -> Path:
     """A local folder for --model: MLflow runs:/ and models:/ URIs are downloaded (and cached) first."""
     if not model.startswith(("runs:/", "models:/")):
-        return Path(model)
+        path = Path(model)
+        if not path.is_dir():
+            usage_error(f"--model: no such folder {model}")
+        return path
     from ldm.tracking import download_artifacts
 
     try:
@@ -78,20 +117,53 @@ def resolve_model(model: str, tracking_uri: str | None) -> Path:
         usage_error(f"--model: cannot fetch {model}: {str(e).splitlines()[0]}")
 
 
-def load_model(model: str, device: str, tracking_uri: str | None = None, raw_weights: bool = False,
-               samplers: Iterable[tuple[str, str | None]] = ()):
-    """(pipeline, config) for --model (export, run folder, runs:/ or models:/ URI) on --device (auto: cuda if
-    there is one); every (sampler, spacing) must suit the model. Any problem is a usage error naming --model."""
-    import torch
+def model_config(folder: Path):
+    """The LDM config of an exported model or of a training run folder (read before any weights load)."""
+    from ldm.config import LDMConfig, load_config
 
-    from ldm.export import load_pipeline
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not (folder / "config.yaml").is_file():
+        usage_error(f"--model: {folder} is neither an exported model folder nor a training run (no config.yaml)")
     try:
-        pipe, cfg = load_pipeline(resolve_model(model, tracking_uri), device, use_ema=not raw_weights)
-        for sampler, spacing in samplers:
-            pipe.check_sampler(sampler, spacing)
+        return load_config(LDMConfig, folder / "config.yaml")
+    except ConfigError as e:
+        usage_error(f"--model: {folder / 'config.yaml'}: {e}")
+
+
+def check_sampling(cfg, sampler: str, steps: int, spacing: str | None = None) -> None:
+    """The model of ``cfg`` can be sampled with these settings; a usage error naming the flag otherwise."""
+    from ldm.assemble import build_process
+    from ldm.pipeline import check_sampling as check
+
+    if steps < 1:
+        usage_error(f"--steps must be positive, got {steps}")
+    try:
+        check(build_process(cfg.diffusion), cfg.diffusion.prediction, sampler, steps, spacing)
+    except ValueError as e:
+        flag = "--spacing" if spacing is not None and "spacing" in str(e) else "--steps" if "steps" in str(e) \
+            else "--sampler"
+        usage_error(f"{flag}: {e}")
+
+
+def load_model(model: str, device: str, tracking_uri: str | None = None, raw_weights: bool = False,
+               samplers: Iterable[tuple[str, str | None, int]] = ()):
+    """(pipeline, config) for --model: an export, a training run folder (its latest checkpoint, read in memory:
+    loading never writes), or a runs:/ / models:/ URI, on --device (auto: cuda if there is one). Every
+    (sampler, spacing, steps) is checked against the model's config before any weights load."""
+    folder = resolve_model(model, tracking_uri)
+    cfg = model_config(folder)
+    for sampler, spacing, steps in samplers:
+        check_sampling(cfg, sampler, steps, spacing)
+    dev = resolve_device(device)
+    from ldm.assemble import from_weights, load_exported
+    from ldm.io import load_tensors
+
+    try:
+        if (folder / "unet_ema.safetensors").is_file() or not (folder / "checkpoints").is_dir():
+            return load_exported(folder, dev, use_ema=not raw_weights)
+        from ldm.train.checkpoint import read_weights
+
+        raw, ema, _ = read_weights(folder / "checkpoints")
+        null = load_tensors(folder / "null_condition.safetensors")
+        return from_weights(cfg, raw if raw_weights else ema, null, dev), cfg
     except (ValueError, FileNotFoundError) as e:
         usage_error(f"--model: {e}")
-    return pipe, cfg

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 from pathlib import Path
 
 from ldm.cli._common import load_model, run_main, usage_error
@@ -82,98 +80,46 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
 
     def body() -> int:
-        import torch
-        from tqdm import tqdm
-
-        from ldm.conditioning import expand_cond
         from ldm.config import to_dict
-        from ldm.data.stream import make_loader, resolve_shards
-        from ldm.diffusion import DiscreteVP, Predictor, ddpm_elbo, ode_likelihood
-        from ldm.pipeline import unet_denoiser
-        from ldm.tracking import Tracker, default_tracking_uri
+        from ldm.data.stream import resolve_shards
+        from ldm.eval.likelihood import held_out_likelihood
+        from ldm.report.plots import likelihood_histogram
+        from ldm.tracking import Tracker, tracking_uri
 
         pipe, cfg = load_model(args.model, args.device, args.tracking_uri, args.raw_weights)
-        device = pipe.device
         spec = args.data or cfg.data.val
         if not spec:
             usage_error("the model's config has no data.val: pass --data with held-out shards")
         try:
-            urls = resolve_shards(spec, args.split)
+            resolve_shards(spec, args.split)
         except ValueError as e:
             usage_error(f"--data: {e}")
-        loader = make_loader(urls, batch_size=args.batch_size, image_size=cfg.data.image_size, seed=args.seed,
-                             shuffle_buffer=0, caption=cfg.data.caption)  # one pass in shard order
-        process = pipe.process
-        elbo_on = args.elbo and isinstance(process, DiscreteVP)
-        evaluations = tqdm(desc="network evaluations", unit="eval", leave=False)  # the slow part: show it moving
-        network = unet_denoiser(pipe.unet)
-
-        def counted(x, t, c):
-            evaluations.update(1)
-            return network(x, t, c)
-
-        model = Predictor(counted, process, pipe.prediction)
-        time = "logsnr" if math.isfinite(float(process.log_snr_half(1.0))) else "t"  # zero terminal SNR: in t
-        solver = dict(method="rk4", steps=args.ode_steps) if args.ode_steps else dict(rtol=args.rtol, atol=args.atol)
-        generator = torch.Generator().manual_seed(args.seed)
-        ae_dtype = next(pipe.autoencoder.parameters()).dtype
-
-        rows, nfe = [], []
-        bar = tqdm(total=args.batches, desc="likelihood", unit="batch")
-        for batch in loader:
-            if len(nfe) == args.batches:
-                break
-            B = len(batch["caption"])
-            with torch.no_grad():
-                z = pipe.autoencoder.encode(batch["image"].to(device, ae_dtype)).float()  # (B, C, h, w)
-                cond = expand_cond(pipe.null_cond, B) if args.unconditional else pipe.text_encoder(batch["caption"])
-                cond = {k: v.to(device) for k, v in cond.items()}
-            ode = ode_likelihood(model, z, cond, exact_trace=args.exact_trace, probes=args.hutchinson_probes,
-                                 generator=generator, time=time, **solver)
-            nfe.append(ode.nfe)
-            elbo = ddpm_elbo(model, z, cond, variance=args.elbo_variance, terms=args.elbo_terms,
-                             generator=generator) if elbo_on else None
-            for i in range(B):
-                row = {"key": batch["key"][i], "caption": batch["caption"][i],
-                       "ode_logp": float(ode.logp[i]), "ode_bpd": float(ode.bpd[i])}
-                if elbo is not None:
-                    row.update(elbo=float(elbo.elbo[i]), elbo_bpd=float(elbo.bpd[i]),
-                               elbo_prior_kl=float(elbo.prior[i]), elbo_diffusion_kl=float(elbo.diffusion[i]),
-                               elbo_decoder_nll=float(elbo.decoder[i]))
-                rows.append(row)
-            bar.update(1)
-            bar.set_postfix(ode_bpd=f"{_mean([r['ode_bpd'] for r in rows]):.3f}",
-                            **({"elbo_bpd": f"{_mean([r['elbo_bpd'] for r in rows]):.3f}"} if elbo_on else {}))
-        bar.close()
-        evaluations.close()
-        if not rows:
-            usage_error(f"--data: no samples in split {args.split!r} of {spec}")
-
-        dim = math.prod(pipe.latent_shape)
-        summary = _summary(rows, nfe, dim)
-        terms = "all terms" if args.elbo_terms is None else f"{args.elbo_terms} stratified terms"
-        settings = {
-            "model": str(Path(args.model).resolve()), "data": str(spec), "split": args.split, "samples": len(rows),
-            "latent_shape": list(pipe.latent_shape), "dim": dim, "seed": args.seed,
-            "condition": "null" if args.unconditional else "caption", "weights": "raw" if args.raw_weights else "ema",
-            "ode_time": time,
-            "ode_solver": f"rk4 x {args.ode_steps}" if args.ode_steps else f"rk45 rtol={args.rtol} atol={args.atol}",
-            "trace": "exact" if args.exact_trace else f"hutchinson x {args.hutchinson_probes}",
-            "elbo": f"{terms}, {args.elbo_variance} variance" if elbo_on else "off",
-        }
+        try:
+            result = held_out_likelihood(
+                pipe, spec, args.split, image_size=cfg.data.image_size, caption=cfg.data.caption,
+                batches=args.batches, batch_size=args.batch_size, exact_trace=args.exact_trace,
+                probes=args.hutchinson_probes, ode_steps=args.ode_steps, rtol=args.rtol, atol=args.atol,
+                elbo=args.elbo, elbo_terms=args.elbo_terms, elbo_variance=args.elbo_variance,
+                unconditional=args.unconditional, seed=args.seed)
+        except ValueError as e:
+            usage_error(f"--elbo-terms: {e}" if "elbo_terms" in str(e) else f"--data: {e}")
+        settings = {"model": str(Path(args.model).resolve()), **result.settings,
+                    "weights": "raw" if args.raw_weights else "ema"}
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "likelihood.json").write_text(json.dumps({"settings": settings, "summary": summary, "samples": rows},
-                                                        indent=2))
-        _histogram(rows, out / "likelihood.png", f"{len(rows)} {args.split} samples, D = {dim}")
-        _print_table(settings, summary, elbo_on, args.elbo and not elbo_on, type(process).__name__)
+        (out / "likelihood.json").write_text(json.dumps({"settings": settings, "summary": result.summary,
+                                                         "samples": result.rows}, indent=2))
+        likelihood_histogram(result.rows, out / "likelihood.png",
+                             f"{len(result.rows)} {args.split} samples, D = {settings['dim']}")
+        _print_table(settings, result.summary, result.elbo, args.elbo and not result.elbo,
+                     type(pipe.process).__name__)
 
-        uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri or default_tracking_uri()
+        uri = tracking_uri(args.tracking_uri, cfg.tracking.uri)
         tracker = Tracker(uri, args.experiment or cfg.tracking.experiment, f"likelihood-{cfg.run.name}",
                           enabled=args.tracking)
         run_id = tracker.start({"likelihood": settings, "model_config": {"diffusion": to_dict(cfg.diffusion)}},
                                tags={"ldm.likelihood": "true"})
-        tracker.log_metrics({f"likelihood/{k}": v for k, v in summary.items()}, step=0)
+        tracker.log_metrics({f"likelihood/{k}": v for k, v in result.summary.items()}, step=0)
         tracker.log_artifact(out / "likelihood.json", "likelihood")
         tracker.log_artifact(out / "likelihood.png", "likelihood")
         tracker.end()
@@ -182,31 +128,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     return run_main(body)
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
-def _stderr(values: list[float]) -> float:
-    if len(values) < 2:
-        return float("nan")
-    m = _mean(values)
-    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1) / len(values))
-
-
-def _summary(rows: list[dict], nfe: list[int], dim: int) -> dict[str, float]:
-    """Means over samples (and standard errors of the bits/dim) as flat metric names."""
-    out = {"samples": float(len(rows)), "dim": float(dim), "ode_nfe": _mean([float(n) for n in nfe])}
-    for key, name in (("ode_bpd", "ode_bpd"), ("ode_logp", "ode_logp_nats"), ("elbo_bpd", "elbo_bpd"),
-                      ("elbo", "elbo_nats"), ("elbo_prior_kl", "elbo_prior_kl_nats"),
-                      ("elbo_diffusion_kl", "elbo_diffusion_kl_nats"), ("elbo_decoder_nll", "elbo_decoder_nll_nats")):
-        if key in rows[0]:
-            values = [r[key] for r in rows]
-            out[name] = _mean(values)
-            if key.endswith("bpd"):
-                out[f"{name}_stderr"] = _stderr(values)
-    return out
 
 
 def _print_table(settings: dict, summary: dict, elbo_on: bool, elbo_skipped: bool, process: str) -> None:
@@ -228,30 +149,6 @@ def _print_table(settings: dict, summary: dict, elbo_on: bool, elbo_skipped: boo
     if elbo_skipped:
         print(f"ELBO: not defined for this model's {process} (the DDPM bound needs the discrete chain)")
     print("bits/dim of continuous latents: no dequantisation, not comparable with pixel-space bits/dim\n")
-
-
-def _histogram(rows: list[dict], path: Path, title: str) -> None:
-    """Per-sample bits/dim, ODE and (when computed) ELBO, as one PNG (matplotlib's object API, no pyplot)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    series = [("ODE log-likelihood", "ode_bpd")]
-    if "elbo_bpd" in rows[0]:
-        series.append(("ELBO (upper bound)", "elbo_bpd"))
-    for label, key in series:
-        values = [r[key] for r in rows]
-        ax.hist(values, bins=max(5, min(40, len(values) // 2)), alpha=0.6,
-                label=f"{label}: mean {_mean(values):.3f}")
-        ax.axvline(_mean(values), color=ax.patches[-1].get_facecolor(), linestyle="--", linewidth=1)
-    ax.set_xlabel("bits per latent dimension (-log p / (D ln 2))")
-    ax.set_ylabel("samples")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ and the final --sweep-metric against each numeric parameter that varies (or each
 from __future__ import annotations
 
 import argparse
-import os
 
 from ldm.cli._common import run_main, usage_error
 
@@ -55,10 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
 
     def body() -> int:
-        from ldm.tracking import default_tracking_uri
-        from ldm.tracking.review import ReviewError, collect, log_review, make_client, write_report
+        from ldm.report.review import write_report
+        from ldm.tracking import tracking_uri
+        from ldm.tracking.query import ReviewError, collect, log_review, make_client
 
-        uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+        uri = tracking_uri(args.tracking_uri)
         try:
             client = make_client(uri)
             review = collect(client, args.experiment, uri, args.runs, args.metric, args.image_key)

@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ldm.cli._common import load_model, run_main, usage_error
+from ldm.cli._common import check_guidance, check_output_folder, load_model, resolve_device, run_main, usage_error
 from ldm.sampling import SAMPLERS
 
 
@@ -55,6 +55,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         usage_error("give at least one --prompt or a --prompts-file")
     if args.steps < 1 or args.images_per_prompt < 1 or args.batch_size < 1:
         usage_error("--steps, --images-per-prompt and --batch-size must be positive")
+    check_guidance(args.guidance)
+    check_output_folder(args.out)
+    resolve_device(args.device)
     if not args.model.startswith(("runs:/", "models:/")) and not Path(args.model).is_dir():
         usage_error(f"--model: no such folder {args.model}")
     return args
@@ -64,36 +67,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
 
     def body() -> int:
-        import torch
         from PIL.PngImagePlugin import PngInfo
-        from tqdm import tqdm
 
         from ldm.pipeline import make_grid, to_pil
 
         pipe, cfg = load_model(args.model, args.device, args.tracking_uri, args.raw_weights,
-                               [(args.sampler, args.spacing)])
+                               [(args.sampler, args.spacing, args.steps)])
         prompts = [p for p in args.prompt for _ in range(args.images_per_prompt)]
         seeds = [args.seed + i for i in range(len(prompts))]
+        images = pipe.generate(prompts, seeds, batch_size=args.batch_size, negative_prompt=args.negative_prompt,
+                               sampler=args.sampler, steps=args.steps, guidance=args.guidance, spacing=args.spacing)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        images = []
-        for start in tqdm(range(0, len(prompts), args.batch_size), desc="sampling", unit="batch"):
-            chunk = slice(start, start + args.batch_size)
-            batch = pipe(prompts[chunk], seeds=seeds[chunk], negative_prompt=args.negative_prompt,
-                         sampler=args.sampler, steps=args.steps, guidance=args.guidance, spacing=args.spacing)
-            for i, im in enumerate(to_pil(batch), start):
-                info = PngInfo()
-                meta = {"prompt": prompts[i], "negative_prompt": args.negative_prompt, "seed": seeds[i],
-                        "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance,
-                        "model": args.model if ":/" in args.model else str(Path(args.model).resolve()),
-                        "weights": "raw" if args.raw_weights else "ema"}
-                for k, v in meta.items():
-                    info.add_text(k, str(v))
-                info.add_text("parameters", json.dumps(meta))
-                im.save(out / f"{i:05d}.png", pnginfo=info)
-            images.append(batch.cpu())
-        grid = make_grid(torch.cat(images), nrow=args.images_per_prompt, scale=2)
-        grid.save(out / "grid.png")
+        for i, im in enumerate(to_pil(images)):
+            info = PngInfo()
+            meta = {"prompt": prompts[i], "negative_prompt": args.negative_prompt, "seed": seeds[i],
+                    "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance,
+                    "model": args.model if ":/" in args.model else str(Path(args.model).resolve()),
+                    "weights": "raw" if args.raw_weights else "ema"}
+            for k, v in meta.items():
+                info.add_text(k, str(v))
+            info.add_text("parameters", json.dumps(meta))
+            im.save(out / f"{i:05d}.png", pnginfo=info)
+        make_grid(images, nrow=args.images_per_prompt, scale=2).save(out / "grid.png")
         print(f"wrote {len(prompts)} images and {out / 'grid.png'}")
         return 0
 

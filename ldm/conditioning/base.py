@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ldm.diffusion.sde import rand
+from ldm.rng import rand
 
 Tensor = torch.Tensor
 Cond = dict[str, Tensor]  # {"context": (B, L, D), "context_mask": (B, L) bool[, "pooled": (B, P)]}

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from autoencoder.io import check_state_dict, read_state_dict
+from ldm.io import check_state_dict, read_state_dict
 from ldm.conditioning.base import Cond, FrozenTextEncoder, check_layer
 
 # The visual tower is discarded: building a one-block stand-in avoids initialising e.g. ViT-H's 630M weights.

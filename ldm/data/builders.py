@@ -33,10 +33,11 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from ldm.data.shards import INDEX_NAME, _remove_stale, atomic_write_bytes, encode_png, write_shards
+from ldm.data.shards import INDEX_NAME, _remove_stale, encode_png, write_shards
 from ldm.data.split import held_out
 from ldm.data.stream import (IMAGE_EXTENSIONS, _open_shards, _SkipCounter, resize_center_crop, resolve_shards,
                              to_rgb)
+from ldm.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

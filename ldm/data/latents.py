@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ldm.data.shards import INDEX_NAME, atomic_write_bytes, write_shards
+from ldm.data.shards import INDEX_NAME, write_shards
 from ldm.data.stream import dataset_size, make_loader, resolve_shards
+from ldm.io import atomic_write_bytes
 
 
 def folder_hash(folder: str | Path, names: tuple[str, ...] = ("model.safetensors", "config.json")) -> str:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from ldm.data.emoji import DATASOURCE_VERSION, EMOJIBASE, LICENSES, STYLES, EmojiRecord, emoji_records
 from ldm.data.stream import resize_center_crop, to_rgb
+from ldm.io import atomic_write_bytes
 
 INDEX_NAME = "index.json"
 
@@ -28,16 +29,6 @@ def encode_png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write data to path through a `.tmp` file and a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_shards(samples: Iterable[dict], out_dir: str | Path, split: str,

@@ -281,6 +281,7 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer, self.batches_per_epoch = shuffle_buffer, batches_per_epoch
         self.caption, self.flip = caption, flip
         self.skips = _SkipCounter(max_empty_shards=max(50, 3 * len(self.urls)))
+        self.worker = 0
 
     def _shards(self, worker: int, num_workers: int, rng: random.Random) -> Iterator[dict]:
         """Shard URLs for this rank and worker: a shuffled split, or an endless resample."""
@@ -340,7 +341,7 @@ class ShardStream(IterableDataset):
     def _collate(self, images: list[torch.Tensor], captions: list, keys: list[str]) -> dict:
         """One batch dict (with cached text: context (B, L, D), context_mask (B, L)[, pooled (B, P)] too)."""
         batch = {"latent" if self.latents else "image": torch.stack(images),  # (B, 3, H, W) or (B, C, h, w)
-                 "caption": captions, "key": keys, "skipped": self.skips.count}
+                 "caption": captions, "key": keys, "skipped": self.skips.count, "worker": self.worker}
         if self.text:
             batch["caption"] = [c for c, _ in captions]
             batch.update({k: torch.stack([e[k] for _, e in captions]) for k in captions[0][1]})  # (B, ...)
@@ -349,6 +350,7 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        self.worker = worker  # batches say which worker's skip count they carry (counts are per worker)
         rng = random.Random(f"samples:{self.seed}:{self.epoch}:{self.rank}:{worker}")
         shards = self._shards(worker, num_workers, rng)
         files = tar_file_expander(_open_shards(shards, self.skips), handler=self.skips.handler)
@@ -395,7 +397,9 @@ def make_loader(urls: list[str], *, batch_size: int, image_size: int, seed: int 
                 shuffle_buffer: int = 1000, batches_per_epoch: int | None = None,
                 caption: str = "label", flip: bool = False, epoch: int = 0, latents: bool = False,
                 holdout: KeyHoldout | None = None, text: bool = False) -> Iterable[dict]:
-    """Batches {image (B, 3, H, W) in [-1, 1], caption, key, skipped} from WebDataset shard URLs.
+    """Batches {image (B, 3, H, W) in [-1, 1], caption, key, skipped, worker} from WebDataset shard URLs.
+
+    ``skipped`` counts the bad samples skipped so far by the DataLoader worker ``worker`` that made the batch.
 
     With ``latents=True`` the shards are pre-encoded latent shards and batches hold ``latent`` (B, C, h, w).
     With a ``holdout`` only the samples of its part (held-out keys for "val", the others for "train") come out.

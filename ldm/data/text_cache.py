@@ -29,7 +29,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from ldm.data.shards import INDEX_NAME, atomic_write_bytes
+from ldm.data.shards import INDEX_NAME
+from ldm.io import atomic_write_bytes
 from ldm.data.stream import _open_shards, _SkipCounter, from_npy, pick_caption, resolve_shards
 
 NULL_NAME = "null_condition.safetensors"

@@ -31,7 +31,6 @@ from ldm.diffusion.parameterization import Denoiser, _time_dtype
 from ldm.diffusion.sde import GaussianProcess, _bcast, randn
 
 Tensor = torch.Tensor
-OBJECTIVES = ("denoising", "dsm", "ssm")  # "denoising" is parameterization.diffusion_loss
 
 
 def perturb(x0: Tensor, process: GaussianProcess, generator=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:

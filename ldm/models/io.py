@@ -18,9 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-
-from autoencoder.io import check_state_dict, read_state_dict, write_folder_atomically
+from ldm.io import check_state_dict, read_state_dict, save_tensors, write_folder_atomically
 from ldm.models.convert import (
     COMPVIS_PREFIX,
     EMA_PREFIX,
@@ -60,9 +58,7 @@ def save_diffusers(unet: UNet, folder: str | os.PathLike, state_dict: Mapping[st
     atomically."""
 
     def fill(tmp: Path) -> None:
-        state = unet.state_dict() if state_dict is None else state_dict
-        weights = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-        save_file(weights, str(tmp / DIFFUSERS_WEIGHTS_NAME), metadata={"format": "pt"})
+        save_tensors(unet.state_dict() if state_dict is None else state_dict, tmp / DIFFUSERS_WEIGHTS_NAME)
         config = {"_class_name": "UNet2DConditionModel", **unet.to_diffusers_config()}
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 

@@ -30,7 +30,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from autoencoder.io import check_state_dict
+from ldm.io import check_state_dict
 from ldm.models.attention import GatedProjection, TokenConv1x1
 from ldm.models.blocks import UpsampleConv
 from ldm.models.io import save_diffusers

@@ -21,19 +21,28 @@ from ldm.sampling.guidance import ClassifierFreeGuidance, ClassifierGuidance, Gu
 from ldm.sampling.samplers import DEFAULT_CONTINUOUS_SPACING, DEFAULT_SPACING, SAMPLERS
 
 
+def time_grid(process, sampler: str, steps: int, spacing: str | None = None) -> torch.Tensor:
+    """The descending time grid ``sampler`` runs over: the given spacing, else the sampler's default for the process.
+
+    Raises ValueError naming the problem for an unknown sampler or a grid the process cannot make (e.g. more steps
+    than a discrete chain has), so callers can check settings before any model is loaded.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
+    if spacing is None:  # discrete chains default per sampler; continuous processes have one uniform grid
+        discrete = getattr(process, "T", None) is not None
+        spacing = DEFAULT_SPACING[sampler] if discrete else DEFAULT_CONTINUOUS_SPACING.get(sampler, "uniform")
+    return process.timesteps(steps, spacing)
+
+
 @torch.no_grad()
 def sample(model: Predictor, shape: tuple[int, ...], *, sampler: str = "ddpm", steps: int = 50, cond: Any = None,
            generator=None, spacing: str | None = None, device: torch.device | str = "cpu",
            x_T: torch.Tensor | None = None, dtype: torch.dtype = torch.float32, **options) -> torch.Tensor:
     """Draw x_T from the prior at the grid's first time; run a registered sampler over the default (or given) grid."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
-    if spacing is None:  # discrete chains default per sampler; continuous processes have one uniform grid
-        discrete = getattr(model.process, "T", None) is not None
-        spacing = DEFAULT_SPACING[sampler] if discrete else DEFAULT_CONTINUOUS_SPACING.get(sampler, "uniform")
-    ts = model.process.timesteps(steps, spacing)
+    ts = time_grid(model.process, sampler, steps, spacing)
     x = model.process.prior_sample(shape, generator, device, dtype, t=float(ts[0])) if x_T is None else x_T
     return SAMPLERS[sampler](model, x, ts, cond=cond, generator=generator, **options)
 
 
-__all__ = ["SAMPLERS", "ClassifierFreeGuidance", "ClassifierGuidance", "Guided", "concat_cond", "sample"]
+__all__ = ["SAMPLERS", "ClassifierFreeGuidance", "ClassifierGuidance", "Guided", "concat_cond", "sample", "time_grid"]

@@ -26,11 +26,18 @@ def default_tracking_uri(root: str | Path = DEFAULT_STORE) -> str:
     return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
 
 
-def download_artifacts(artifact_uri: str, tracking_uri: str | None = None) -> Path:
+def tracking_uri(explicit: str | None = None, configured: str | None = None) -> str:
+    """The tracking URI every command uses: the one given explicitly (a --tracking-uri flag, or a run's
+    tracking.uri), else $MLFLOW_TRACKING_URI, else ``configured`` (e.g. the tracking.uri a model was trained with),
+    else the local sqlite store runs/mlflow.db."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or configured or default_tracking_uri()
+
+
+def download_artifacts(artifact_uri: str, uri: str | None = None) -> Path:
     """Fetch ``runs:/<id>/<path>`` or ``models:/<name>/<version>`` into MLflow's local cache; returns the folder."""
     import mlflow
 
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    uri = tracking_uri(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, tracking_uri=uri))
@@ -41,7 +48,7 @@ class Tracker:
 
     def __init__(self, uri: str | None, experiment: str, run_name: str, enabled: bool = True):
         self.enabled = enabled
-        self.uri = uri or default_tracking_uri()
+        self.uri = tracking_uri(uri)
         self.experiment, self.run_name = experiment, run_name
         self.run_id: str | None = None
         self.experiment_id: str | None = None

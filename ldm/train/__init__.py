@@ -1,5 +1,6 @@
-"""Training under DeepSpeed: the loop, EMA, checkpoints and resume."""
+"""Training under DeepSpeed: the loop and its hooks, the engine, EMA, checkpoints, data position, guards, pre-emption."""
 
-from ldm.train.trainer import Trainer, deepspeed_config
+from ldm.train.engine import deepspeed_config, lr_lambda
+from ldm.train.trainer import Trainer, TrainingDiverged
 
-__all__ = ["Trainer", "deepspeed_config"]
+__all__ = ["Trainer", "TrainingDiverged", "deepspeed_config", "lr_lambda"]

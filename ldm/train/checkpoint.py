@@ -3,6 +3,8 @@
 Layout ``<root>/step00001000/`` (DeepSpeed files, ``ema_rank{r}.safetensors``, ``trainer_rank{r}.pt``) and
 ``<root>/latest``, a one-line pointer that is replaced atomically only after every rank has finished
 writing, so it never names an incomplete checkpoint. Only the last ``keep_last`` checkpoints are kept.
+This module is the only one that knows the layout: ``read_weights`` gives the full raw and EMA weights of any
+checkpoint (any ZeRO stage and world size) to exporters and loaders without a DeepSpeed engine.
 """
 
 from __future__ import annotations
@@ -16,8 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
-
+from ldm.io import WeightsError, load_tensors, load_torch, save_tensors
 from ldm.train.distributed import barrier
 from ldm.train.ema import EMA, consolidate_partitions
 
@@ -70,7 +71,7 @@ class Checkpointer:
         tag = tag_for(step)
         engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step}, save_latest=False)
         folder = self.root / tag
-        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(folder / f"ema_rank{self.rank}.safetensors"))
+        save_tensors(ema.state_dict(), folder / f"ema_rank{self.rank}.safetensors")
         digest = param_digest(engine.module)
         torch.save({**trainer_state, "rng": rng_state(), "param_digest": digest}, folder / f"trainer_rank{self.rank}.pt")
         self._check_ranks_agree(digest)
@@ -110,7 +111,7 @@ class Checkpointer:
         if tag is None:
             return None
         folder = self.root / tag
-        saved = torch.load(folder / "trainer_rank0.pt", weights_only=False)  # our own file
+        saved = load_torch(folder / "trainer_rank0.pt", trusted=True)  # our own file
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         old_world, old_stage = saved.get("world_size", world), saved.get("zero_stage", 0)
         stage = engine.zero_optimization_stage()
@@ -120,12 +121,15 @@ class Checkpointer:
         if (old_world, old_stage) != (world, stage) and old_stage > 0:
             self._load_universal(engine, folder)
         else:
-            path, _ = engine.load_checkpoint(str(self.root), tag=tag)
+            try:
+                path, _ = engine.load_checkpoint(str(self.root), tag=tag)
+            except (OSError, RuntimeError, EOFError) as e:
+                raise WeightsError(f"checkpoint {folder} is truncated or corrupt: {str(e).splitlines()[0]}") from None
             if path is None:
                 raise RuntimeError(f"DeepSpeed could not load checkpoint {folder}")
         if old_world == world:
-            ema.load_state_dict(load_file(str(folder / f"ema_rank{self.rank}.safetensors")))
-            state = torch.load(folder / f"trainer_rank{self.rank}.pt", weights_only=False)
+            ema.load_state_dict(load_tensors(folder / f"ema_rank{self.rank}.safetensors"))
+            state = load_torch(folder / f"trainer_rank{self.rank}.pt", trusted=True)
         else:
             ema.load_full_state_dict(self._full_ema(folder, ema, old_world, old_stage))
             state = saved
@@ -153,8 +157,8 @@ class Checkpointer:
     def _full_ema(folder: Path, ema: EMA, old_world: int, old_stage: int) -> dict[str, torch.Tensor]:
         """Full EMA weights from a checkpoint's per-rank files (ZeRO-3 partitions consolidated)."""
         if old_stage != 3:
-            return load_file(str(folder / "ema_rank0.safetensors"))  # replicated: every rank's file is whole
-        parts = [load_file(str(folder / f"ema_rank{r}.safetensors")) for r in range(old_world)]
+            return load_tensors(folder / "ema_rank0.safetensors")  # replicated: every rank's file is whole
+        parts = [load_tensors(folder / f"ema_rank{r}.safetensors") for r in range(old_world)]
         return {n: consolidate_partitions([p[n] for p in parts], getattr(param, "ds_shape", param.shape))
                 for n, param in ema.named}
 
@@ -177,3 +181,30 @@ def convert_to_universal(folder: Path, out: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp / "universal", out)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_weights(root: str | Path, tag: str | None = None) -> tuple[dict, dict, str]:
+    """(raw, EMA, tag): the full fp32 weights of a checkpoint under ``root`` (default: latest), whatever ZeRO stage
+    and world size wrote it, read from its files alone (no engine, no process group). Reads only."""
+    root = Path(root)
+    tag = tag or Checkpointer(root, rank=0).latest()
+    if tag is None or not (root / tag).is_dir():
+        raise FileNotFoundError(f"no checkpoint {tag or 'latest'} under {root}")
+    folder = root / tag
+    state = load_torch(folder / "trainer_rank0.pt", trusted=True)  # our own file
+    if list(folder.glob("zero_pp_rank_*_model_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        try:
+            raw = get_fp32_state_dict_from_zero_checkpoint(str(root), tag)
+        except (OSError, RuntimeError, EOFError, ValueError) as e:
+            raise WeightsError(f"checkpoint {folder} is truncated or corrupt: {str(e).splitlines()[0]}") from None
+    else:  # ZeRO stage 0: the module state is stored whole
+        raw = load_torch(folder / "mp_rank_00_model_states.pt", trusted=True)["module"]
+    raw = {k: v.float() for k, v in raw.items()}
+    ranks = [load_tensors(folder / f"ema_rank{r}.safetensors") for r in range(state["world_size"])]
+    if state["zero_stage"] == 3:
+        ema = {k: consolidate_partitions([r[k] for r in ranks], raw[k].shape) for k in raw}
+    else:
+        ema = ranks[0]
+    return raw, ema, tag

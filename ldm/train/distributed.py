@@ -74,3 +74,38 @@ def any_across_ranks(flag: bool) -> bool:
     t = torch.tensor([1.0 if flag else 0.0])
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+class RankFailed(RuntimeError):
+    """Raised on the other ranks when rank 0 failed in work that only rank 0 does."""
+
+
+def on_main(fn, what: str):
+    """Run ``fn`` on rank 0 only; every rank learns whether it failed and raises then (collective, no barrier).
+
+    Work that only rank 0 does (sample grids, evaluation, export, tracking) is followed by this agreement instead of
+    a barrier, so an exception on rank 0 makes every rank exit with an error instead of waiting for rank 0 until
+    the collective timeout. Returns fn's result on rank 0 and None elsewhere.
+    """
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after every rank has heard of it
+            error = e
+    failed = any_across_ranks(error is not None)
+    if error is not None:
+        raise error
+    if failed:
+        raise RankFailed(f"rank 0 failed during {what}; see its error")
+    return result
+
+
+def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The elementwise sum of a CPU tensor over all ranks (the tensor itself in a world of one)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return values
+    out = values.clone()
+    torch.distributed.all_reduce(out)
+    return out

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from ldm.builders import build_objective, build_process
+from ldm.assemble import build_objective, build_process
 from ldm.config import ConfigError, LDMConfig, load_config
 from ldm.diffusion import VESDE, DiscreteVE, dsm_loss, ssm_loss
 from ldm.diffusion.score_matching import perturb
@@ -135,7 +135,7 @@ def test_sliced_score_matching_trains_the_unet_plain_and_in_deepspeed(one_thread
     from ldm.models import UNet, unet_preset
     from ldm.pipeline import unet_denoiser
     from ldm.train.distributed import init_distributed
-    from ldm.train.trainer import deepspeed_config
+    from ldm.train.engine import deepspeed_config
 
     torch.manual_seed(0)
     unet = UNet(**{**unet_preset("tiny"), "in_channels": 4, "out_channels": 4, "context_dim": 32})

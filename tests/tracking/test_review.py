@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ldm.tracking.plots import ema
-from ldm.tracking.review import (RunSummary, differing_params, evenly_spaced, matching_steps, sample_rows,
-                                 sweep_params, sweep_rows)
+from ldm.report.plots import ema
+from ldm.report.review import differing_params, evenly_spaced, matching_steps, sample_rows, sweep_params, sweep_rows
+from ldm.tracking.query import RunSummary
 from tests.conftest import ROOT, tiny_ldm_overrides
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -62,7 +62,7 @@ def test_ema_smoothing():
 
 
 def test_eval_sweep_rows_and_plots(tmp_path):
-    from ldm.tracking.plots import guidance_tradeoff, nfe_curves
+    from ldm.report.plots import guidance_tradeoff, nfe_curves
 
     def point(sampler, steps, nfe, guidance, fid, acc):
         return RunSummary(run_id=f"{sampler}{steps}{guidance}", name="p", status="FINISHED", start_time=None,

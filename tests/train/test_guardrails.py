@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import ldm.assemble as assemble_mod
 import ldm.train.trainer as trainer_mod
 from ldm.config import LDMConfig, load_config
 from tests.conftest import ROOT, tiny_ldm_overrides
@@ -18,7 +19,7 @@ def _trainer(tmp_path, tiny_shards, tiny_autoencoder, *extra):
 
 def _poison(monkeypatch, bad_calls):
     """Make the training objective return NaN on the given (1-based) calls."""
-    real_build, calls = trainer_mod.build_objective, []
+    real_build, calls = assemble_mod.build_objective, []
 
     def build(cfg, process):
         real = real_build(cfg, process)
@@ -30,7 +31,7 @@ def _poison(monkeypatch, bad_calls):
 
         return loss
 
-    monkeypatch.setattr(trainer_mod, "build_objective", build)
+    monkeypatch.setattr(assemble_mod, "build_objective", build)
 
 
 def test_single_nan_is_skipped_and_counted(tmp_path, tiny_shards, tiny_autoencoder, monkeypatch):

@@ -7,19 +7,26 @@ from types import SimpleNamespace
 
 import torch
 
-from ldm.builders import build_process
+from ldm.assemble import build_process
 from ldm.conditioning import conditioning_dropout
 from ldm.config import LDMConfig
 from ldm.diffusion import diffusion_loss
-from ldm.train.trainer import Trainer
+from ldm.rng import sample_generators
+from ldm.train.position import DataPosition
 
 
 def _stub(world: int, micro: int, step: int = 7, per_epoch: int = 100):
-    cfg = LDMConfig()
-    cfg.data.batch_size = micro
     messages = []
-    return SimpleNamespace(cfg=cfg, rollbacks=0, step=step, dist=SimpleNamespace(world_size=world),
-                           batches_per_epoch=per_epoch, _print=messages.append, messages=messages)
+    return SimpleNamespace(seed=0, rollbacks=0, step=step, world=world, micro=micro,
+                           position=DataPosition(per_epoch), messages=messages)
+
+
+def _replace_position(stub, state: dict) -> int:
+    """The micro-batches of the epoch a stub trainer skips when resuming from ``state``."""
+    warning = stub.position.restore(state, stub.world, stub.micro)
+    if warning:
+        stub.messages.append(warning)
+    return stub.position.consumed
 
 
 def test_per_sample_noise_does_not_depend_on_the_batch_split():
@@ -35,7 +42,7 @@ def test_per_sample_noise_does_not_depend_on_the_batch_split():
         return x * 0.5 + t.view(-1, 1, 1, 1) * 1e-3 + c["context"].mean((1, 2)).view(-1, 1, 1, 1)
 
     def loss(rows):
-        gens = Trainer.sample_generators(trainer, [keys[i] for i in rows])
+        gens = sample_generators([keys[i] for i in rows], trainer.seed, trainer.rollbacks, trainer.step)
         c = conditioning_dropout({k: v[rows] for k, v in cond.items()}, null, 0.5, gens)
         return diffusion_loss(denoiser, x0[rows], c, process, generator=gens)
 
@@ -48,11 +55,11 @@ def test_per_sample_noise_does_not_depend_on_the_batch_split():
 
 def test_data_position_replaced_for_another_layout():
     same = _stub(2, 4)
-    assert Trainer._replace_position(same, {"epoch": 3, "epoch_batches": 10, "world_size": 2, "micro_batch": 4}) == 10
+    assert _replace_position(same, {"epoch": 3, "epoch_batches": 10, "world_size": 2, "micro_batch": 4}) == 10
     assert same.messages == []
     # 10 batches x 2 processes x 4 = 80 samples of the epoch consumed: 1 process x 8 skips 10 batches
     one = _stub(1, 8)
-    assert Trainer._replace_position(one, {"epoch": 3, "epoch_batches": 10, "world_size": 2, "micro_batch": 4}) == 10
+    assert _replace_position(one, {"epoch": 3, "epoch_batches": 10, "world_size": 2, "micro_batch": 4}) == 10
     assert "2 processes x micro-batch 4" in one.messages[0] and "epoch 3" in one.messages[0]
     four = _stub(4, 4, per_epoch=1)  # never beyond the epoch's end
-    assert Trainer._replace_position(four, {"epoch": 0, "epoch_batches": 10, "world_size": 1, "micro_batch": 4}) == 1
+    assert _replace_position(four, {"epoch": 0, "epoch_batches": 10, "world_size": 1, "micro_batch": 4}) == 1

@@ -1,5 +1,5 @@
-"""Figures for the experiment review: metric curves of several runs, sweep plots, and the evaluation sweeps
-(FID and probe accuracy against the guidance scale, FID against NFE per sampler), as PNG files.
+"""Figures: metric curves of several runs, sweep plots, evaluation results with their intervals and floors (FID and
+alignment per point, against the guidance scale, FID against NFE per sampler) and likelihood histograms, as PNGs.
 
 Uses matplotlib's object API (``matplotlib.figure.Figure``, rendered by the Agg canvas) and never pyplot, so
 no global backend is chosen or changed and nothing needs a display.
@@ -105,40 +105,90 @@ def _by(rows: Sequence[Mapping], *keys: str) -> dict[tuple, list[Mapping]]:
     return groups
 
 
+def _errorbar(ax, x: Sequence[float], rows: Sequence[Mapping], key: str, scale: float = 1.0, **style) -> None:
+    """Points of rows[key] at x, with their 95 % interval (key_lo, key_hi) as error bars when the rows have it."""
+    y = [r[key] * scale for r in rows]
+    if all(f"{key}_lo" in r and math.isfinite(r[f"{key}_lo"]) for r in rows):
+        err = [[(r[key] - r[f"{key}_lo"]) * scale for r in rows], [(r[f"{key}_hi"] - r[key]) * scale for r in rows]]
+        ax.errorbar(x, y, yerr=err, capsize=3, **style)
+    else:
+        ax.plot(x, y, **style)
+
+
+def _floor(ax, rows: Sequence[Mapping], key: str, label: str, scale: float = 1.0) -> None:
+    """The real-vs-real floor of a metric (the same in every row) as a band over its interval."""
+    row = next((r for r in rows if key in r), None)
+    if row is None:
+        return
+    value = row[key] * scale
+    ax.axhline(value, color="0.35", linestyle="--", linewidth=1, label=f"{label} ({value:.3g})")
+    lo, hi = row.get(f"{key}_lo"), row.get(f"{key}_hi")
+    if lo is not None and math.isfinite(lo):
+        ax.axhspan(lo * scale, hi * scale, color="0.5", alpha=0.15)
+
+
+def _alignment_axes(ax, rows: Sequence[Mapping], title: str) -> None:
+    for key, style, text in (("class_acc_real", "--", "real images (ceiling)"), ("class_chance", ":", "chance")):
+        values = [r[key] for r in rows if key in r]
+        if values:
+            ax.axhline(100 * values[0], color="0.4", linestyle=style, linewidth=1,
+                       label=f"{text} ({100 * values[0]:.1f} %)")
+    ax.set_ylabel("alignment: classifier accuracy (%)")
+    ax.set_title(title)
+    ax.set_ylim(0, 100)
+
+
 def guidance_tradeoff(rows: Sequence[Mapping], path: Path) -> Path:
     """The quality/diversity trade-off of classifier-free guidance (Ho & Salimans 2022, Fig. 4): FID against the
-    guidance scale and, when the rows have it, probe accuracy against the guidance scale with the probe's accuracy on
-    real images (its ceiling) and the chance level; one line per (sampler, steps).
+    guidance scale with the real floor and, when the rows have it, the alignment classifier's accuracy against the
+    guidance scale with its ceiling (real images) and chance; one line per (sampler, steps), 95 % intervals as bars.
 
-    rows: dicts with sampler, steps, guidance, fid and optionally probe_acc, probe_acc_real, probe_chance.
+    rows: dicts with sampler, steps, guidance, fid[, fid_lo/hi, fid_floor..., class_acc, class_acc_real, class_chance].
     """
-    probe = any("probe_acc" in r for r in rows)
-    fig = _figure(11.0 if probe else 7.0, 4.2)
-    axes = fig.subplots(1, 2 if probe else 1, squeeze=False)[0]
+    aligned = any("class_acc" in r for r in rows)
+    fig = _figure(11.0 if aligned else 7.0, 4.2)
+    axes = fig.subplots(1, 2 if aligned else 1, squeeze=False)[0]
     groups = _by(rows, "sampler", "steps")
     for i, ((sampler, steps), pts) in enumerate(sorted(groups.items())):
         pts = sorted(pts, key=lambda r: r["guidance"])
-        label = f"{sampler}, {steps} steps"
-        axes[0].plot([r["guidance"] for r in pts], [r["fid"] for r in pts], marker="o", color=f"C{i % 10}", label=label)
-        if probe:
-            pts = [r for r in pts if "probe_acc" in r]
-            axes[1].plot([r["guidance"] for r in pts], [r["probe_acc"] for r in pts], marker="o", color=f"C{i % 10}",
-                         label=label)
+        style = dict(marker="o", color=f"C{i % 10}", label=f"{sampler}, {steps} steps")
+        _errorbar(axes[0], [r["guidance"] for r in pts], pts, "fid", **style)
+        if aligned:
+            pts = [r for r in pts if "class_acc" in r]
+            _errorbar(axes[1], [r["guidance"] for r in pts], pts, "class_acc", 100.0, **style)
+    _floor(axes[0], rows, "fid_floor", "real floor")
     axes[0].set_xlabel("guidance scale")
     axes[0].set_ylabel("FID (lower is better)")
     axes[0].set_title("FID vs guidance")
-    if probe:
-        for key, style, text in (("probe_acc_real", "--", "real images"), ("probe_chance", ":", "chance")):
-            values = [r[key] for r in rows if key in r]
-            if values:
-                axes[1].axhline(values[0], color="0.4", linestyle=style, linewidth=1, label=f"{text} ({values[0]:.2f})")
+    if aligned:
+        _alignment_axes(axes[1], rows, "text alignment vs guidance")
         axes[1].set_xlabel("guidance scale")
-        axes[1].set_ylabel("probe accuracy (subcategory)")
-        axes[1].set_title("text alignment (probe) vs guidance")
-        axes[1].set_ylim(0, 1)
     for ax in axes:
         ax.grid(alpha=0.3)
         _legend(ax, len(groups) + 2)
+    fig.savefig(path, format="png")
+    return path
+
+
+def eval_points(rows: Sequence[Mapping], path: Path, labels: Sequence[str] | None = None) -> Path:
+    """One evaluation per row side by side: FID (and alignment) with 95 % intervals, the real floor as a band and
+    the alignment ceiling and chance as lines. ``labels`` name the rows (default: sampler x steps, guidance)."""
+    labels = list(labels) if labels is not None else [f"{r['sampler']} x{r['steps']}\ng{r['guidance']:g}" for r in rows]
+    aligned = all("class_acc" in r for r in rows)
+    fig = _figure(max(6.0, 1.2 * len(rows) + 3) * (2 if aligned else 1), 4.5)
+    axes = fig.subplots(1, 2 if aligned else 1, squeeze=False)[0]
+    x = list(range(len(rows)))
+    _errorbar(axes[0], x, rows, "fid", marker="o", linestyle="none", color="C0", label="generated")
+    _floor(axes[0], rows, "fid_floor", "real floor")
+    axes[0].set_ylabel("FID (lower is better)")
+    axes[0].set_title(f"FID of {int(rows[0].get('num_images', 0))} images, 95 % bootstrap intervals")
+    if aligned:
+        _errorbar(axes[1], x, rows, "class_acc", 100.0, marker="o", linestyle="none", color="C1", label="generated")
+        _alignment_axes(axes[1], rows, "text alignment, 95 % intervals")
+    for ax in axes:
+        ax.set_xticks(x, labels, fontsize=8)
+        ax.grid(alpha=0.3)
+        _legend(ax, 4)
     fig.savefig(path, format="png")
     return path
 
@@ -168,5 +218,25 @@ def nfe_curves(rows: Sequence[Mapping], path: Path, reference: tuple[str, float]
     ax.set_title("FID vs NFE per sampler")
     ax.grid(alpha=0.3, which="both")
     _legend(ax, len(groups) + (2 if reference else 0))
+    fig.savefig(path, format="png")
+    return path
+
+
+def likelihood_histogram(rows: Sequence[Mapping], path: Path, title: str) -> Path:
+    """Per-sample bits/dim, ODE and (when computed) ELBO, as one histogram."""
+    fig = _figure(7.0, 4.0)
+    ax = fig.add_subplot()
+    series = [("ODE log-likelihood", "ode_bpd")]
+    if "elbo_bpd" in rows[0]:
+        series.append(("ELBO (upper bound)", "elbo_bpd"))
+    for label, key in series:
+        values = [r[key] for r in rows]
+        mean = sum(values) / len(values)
+        ax.hist(values, bins=max(5, min(40, len(values) // 2)), alpha=0.6, label=f"{label}: mean {mean:.3f}")
+        ax.axvline(mean, color=ax.patches[-1].get_facecolor(), linestyle="--", linewidth=1)
+    ax.set_xlabel("bits per latent dimension (-log p / (D ln 2))")
+    ax.set_ylabel("samples")
+    ax.set_title(title)
+    ax.legend()
     fig.savefig(path, format="png")
     return path

@@ -1,0 +1,47 @@
+"""A memo in front of a frozen text encoder: each caption is encoded once per process.
+
+The encoder is frozen and deterministic, so a cached embedding equals a fresh one exactly; the trainer sees the
+same captions every epoch, so after the first epoch no caption is encoded again.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ldm.conditioning.base import Cond
+
+Tensor = torch.Tensor
+
+
+class CachedTextEncoder(nn.Module):
+    """Wraps a text encoder (prompts -> Cond) with a per-caption memo of at most ``capacity`` captions."""
+
+    def __init__(self, encoder: nn.Module, capacity: int = 200_000):
+        super().__init__()
+        self.encoder, self.capacity = encoder, capacity
+        self._memo: dict[str, dict[str, Tensor]] = {}
+
+    @property
+    def dim(self) -> int:
+        return self.encoder.dim
+
+    @property
+    def max_length(self) -> int:
+        return self.encoder.max_length
+
+    @property
+    def pooled_dim(self) -> int:
+        return self.encoder.pooled_dim
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> Cond:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._memo]
+        if missing:
+            if len(self._memo) + len(missing) > self.capacity:
+                self._memo.clear()
+            out = self.encoder(missing)
+            for i, prompt in enumerate(missing):
+                self._memo[prompt] = {k: v[i] for k, v in out.items()}
+        keys = self._memo[prompts[0]].keys()
+        return {k: torch.stack([self._memo[p][k] for p in prompts]) for k in keys}  # (B, L, D), (B, L), ...

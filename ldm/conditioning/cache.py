@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ldm.conditioning.text import Cond
+from ldm.conditioning.base import Cond
 
 Tensor = torch.Tensor
 
@@ -29,6 +29,10 @@ class CachedTextEncoder(nn.Module):
     @property
     def max_length(self) -> int:
         return self.encoder.max_length
+
+    @property
+    def pooled_dim(self) -> int:
+        return self.encoder.pooled_dim
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> Cond:

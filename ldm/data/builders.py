@@ -18,7 +18,6 @@ sample) and an index.json with shard names and counts, which the stream's resolv
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -35,6 +34,7 @@ from tqdm import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ldm.data.shards import INDEX_NAME, _remove_stale, encode_png, write_shards
+from ldm.data.split import held_out
 from ldm.data.stream import (IMAGE_EXTENSIONS, _open_shards, _SkipCounter, resize_center_crop, resolve_shards,
                              to_rgb)
 from ldm.io import atomic_write_bytes
@@ -63,12 +63,6 @@ class Skips:
 
     def as_dict(self) -> dict[str, int]:
         return dict(sorted((k, v) for k, v in self.counts.items() if v))
-
-
-def held_out(name: str, val_fraction: float, seed: int) -> bool:
-    """True when the sample named `name` belongs to the validation split (a stable hash, not an RNG)."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
 
 
 def prepare_image(data: bytes, image_size: int | None) -> tuple[str, bytes]:

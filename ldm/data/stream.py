@@ -5,6 +5,12 @@ With `batches_per_epoch` the shards are resampled with replacement and every ran
 that many batches, so no rank waits on another at the end of an epoch (unequal counts hang DDP).
 Without it the stream is one pass over this rank's shards (single process, validation).
 Bad samples are logged, counted and skipped; they never stop the stream.
+
+A data spec is a folder with index.json (what ``ldm-shards`` writes), a folder of ``train-*.tar`` /
+``val-*.tar``, any other folder of ``*.tar`` shards (an img2dataset output: ``00000.tar``, ``00001.tar``...,
+all of it training data), an index.json, or a URL / brace / glob pattern. Specs without splits get a
+validation part by a stable hash of each sample's key (``resolve_split`` with ``val_fraction``; the stream
+keeps its part with a ``KeyHoldout``).
 """
 
 from __future__ import annotations
@@ -24,7 +30,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
+
+from ldm.data.split import SPLITS, KeyHoldout
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +41,69 @@ IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 MAX_TAGS = 3
 
 
-def dataset_size(spec: str, split: str = "train") -> int | None:
-    """Number of samples of a split when the spec has an index.json (None for plain URL patterns)."""
-    path = Path(str(spec)).expanduser()
+def _local(spec: str) -> Path | None:
+    """The local path of a spec, or None for URLs and pipe: commands."""
+    return None if spec.startswith("pipe:") or "://" in spec else Path(spec).expanduser()
+
+
+def _plain_shards(folder: Path) -> list[str]:
+    """The ``*.tar`` files of a folder without index.json or split naming, in name order."""
+    tars = sorted(str(p) for p in folder.glob("*.tar") if p.is_file())
+    if not tars:
+        raise ValueError(f"{folder}: no shards in this folder (no index.json and no *.tar files)")
+    return tars
+
+
+def has_splits(spec: str) -> bool:
+    """True when a spec names its splits: an index.json (or a folder with one) or a folder of train-/val- shards."""
+    path = _local(str(spec))
+    if path is None:
+        return False
+    if path.is_dir():
+        return (path / "index.json").is_file() or any(any(path.glob(f"{s}-*.tar")) for s in SPLITS)
+    return path.is_file() and path.suffix == ".json"
+
+
+def dataset_size(spec: str, split: str = "train", holdout: KeyHoldout | None = None) -> int | None:
+    """Number of samples of a split: from index.json, or for a local folder of plain shards by reading their tar
+    headers (only the holdout's part with a holdout); None when unknown (URL patterns, a split the spec lacks)."""
+    path = _local(str(spec))
+    if path is None:
+        return None
+    if path.is_dir() and not has_splits(str(path)):
+        return sum(1 for key in iter_keys(_plain_shards(path)) if holdout is None or holdout.keeps(key))
     if path.is_dir():
         path = path / "index.json"
-    if "://" in str(spec) or str(spec).startswith("pipe:") or not (path.is_file() and path.suffix == ".json"):
+    if not (path.is_file() and path.suffix == ".json"):
         return None
     info = json.loads(path.read_text(encoding="utf-8")).get("splits", {}).get(split)
     return int(info["total"]) if info else None
 
 
+def iter_keys(shards: Iterable[str]) -> Iterator[str]:
+    """Sample keys of local tar shards in stream order, from the tar headers alone (file contents are skipped)."""
+    import tarfile
+
+    for shard in shards:
+        last, suffixes = None, set()
+        with tarfile.open(shard, mode="r:") as tar:
+            for member in tar:
+                base, ext = base_plus_ext(member.name) if member.isfile() else (None, None)
+                if base is None or (base.startswith("__") and "/" not in base):
+                    continue
+                if base != last or ext in suffixes:  # a new sample, as webdataset's group_by_keys starts one
+                    if last is not None:
+                        yield last
+                    last, suffixes = base, set()
+                suffixes.add(ext)
+        if last is not None:
+            yield last
+
+
 def resolve_shards(spec: str, split: str = "train") -> list[str]:
-    """Shard URLs of a spec: a folder with index.json, an index.json, or a URL / brace / glob pattern."""
+    """Shard URLs of a spec: a folder with index.json, a folder of split or plain (img2dataset) shards, an
+    index.json, or a URL / brace / glob pattern. A folder of plain shards, like a pattern, is one split: all
+    of it, whichever split is asked for (a separate validation folder; hold a part out with ``resolve_split``)."""
     spec = str(spec)
     if spec.startswith("pipe:") or "://" in spec:
         return list(braceexpand.braceexpand(spec))
@@ -62,6 +120,8 @@ def resolve_shards(spec: str, split: str = "train") -> list[str]:
             raise ValueError(f"{spec}: split {split!r} has no shards")
         return shards
     if path.is_dir():
+        if not has_splits(str(path)):
+            return _plain_shards(path)
         shards = sorted(glob.glob(str(path / f"{split}-*.tar")))
     else:
         shards, missing = [], []
@@ -77,6 +137,34 @@ def resolve_shards(spec: str, split: str = "train") -> list[str]:
     if not shards:
         raise ValueError(f"no shards match {spec!r} (split {split!r})")
     return shards
+
+
+def resolve_split(spec: str, split: str = "train", val_fraction: float = 0.0,
+                  seed: int = 0) -> tuple[list[str], KeyHoldout | None]:
+    """Shards of a split and, for a spec without splits and val_fraction > 0, the KeyHoldout that keeps this
+    split's part of them (pass it to ``make_loader``). Splits a spec names itself always win."""
+    if val_fraction == 0 or has_splits(str(spec)):
+        return resolve_shards(spec, split), None
+    holdout = KeyHoldout(val_fraction, split, seed)  # checks the fraction and the split name
+    return resolve_shards(spec, "train"), holdout
+
+
+def from_npy(data: bytes, dtype: str = "float32") -> torch.Tensor:
+    """A tensor stored as .npy bytes in a recorded dtype (bfloat16 is stored as its uint16 bits)."""
+    t = torch.from_numpy(np.load(io.BytesIO(data)))
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+def pick_cached_text(sample: dict, rng: random.Random) -> tuple[str, dict[str, torch.Tensor]]:
+    """One of a text-cache sample's captions (seeded choice) and its cached embeddings, as float32 and bool."""
+    info = json.loads(sample["text.json"])
+    captions, dtype = info["captions"], info["dtype"]
+    i = rng.randrange(len(captions)) if len(captions) > 1 else 0
+    out = {"context": from_npy(sample["text_context.npy"], dtype)[i].float(),  # (L, D)
+           "context_mask": from_npy(sample["text_mask.npy"])[i].bool()}  # (L,)
+    if "text_pooled.npy" in sample:
+        out["pooled"] = from_npy(sample["text_pooled.npy"], dtype)[i].float()  # (P,)
+    return captions[i], out
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
@@ -184,9 +272,10 @@ class ShardStream(IterableDataset):
 
     def __init__(self, urls: list[str], *, batch_size: int, image_size: int, seed: int, rank: int,
                  world_size: int, shuffle_buffer: int, batches_per_epoch: int | None, caption: str,
-                 flip: bool, epoch: int, latents: bool = False) -> None:
+                 flip: bool, epoch: int, latents: bool = False, holdout: KeyHoldout | None = None,
+                 text: bool = False) -> None:
         super().__init__()
-        self.latents = latents
+        self.latents, self.holdout, self.text = latents, holdout, text
         self.urls, self.batch_size, self.image_size = list(urls), batch_size, image_size
         self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, epoch
         self.shuffle_buffer, self.batches_per_epoch = shuffle_buffer, batches_per_epoch
@@ -207,9 +296,15 @@ class ShardStream(IterableDataset):
             while True:
                 yield {"url": rng.choice(pool)}
 
-    def _decode(self, sample: dict, rng: random.Random) -> tuple[torch.Tensor, str]:
-        """Raw sample -> (image (3, H, W) in [-1, 1] or cached latent (C, h, w), caption); raises on a bad sample."""
-        caption = pick_caption(sample, self.caption)
+    def _decode(self, sample: dict, rng: random.Random) -> tuple[torch.Tensor, str | tuple[str, dict]]:
+        """Raw sample -> (image (3, H, W) in [-1, 1] or cached latent (C, h, w), caption or (caption, cached
+        embeddings)); raises on a bad sample."""
+        if self.text:
+            if "text.json" not in sample:
+                raise ValueError("no cached text embeddings (text.json) in sample")
+            caption = pick_cached_text(sample, rng)
+        else:
+            caption = pick_caption(sample, self.caption)
         if self.latents:
             if "npy" not in sample:
                 raise ValueError("no latent (npy) in sample")
@@ -243,10 +338,14 @@ class ShardStream(IterableDataset):
         if images and self.batches_per_epoch is None:
             yield self._collate(images, captions, keys)
 
-    def _collate(self, images: list[torch.Tensor], captions: list[str], keys: list[str]) -> dict:
-        """One batch dict."""
-        return {"latent" if self.latents else "image": torch.stack(images),  # (B, 3, H, W) or (B, C, h, w)
-                "caption": captions, "key": keys, "skipped": self.skips.count, "worker": self.worker}
+    def _collate(self, images: list[torch.Tensor], captions: list, keys: list[str]) -> dict:
+        """One batch dict (with cached text: context (B, L, D), context_mask (B, L)[, pooled (B, P)] too)."""
+        batch = {"latent" if self.latents else "image": torch.stack(images),  # (B, 3, H, W) or (B, C, h, w)
+                 "caption": captions, "key": keys, "skipped": self.skips.count, "worker": self.worker}
+        if self.text:
+            batch["caption"] = [c for c, _ in captions]
+            batch.update({k: torch.stack([e[k] for _, e in captions]) for k in captions[0][1]})  # (B, ...)
+        return batch
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -256,6 +355,8 @@ class ShardStream(IterableDataset):
         shards = self._shards(worker, num_workers, rng)
         files = tar_file_expander(_open_shards(shards, self.skips), handler=self.skips.handler)
         samples = self.skips.got_samples(group_by_keys(files, handler=self.skips.handler))
+        if self.holdout is not None:
+            samples = (s for s in samples if self.holdout.keeps(s["__key__"]))  # this split's part of the shards
         if self.shuffle_buffer > 1:
             samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
         batches = self._batches(samples, rng)
@@ -294,12 +395,16 @@ class ShardLoader:
 def make_loader(urls: list[str], *, batch_size: int, image_size: int, seed: int = 0,
                 rank: int = 0, world_size: int = 1, num_workers: int = 0,
                 shuffle_buffer: int = 1000, batches_per_epoch: int | None = None,
-                caption: str = "label", flip: bool = False, epoch: int = 0, latents: bool = False) -> Iterable[dict]:
+                caption: str = "label", flip: bool = False, epoch: int = 0, latents: bool = False,
+                holdout: KeyHoldout | None = None, text: bool = False) -> Iterable[dict]:
     """Batches {image (B, 3, H, W) in [-1, 1], caption, key, skipped, worker} from WebDataset shard URLs.
 
     ``skipped`` counts the bad samples skipped so far by the DataLoader worker ``worker`` that made the batch.
 
     With ``latents=True`` the shards are pre-encoded latent shards and batches hold ``latent`` (B, C, h, w).
+    With a ``holdout`` only the samples of its part (held-out keys for "val", the others for "train") come out.
+    With ``text=True`` the shards hold cached text embeddings (``ldm.data.text_cache``): each sample's caption is
+    one of its cached captions and the batch carries its ``context``, ``context_mask`` and ``pooled``.
     """
     if isinstance(urls, str):
         urls = resolve_shards(urls)
@@ -319,5 +424,5 @@ def make_loader(urls: list[str], *, batch_size: int, image_size: int, seed: int 
     stream = ShardStream(urls, batch_size=batch_size, image_size=image_size, seed=seed, rank=rank,
                          world_size=world_size, shuffle_buffer=shuffle_buffer,
                          batches_per_epoch=batches_per_epoch, caption=caption, flip=flip, epoch=epoch,
-                         latents=latents)
+                         latents=latents, holdout=holdout, text=text)
     return ShardLoader(stream, num_workers)

@@ -5,6 +5,7 @@ The CompVis ``openaimodel.UNetModel`` (Stable Diffusion 1.x/2.x checkpoints, pre
 ``output_blocks.{i}``; each is a sequence ``[ResBlock, SpatialTransformer?, Down/Upsample?]``:
 
     time_embed.{0,2}               <-> time_embedding.linear_{1,2}
+    label_emb.0.{0,2}              <-> add_embedding.linear_{1,2}           (SDXL: pooled text + size/crop)
     input_blocks.0.0               <-> conv_in
     input_blocks.{1+l(n+1)+j}.0    <-> down_blocks.{l}.resnets.{j}          (n = layers per block)
     input_blocks.{1+l(n+1)+j}.1    <-> down_blocks.{l}.attentions.{j}
@@ -35,7 +36,8 @@ EMA_PREFIX = "model_ema."
 _RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
            ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection"))
 _TOP = (("time_embedding.linear_1", "time_embed.0"), ("time_embedding.linear_2", "time_embed.2"),
-        ("conv_in", "input_blocks.0.0"), ("conv_norm_out", "out.0"), ("conv_out", "out.2"))
+        ("conv_in", "input_blocks.0.0"), ("conv_norm_out", "out.0"), ("conv_out", "out.2"),
+        ("add_embedding.linear_1", "label_emb.0.0"), ("add_embedding.linear_2", "label_emb.0.2"))  # SDXL
 
 StateDict = Mapping[str, torch.Tensor]
 

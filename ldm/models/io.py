@@ -53,11 +53,12 @@ def load_unet_weights(unet: UNet, source: Source, layout: str = "auto", ema: boo
     return unet
 
 
-def save_diffusers(unet: UNet, folder: str | os.PathLike) -> Path:
-    """Write unet as a diffusers UNet2DConditionModel folder, atomically."""
+def save_diffusers(unet: UNet, folder: str | os.PathLike, state_dict: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write unet (its config, and its weights or the given state_dict) as a diffusers UNet2DConditionModel folder,
+    atomically."""
 
     def fill(tmp: Path) -> None:
-        save_tensors(unet.state_dict(), tmp / DIFFUSERS_WEIGHTS_NAME)
+        save_tensors(unet.state_dict() if state_dict is None else state_dict, tmp / DIFFUSERS_WEIGHTS_NAME)
         config = {"_class_name": "UNet2DConditionModel", **unet.to_diffusers_config()}
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 

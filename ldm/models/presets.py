@@ -28,6 +28,20 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
         cross_attention=(True, True, True, False), head_dim=64, context_dim=1024,
         use_linear_projection=True, norm_num_groups=32,
     ),
+    # Stable Diffusion XL base shapes (2.57B parameters): no attention at the first level, 1/2/10 transformer
+    # blocks per level, context = CLIP ViT-L (768) + OpenCLIP ViT-bigG (1280) penultimate features, the bigG
+    # pooled projection (1280) and 6 size/crop micro-conditions with 256 sinusoidal features each.
+    "sdxl": dict(
+        block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention=(False, True, True),
+        head_dim=64, transformer_depth=(1, 2, 10), context_dim=2048, use_linear_projection=True,
+        norm_num_groups=32, pooled_dim=1280, addition_time_embed_dim=256,
+    ),
+    # Unit tests: the SDXL layout (every SDXL-specific module) at 2M parameters.
+    "tiny-sdxl": dict(
+        block_out_channels=(16, 32, 64), layers_per_block=2, cross_attention=(False, True, True),
+        head_dim=8, transformer_depth=(1, 1, 2), context_dim=64, use_linear_projection=True,
+        norm_num_groups=8, pooled_dim=16, addition_time_embed_dim=8,
+    ),
 }
 
 

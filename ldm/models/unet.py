@@ -1,37 +1,31 @@
-"""Text-conditioned UNet for latent diffusion (Rombach et al. 2022, Sec. 3.3 and Appendix E.2).
+"""Text-conditioned UNet for latent diffusion (Rombach et al. 2022, Sec. 3.3 and Appendix E.2), SD and SDXL shapes.
 
 ResNet blocks take the sinusoidal timestep embedding (Ho et al. 2020); spatial transformers
 cross-attend to text token embeddings. The module tree and parameter names mirror diffusers'
 ``UNet2DConditionModel`` (conv_in, time_embedding, down_blocks, mid_block, up_blocks,
 conv_norm_out, conv_out), so ``load_state_dict`` takes its weights strictly and
 ``to_diffusers_config`` gives the matching diffusers constructor arguments.
+
+SDXL's additional conditioning (Podell et al. 2023, Sec. 2.2; diffusers ``addition_embed_type="text_time"``):
+with ``addition_time_embed_dim`` and ``pooled_dim`` set, each of the ``num_time_ids`` micro-conditions
+(original height/width, crop top/left, target height/width) gets sinusoidal features (``add_time_proj``),
+they are concatenated after the pooled text embedding and mapped by a two-layer MLP (``add_embedding``)
+to the width of the timestep embedding, to which they are added.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from ldm.models.attention import SpatialTransformer
+from ldm.models.blocks import DownBlock, MidBlock, UpBlock
+from ldm.models.embeddings import SinusoidalTimesteps, TimestepEmbedding
 
 DEFAULT_NUM_HEADS = 8
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding [cos, sin] of (possibly fractional) timesteps t (B,) -> (B, dim)."""
-    half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-    args = t.float()[:, None] * torch.exp(exponent)[None, :]  # (B, half)
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2*half)
-    if dim % 2:
-        emb = F.pad(emb, (0, 1))  # (B, dim)
-    return emb
 
 
 def drop_padding(
@@ -48,212 +42,6 @@ def drop_padding(
     if bool(keep.any()) and not bool(keep.all()):
         context, context_mask = context[:, keep], context_mask[:, keep]  # (B, L', D), (B, L')
     return context, (None if bool(context_mask.all()) else context_mask)
-
-
-def _maybe_checkpoint(enabled: bool, fn: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
-    """Run fn(*args), recomputing its activations in backward when enabled and grads are on."""
-    if enabled and torch.is_grad_enabled():
-        return checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
-
-
-class SinusoidalTimesteps(nn.Module):
-    """Parameter-free timestep features (flip_sin_to_cos=True, freq_shift=0, as in SD)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.dim = dim
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        """Embed t (B,) as (B, dim)."""
-        return timestep_embedding(t, self.dim)
-
-
-class TimestepEmbedding(nn.Module):
-    """Two-layer SiLU MLP on the sinusoidal features."""
-
-    def __init__(self, in_dim: int, dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map (B, in_dim) to (B, dim)."""
-        return self.linear_2(F.silu(self.linear_1(x)))
-
-
-class ResnetBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, with the timestep embedding added between (diffusers ResnetBlock2D)."""
-
-    def __init__(self, in_channels: int, out_channels: int, temb_dim: int, norm_num_groups: int):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(norm_num_groups, in_channels, eps=1e-5)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_dim, out_channels)
-        self.norm2 = nn.GroupNorm(norm_num_groups, out_channels, eps=1e-5)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
-
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        """Map x (B, Cin, H, W) and temb (B, T) to (B, Cout, H, W)."""
-        h = self.conv1(F.silu(self.norm1(x)))  # (B, Cout, H, W)
-        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # (B, Cout, H, W)
-        h = self.conv2(F.silu(self.norm2(h)))  # (B, Cout, H, W)
-        if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)  # (B, Cout, H, W)
-        return x + h
-
-
-class Downsample(nn.Module):
-    """Strided 3x3 convolution halving height and width (rounding up)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map (B, C, H, W) to (B, C, ceil(H/2), ceil(W/2))."""
-        return self.conv(x)
-
-
-# Per axis, a 3x3 convolution (taps w0, w1, w2) of a nearest-neighbour x2 upsampled signal gives output
-# 2m from x[m-1] w0 + x[m] (w1 + w2) and output 2m+1 from x[m] (w0 + w1) + x[m+1] w2: a stride-2 transposed
-# convolution with the 4 taps [w2, w1 + w2, w0 + w1, w0] (padding 1), i.e. taps = _UPSAMPLE_TAPS @ w.
-_UPSAMPLE_TAPS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
-
-
-class UpsampleConv(nn.Conv2d):
-    """A 3x3 convolution (diffusers' Upsample2D conv, same parameters) applied after nearest upsampling.
-
-    For the usual exact doubling it runs as one transposed convolution whose 4x4 kernel holds sums of the
-    3x3 taps: 4/9 of the multiply-adds, and no upsampled copy of the input in forward or backward.
-    """
-
-    def __init__(self, channels: int):
-        super().__init__(channels, channels, kernel_size=3, padding=1)
-        self.register_buffer("taps", _UPSAMPLE_TAPS.clone(), persistent=False)  # moves with the module
-
-    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Map (B, C, h, w) to (B, C, *size) as conv(nearest_upsample(x, size))."""
-        if tuple(size) != (2 * x.shape[-2], 2 * x.shape[-1]):  # odd skip size: upsample explicitly
-            return super().forward(F.interpolate(x, size=size, mode="nearest"))
-        dtype = torch.promote_types(self.weight.dtype, torch.float32)  # sum bf16/fp16 taps in fp32
-        taps = self.taps.to(dtype)  # (4, 3), entries 0/1: exact in any dtype
-        kernel = torch.einsum("ka,oiab,lb->iokl", taps, self.weight.to(dtype), taps)  # (Cin, Cout, 4, 4)
-        return F.conv_transpose2d(x, kernel.to(self.weight.dtype), self.bias, stride=2, padding=1)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour upsampling to the skip connection's size, then a 3x3 convolution."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = UpsampleConv(channels)
-
-    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Map (B, C, h, w) to (B, C, *size); size is 2x (h, w) unless the input size was odd."""
-        return self.conv(x, size)
-
-
-class _Level(nn.Module):
-    """Shared parts of down and up blocks: resnets, optional transformers, checkpointing flag."""
-
-    gradient_checkpointing: bool = False
-
-    def _build(self, resnets: list[ResnetBlock], attention: dict[str, Any] | None, channels: int) -> None:
-        self.resnets = nn.ModuleList(resnets)
-        if attention is not None:
-            self.attentions = nn.ModuleList([SpatialTransformer(channels, **attention) for _ in resnets])
-        else:
-            self.attentions = None
-
-    def _layer(
-        self, i: int, h: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Apply resnet i and, if present, transformer i."""
-        h = _maybe_checkpoint(self.gradient_checkpointing, self.resnets[i], h, temb)
-        if self.attentions is not None:
-            h = _maybe_checkpoint(self.gradient_checkpointing, self.attentions[i], h, context, mask)
-        return h
-
-
-class DownBlock(_Level):
-    """One encoder level: resnets (+ transformers), then an optional downsampler."""
-
-    def __init__(
-        self, in_channels: int, out_channels: int, temb_dim: int, num_layers: int, norm_num_groups: int,
-        attention: dict[str, Any] | None, add_downsample: bool,
-    ):
-        super().__init__()
-        resnets = [
-            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, temb_dim, norm_num_groups)
-            for i in range(num_layers)
-        ]
-        self._build(resnets, attention, out_channels)
-        self.downsamplers = nn.ModuleList([Downsample(out_channels)]) if add_downsample else None
-
-    def forward(
-        self, h: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Return the block output and every intermediate state kept for the skip connections."""
-        skips = []
-        for i in range(len(self.resnets)):
-            h = self._layer(i, h, temb, context, mask)  # (B, Cout, H, W)
-            skips.append(h)
-        if self.downsamplers is not None:
-            h = self.downsamplers[0](h)  # (B, Cout, H/2, W/2)
-            skips.append(h)
-        return h, skips
-
-
-class UpBlock(_Level):
-    """One decoder level: resnets on [h, skip] concatenations (+ transformers), optional upsampler."""
-
-    def __init__(
-        self, prev_channels: int, out_channels: int, skip_in_channels: int, temb_dim: int, num_layers: int,
-        norm_num_groups: int, attention: dict[str, Any] | None, add_upsample: bool,
-    ):
-        super().__init__()
-        resnets = []
-        for i in range(num_layers):
-            skip_channels = skip_in_channels if i == num_layers - 1 else out_channels
-            in_channels = prev_channels if i == 0 else out_channels
-            resnets.append(ResnetBlock(in_channels + skip_channels, out_channels, temb_dim, norm_num_groups))
-        self._build(resnets, attention, out_channels)
-        self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if add_upsample else None
-
-    def forward(
-        self, h: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor, context: torch.Tensor,
-        mask: torch.Tensor | None, upsample_size: tuple[int, int] | None = None,
-    ) -> torch.Tensor:
-        """Consume skips from the end (last in, first out) and return the block output."""
-        for i in range(len(self.resnets)):
-            h = torch.cat([h, skips.pop()], dim=1)  # (B, C + Cskip, H, W)
-            h = self._layer(i, h, temb, context, mask)  # (B, Cout, H, W)
-        if self.upsamplers is not None:
-            assert upsample_size is not None
-            h = self.upsamplers[0](h, upsample_size)  # (B, Cout, 2H, 2W)
-        return h
-
-
-class MidBlock(nn.Module):
-    """Bottleneck: resnet, transformer, resnet."""
-
-    gradient_checkpointing: bool = False
-
-    def __init__(self, channels: int, temb_dim: int, norm_num_groups: int, attention: dict[str, Any]):
-        super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, temb_dim, norm_num_groups) for _ in range(2)])
-        self.attentions = nn.ModuleList([SpatialTransformer(channels, **attention)])
-
-    def forward(
-        self, h: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Map (B, C, H, W) to the same shape."""
-        ckpt = self.gradient_checkpointing
-        h = _maybe_checkpoint(ckpt, self.resnets[0], h, temb)  # (B, C, H, W)
-        h = _maybe_checkpoint(ckpt, self.attentions[0], h, context, mask)  # (B, C, H, W)
-        return _maybe_checkpoint(ckpt, self.resnets[1], h, temb)  # (B, C, H, W)
 
 
 def _per_level(value: int | Sequence[int], levels: int, name: str) -> tuple[int, ...]:
@@ -276,16 +64,22 @@ class UNet(nn.Module):
         cross_attention: Sequence[bool] = (True, True),
         num_heads: int | Sequence[int] | None = None,
         head_dim: int | None = None,
-        transformer_depth: int = 1,
+        transformer_depth: int | Sequence[int] = 1,
         context_dim: int = 384,
         use_linear_projection: bool = False,
         norm_num_groups: int = 32,
         gradient_checkpointing: bool = False,
+        pooled_dim: int | None = None,
+        addition_time_embed_dim: int | None = None,
+        num_time_ids: int = 6,
     ):
         """Build the UNet; give num_heads (per level or shared) or head_dim, not both (neither: 8 heads).
 
         cross_attention says per encoder level whether it has spatial transformers; the decoder
-        mirrors it and the middle block always has one.
+        mirrors it and the middle block always has one. transformer_depth is shared or per encoder
+        level (the decoder mirrors it, the middle block takes the last level's, as in SDXL).
+        pooled_dim and addition_time_embed_dim (set both or neither) add SDXL's pooled-text and
+        size/crop conditioning; forward then needs ``pooled`` (B, pooled_dim) and ``time_ids`` (B, num_time_ids).
         """
         super().__init__()
         channels = tuple(block_out_channels)
@@ -308,13 +102,18 @@ class UNet(nn.Module):
             bad = [c for c, n in zip(channels, heads) if c % n]
             if bad:
                 raise ValueError(f"block_out_channels {bad} are not divisible by their num_heads {heads}")
+        depths = _per_level(transformer_depth, levels, "transformer_depth")
+        if (pooled_dim is None) != (addition_time_embed_dim is None):
+            raise ValueError("set both pooled_dim and addition_time_embed_dim (SDXL conditioning) or neither")
         self.config: dict[str, Any] = dict(
             in_channels=in_channels, out_channels=out_channels, block_out_channels=channels,
             layers_per_block=layers_per_block, cross_attention=cross_attention,
             num_heads=None if num_heads is None else (num_heads if isinstance(num_heads, int) else tuple(num_heads)),
-            head_dim=head_dim, transformer_depth=transformer_depth, context_dim=context_dim,
-            use_linear_projection=use_linear_projection, norm_num_groups=norm_num_groups,
-            gradient_checkpointing=gradient_checkpointing,
+            head_dim=head_dim,
+            transformer_depth=transformer_depth if isinstance(transformer_depth, int) else depths,
+            context_dim=context_dim, use_linear_projection=use_linear_projection, norm_num_groups=norm_num_groups,
+            gradient_checkpointing=gradient_checkpointing, pooled_dim=pooled_dim,
+            addition_time_embed_dim=addition_time_embed_dim, num_time_ids=num_time_ids,
         )
         self.heads_per_level = heads
 
@@ -322,7 +121,7 @@ class UNet(nn.Module):
             """Spatial-transformer kwargs at one level."""
             return dict(
                 num_heads=heads[level], head_dim=channels[level] // heads[level], context_dim=context_dim,
-                depth=transformer_depth, norm_num_groups=norm_num_groups,
+                depth=depths[level], norm_num_groups=norm_num_groups,
                 use_linear_projection=use_linear_projection,
             )
 
@@ -330,6 +129,9 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
         self.time_proj = SinusoidalTimesteps(channels[0])
         self.time_embedding = TimestepEmbedding(channels[0], temb_dim)
+        if addition_time_embed_dim is not None:
+            self.add_time_proj = SinusoidalTimesteps(addition_time_embed_dim)
+            self.add_embedding = TimestepEmbedding(pooled_dim + num_time_ids * addition_time_embed_dim, temb_dim)
 
         self.down_blocks = nn.ModuleList()
         for level, out_ch in enumerate(channels):
@@ -363,8 +165,14 @@ class UNet(nn.Module):
         t: torch.Tensor | float,
         context: torch.Tensor,
         context_mask: torch.Tensor | None = None,
+        pooled: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Predict from x (B, C, H, W), timesteps t (B,) or scalar, context (B, L, D), mask (B, L) True=token."""
+        """Predict from x (B, C, H, W), timesteps t (B,) or scalar, context (B, L, D), mask (B, L) True=token.
+
+        pooled (B, P) and time_ids (B, num_time_ids) or (num_time_ids,) are SDXL's additional conditions:
+        required when the UNet was built with them, ignored otherwise.
+        """
         b = x.shape[0]
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
@@ -372,6 +180,8 @@ class UNet(nn.Module):
         if t.shape != (b,):
             raise ValueError(f"t must be a scalar or have shape ({b},), got {tuple(t.shape)}")
         temb = self.time_embedding(self.time_proj(t).to(x.dtype))  # (B, 4*C0)
+        if self.config["addition_time_embed_dim"] is not None:
+            temb = temb + self.added_embedding(pooled, time_ids, b, temb.dtype)  # (B, 4*C0)
         context, context_mask = drop_padding(context, context_mask)
 
         h = self.conv_in(x)  # (B, C0, H, W)
@@ -387,6 +197,21 @@ class UNet(nn.Module):
             h = block(h, block_skips, temb, context, context_mask, size)  # (B, Ci, H_{i-1}, W_{i-1})
         return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, out_channels, H, W)
 
+    def added_embedding(
+        self, pooled: torch.Tensor | None, time_ids: torch.Tensor | None, batch: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """SDXL's embedding of [pooled text, sinusoidal features of each time id] -> (B, 4*C0)."""
+        n, p = self.config["num_time_ids"], self.config["pooled_dim"]
+        if pooled is None or time_ids is None:
+            raise ValueError("this UNet has SDXL conditioning: forward needs pooled and time_ids")
+        time_ids = torch.as_tensor(time_ids, device=pooled.device)
+        if pooled.shape != (batch, p) or time_ids.shape not in ((n,), (1, n), (batch, n)):
+            raise ValueError(f"pooled must be ({batch}, {p}) and time_ids ({batch}, {n}), "
+                             f"got {tuple(pooled.shape)} and {tuple(time_ids.shape)}")
+        time_ids = time_ids.reshape(-1, n).expand(batch, n)  # (B, n)
+        features = self.add_time_proj(time_ids.reshape(-1)).reshape(batch, -1)  # (B, n * A)
+        return self.add_embedding(torch.cat([pooled.to(dtype), features.to(dtype)], dim=-1))  # (B, 4*C0)
+
     def to_diffusers_config(self) -> dict[str, Any]:
         """Keyword arguments for diffusers' UNet2DConditionModel with the same modules and shapes."""
         cfg = self.config
@@ -401,7 +226,7 @@ class UNet(nn.Module):
             up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cross)],
             # diffusers' 2D UNet reads attention_head_dim as the number of heads (a legacy name).
             attention_head_dim=list(self.heads_per_level),
-            transformer_layers_per_block=cfg["transformer_depth"],
+            transformer_layers_per_block=depth if isinstance(depth := cfg["transformer_depth"], int) else list(depth),
             cross_attention_dim=cfg["context_dim"],
             use_linear_projection=cfg["use_linear_projection"],
             norm_num_groups=cfg["norm_num_groups"],
@@ -411,16 +236,30 @@ class UNet(nn.Module):
             freq_shift=0,
             downsample_padding=1,
             mid_block_scale_factor=1.0,
+            **self._diffusers_addition_config(),
         )
+
+    def _diffusers_addition_config(self) -> dict[str, Any]:
+        """diffusers' "text_time" additional-embedding arguments (empty without SDXL conditioning)."""
+        cfg = self.config
+        if cfg["addition_time_embed_dim"] is None:
+            return {}
+        inputs = cfg["pooled_dim"] + cfg["num_time_ids"] * cfg["addition_time_embed_dim"]
+        return dict(addition_embed_type="text_time", addition_time_embed_dim=cfg["addition_time_embed_dim"],
+                    projection_class_embeddings_input_dim=inputs)
 
     @classmethod
     def from_diffusers_config(cls, config: dict[str, Any], **overrides: Any) -> "UNet":
-        """Build a UNet with the shapes of a diffusers UNet2DConditionModel config (e.g. SD 1.x/2.x)."""
+        """Build a UNet with the shapes of a diffusers UNet2DConditionModel config (SD 1.x/2.x, SDXL).
+
+        For ``addition_embed_type="text_time"`` the pooled width is the projection input less 6 time ids
+        (SDXL base); pass ``num_time_ids`` (e.g. 5 for the SDXL refiner) to split it otherwise.
+        """
         fixed = dict(
             flip_sin_to_cos=True, freq_shift=0, act_fn="silu", norm_eps=1e-5, downsample_padding=1,
             mid_block_scale_factor=1, mid_block_type="UNetMidBlock2DCrossAttn", num_attention_heads=None,
             center_input_sample=False, only_cross_attention=False, class_embed_type=None,
-            addition_embed_type=None, encoder_hid_dim=None, time_embedding_type="positional",
+            encoder_hid_dim=None, reverse_transformer_layers_per_block=None, time_embedding_type="positional",
             resnet_time_scale_shift="default", dual_cross_attention=False, num_class_embeds=None,
         )
         for key, expected in fixed.items():
@@ -431,18 +270,28 @@ class UNet(nn.Module):
         mirrored = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cross)]
         if list(config["up_block_types"]) != mirrored or not set(down) <= {"CrossAttnDownBlock2D", "DownBlock2D"}:
             raise ValueError(f"block types {down} / {config['up_block_types']} are not a mirrored SD layout")
+        addition = config.get("addition_embed_type")
+        if addition not in (None, "text_time"):
+            raise ValueError(f"diffusers config addition_embed_type={addition!r} is not supported (need None or 'text_time')")
         depth = config.get("transformer_layers_per_block", 1)
-        if not isinstance(depth, int):
-            raise ValueError("per-level transformer_layers_per_block is not supported")
+        if not isinstance(depth, int) and not all(isinstance(d, int) for d in depth):
+            raise ValueError("transformer_layers_per_block must be an int or one int per level (not per layer)")
         heads = config.get("attention_head_dim", DEFAULT_NUM_HEADS)
         kwargs = dict(
             in_channels=config.get("in_channels", 4), out_channels=config.get("out_channels", 4),
             block_out_channels=tuple(config["block_out_channels"]),
             layers_per_block=config.get("layers_per_block", 2), cross_attention=tuple(cross),
-            num_heads=heads if isinstance(heads, int) else tuple(heads), transformer_depth=depth,
+            num_heads=heads if isinstance(heads, int) else tuple(heads),
+            transformer_depth=depth if isinstance(depth, int) else tuple(depth),
             context_dim=config.get("cross_attention_dim", 1280),
             use_linear_projection=config.get("use_linear_projection", False),
             norm_num_groups=config.get("norm_num_groups", 32),
         )
+        if addition == "text_time":
+            time_dim, n = config["addition_time_embed_dim"], overrides.get("num_time_ids", 6)
+            pooled = config["projection_class_embeddings_input_dim"] - n * time_dim
+            if pooled < 1:
+                raise ValueError(f"projection_class_embeddings_input_dim leaves no pooled width for {n} time ids")
+            kwargs.update(pooled_dim=pooled, addition_time_embed_dim=time_dim, num_time_ids=n)
         kwargs.update(overrides)
         return cls(**kwargs)

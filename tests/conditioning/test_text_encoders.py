@@ -18,6 +18,7 @@ from ldm.conditioning import (
     masked_mean,
     null_condition,
 )
+from tests.conditioning.tiny import TINY_OPENCLIP, tiny_clip_config, tiny_clip_tokenizer
 
 PROMPTS = ["red apple", "a dog face with a hat", ""]
 
@@ -67,25 +68,13 @@ def test_builder_rejects_unknown_kinds_and_options():
 # --- CLIP (transformers) ------------------------------------------------------------------------------------------
 
 
-def _tiny_clip_tokenizer():
-    """A byte-level CLIP tokenizer without merges (one token per character) and its two special tokens."""
-    from transformers import CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    chars = sorted(set(bytes_to_unicode().values()))
-    words = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={w: i for i, w in enumerate(words)}, merges=[])
-
-
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     """A random 3-layer CLIP text model (32-d) saved as a diffusers-style pipeline folder."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
-    tokenizer = _tiny_clip_tokenizer()
-    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                            num_attention_heads=4, max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    tokenizer = tiny_clip_tokenizer()
+    config = tiny_clip_config(tokenizer)
     torch.manual_seed(0)
     model = CLIPTextModel(config).eval()
     root = tmp_path_factory.mktemp("clip")
@@ -128,13 +117,6 @@ def test_clip_folder_with_missing_weights_is_refused(clip_folder, tmp_path):
 
 
 # --- OpenCLIP ---------------------------------------------------------------------------------------------------
-
-TINY_OPENCLIP = dict(
-    embed_dim=16,
-    vision_cfg={"image_size": 32, "patch_size": 16, "width": 32, "head_width": 32, "layers": 1},
-    text_cfg={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 3},
-)
-
 
 @pytest.fixture(scope="module")
 def openclip_model():

@@ -151,7 +151,7 @@ def test_padding_no_sample_attends_to_is_dropped_exactly():
 def test_upsample_conv_equals_nearest_upsampling_then_conv(size):
     """The transposed-convolution form of nearest x2 + 3x3 conv: outputs and all gradients in float64 (odd
     skip sizes take the explicit path), and within bf16 rounding for bf16 weights and inputs."""
-    from ldm.models.unet import UpsampleConv
+    from ldm.models.blocks import UpsampleConv
 
     torch.manual_seed(0)
     conv = UpsampleConv(6).double()

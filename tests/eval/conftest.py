@@ -80,3 +80,13 @@ def tiny_clip(tmp_path_factory) -> Path:
     model = open_clip.create_model(TINY_CLIP, pretrained=None)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "clip.safetensors"))
     return folder / "clip.safetensors"
+
+
+@pytest.fixture(scope="session")
+def protocol_shards(tmp_path_factory, npm_cache) -> Path:
+    """Real 32 px emoji shards of 150 emoji codes (both styles, about 290 images) for the evaluation protocol."""
+    from ldm.data.shards import build_emoji_shards
+
+    out = tmp_path_factory.mktemp("protocol_emoji")
+    build_emoji_shards(out, image_size=32, limit=150, val_fraction=0.05, cache_dir=npm_cache)
+    return out

@@ -13,7 +13,9 @@ import torch
 from tests.conftest import ROOT, tiny_ldm_overrides
 from tests.eval.conftest import TINY_CLIP
 
-METRICS = {"fid", "kid", "kid_std", "probe_acc", "probe_acc_real", "probe_chance", "clip_score"}
+METRICS = {*(f"{m}{part}" for m in ("fid", "kid", "fid_floor", "kid_floor") for part in ("", "_lo", "_hi")),
+           "class_acc", "class_acc_lo", "class_acc_hi", "class_acc_real", "class_chance", "classifier_images",
+           "num_images", "reference_images", "clip_score"}
 
 
 def test_guidance_sweep_logs_nested_runs_and_the_review_plots_them(tmp_path, tiny_ldm_run, eval_shards,
@@ -24,18 +26,21 @@ def test_guidance_sweep_logs_nested_runs_and_the_review_plots_them(tmp_path, tin
     from ldm.cli.review import main as review_main
 
     out = tmp_path / "eval"
-    assert main(["--model", str(tiny_ldm_run / "export"), "--data", str(eval_shards), "--train-data", str(eval_shards),
+    assert main(["--model", str(tiny_ldm_run / "export"), "--data", str(eval_shards),
                  "--inception", str(tiny_inception), "--clip", str(tiny_clip), "--clip-model", TINY_CLIP,
-                 "--num-images", "4", "--sampler", "ddim", "--steps", "2", "--sweep", "guidance=0,4",
-                 "--probe-per-class", "2", "--cache-dir", str(tmp_path / "cache"), "--tracking-uri", mlflow_server,
-                 "--experiment", "eval-sweep", "--out", str(out)]) == 0
+                 "--num-images", "4", "--reference-images", "4", "--bootstrap", "5", "--sampler", "ddim",
+                 "--steps", "2", "--sweep", "guidance=0,4", "--cache-dir", str(tmp_path / "cache"),
+                 "--tracking-uri", mlflow_server, "--experiment", "eval-sweep", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "fid" in printed and "probe_acc_real" in printed and "logged as run" in printed
+    assert "fid_floor" in printed and "ceiling %" in printed and "logged as run" in printed
 
     saved = json.loads((out / "metrics.json").read_text())
     rows = {row["guidance"]: row for row in saved["points"]}
     assert set(rows) == {0.0, 4.0} and saved["settings"]["num_images"] == 4
-    assert {p.name for p in out.glob("*.png")} == {"grid_ddim-2-g0.png", "grid_ddim-2-g4.png", "guidance_tradeoff.png"}
+    assert {p.name for p in out.glob("*.png")} == {"grid_ddim-2-g0.png", "grid_ddim-2-g4.png", "guidance_tradeoff.png",
+                                                   "eval.png"}
+    table = (out / "eval.md").read_text()
+    assert table.count("\n| ddim |") == 2 and "fid_floor" in table  # one Markdown row per point
     client = MlflowClient(tracking_uri=mlflow_server)
     exp_id = client.get_experiment_by_name("eval-sweep").experiment_id
     parents = client.search_runs([exp_id], "tags.`ldm.eval` = 'true'")
@@ -50,10 +55,12 @@ def test_guidance_sweep_logs_nested_runs_and_the_review_plots_them(tmp_path, tin
         row = rows[float(params["guidance"])]
         assert set(metrics) == METRICS
         assert all(metrics[k] == pytest.approx(row[k]) for k in METRICS)
-        assert metrics["fid"] > 0 and 0 <= metrics["probe_acc"] <= 1 and 0 <= metrics["clip_score"] <= 100
-        assert 0.25 <= metrics["probe_chance"] <= 1  # 4 prompts over 4 subcategories
+        assert metrics["fid"] > 0 and 0 <= metrics["class_acc"] <= 1 and 0 <= metrics["clip_score"] <= 100
+        assert metrics["fid_lo"] < metrics["fid"] < metrics["fid_hi"] and metrics["fid_floor"] > 0
+        assert 0.25 <= metrics["class_chance"] <= 1  # 4 prompts over at most 4 subcategories
     assert rows[0.0]["fid"] != rows[4.0]["fid"]  # guidance changes the images
-    assert rows[0.0]["probe_acc_real"] == rows[4.0]["probe_acc_real"]  # the same real images for every point
+    assert rows[0.0]["class_acc_real"] == rows[4.0]["class_acc_real"]  # the same real images for every point
+    assert rows[0.0]["fid_floor"] == rows[4.0]["fid_floor"]
 
     report = tmp_path / "review"
     assert review_main(["--experiment", "eval-sweep", "--tracking-uri", mlflow_server, "--out", str(report),
@@ -75,15 +82,16 @@ def test_training_evaluates_at_the_interval(tmp_path, tiny_shards, tiny_autoenco
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert train_main(["--config", str(ROOT / "configs/ldm/emoji.yaml"),
                        *tiny_ldm_overrides(tiny_shards, tiny_autoencoder, tmp_path / "run", uri),
-                       "train.max_steps=2", "eval.every=1", "eval.num_images=2", "eval.steps=2",
-                       f"eval.data={eval_shards}", "eval.probe=false", f"eval.inception={tiny_inception}",
-                       f"eval.cache_dir={tmp_path / 'cache'}", "tracking.experiment=train-eval"]) == 0
+                       "train.max_steps=2", "eval.every=1", "eval.num_images=2", "eval.reference_images=3",
+                       "eval.steps=2", "eval.bootstrap=0", f"eval.data={eval_shards}", "eval.classifier=false",
+                       f"eval.inception={tiny_inception}", f"eval.cache_dir={tmp_path / 'cache'}",
+                       "tracking.experiment=train-eval"]) == 0
     client = MlflowClient(tracking_uri=uri)
     run = client.search_runs([client.get_experiment_by_name("train-eval").experiment_id])[0]
     for key in ("eval/fid", "eval/kid"):
         history = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in history] == [1, 2] and all(m.value == m.value for m in history)  # finite
-    assert "eval/probe_acc" not in run.data.metrics
+    assert "eval/class_acc" not in run.data.metrics
 
 
 def test_clip_score_matches_open_clip_preprocessing(tiny_clip, eval_shards):
@@ -92,7 +100,7 @@ def test_clip_score_matches_open_clip_preprocessing(tiny_clip, eval_shards):
     from safetensors.torch import load_file, save_file
 
     from ldm.eval.clip_score import ClipScorer
-    from ldm.eval.reference import read_split
+    from ldm.eval.realset import read_split
 
     real = read_split(str(eval_shards), "val", 32, progress=False)
     images, prompts = real.images[:6].float() / 255, real.captions[:6]
@@ -128,6 +136,9 @@ def test_usage_errors_exit_2(tmp_path, tiny_ldm_run, capsys):
              (["--model", model, "--sweep", "cfg=1,2"], "unknown key 'cfg'"),
              (["--model", model, "--sweep", "sampler=ddim,fast"], "unknown sampler 'fast'"),
              (["--model", model, "--num-images", "1"], "--num-images must be at least 2"),
+             (["--model", model, "--guidance", "nan"], "--guidance: must be a finite number"),
+             (["--model", model, "--steps", "5000", "--no-tracking"], "--steps: steps must be in [1, 1000]"),
+             (["--model", model, "--device", "bogus"], "--device: unknown device 'bogus'"),
              (["--model", model, "--inception", str(tmp_path / "nope.pt")], "--inception: no such file"),
              (["--model", model, "--data", str(tmp_path / "nodata"), "--no-tracking"], "no shards match"),
              (["--model", model, "--inception", str(tmp_path / "bad.pt"), "--no-tracking"],

@@ -1,8 +1,11 @@
 """Diffusion math: schedules, forward processes and SDEs, parameterisations, training objectives, likelihoods."""
 
+from ldm.diffusion.edm import EDMPrecond, edm_coefficients
+from ldm.diffusion.flow import FlowMatching, resolution_shift, shift_time
 from ldm.diffusion.likelihood import ELBO, Likelihood, bits_per_dim, ddpm_elbo, ode_likelihood, odeint
 from ldm.diffusion.parameterization import (
     PREDICTIONS,
+    WEIGHTINGS,
     Predictor,
     diffusion_loss,
     from_x0_eps,
@@ -12,11 +15,15 @@ from ldm.diffusion.parameterization import (
 )
 from ldm.diffusion.schedules import SCHEDULES, make_betas, rescale_zero_terminal_snr
 from ldm.diffusion.score_matching import OBJECTIVES, dsm_loss, ssm_loss
-from ldm.diffusion.sde import VESDE, VPSDE, DiscreteVE, DiscreteVP, GaussianProcess, SubVPSDE, randn
+from ldm.diffusion.sde import (
+    VESDE, VPSDE, DiscreteVE, DiscreteVP, GaussianProcess, SubVPSDE, karras_sigmas, randn,
+)
+from ldm.diffusion.timesteps import TIME_SAMPLINGS, TimeSampling
 
 __all__ = [
-    "ELBO", "OBJECTIVES", "PREDICTIONS", "SCHEDULES", "DiscreteVE", "DiscreteVP", "GaussianProcess", "Likelihood",
-    "Predictor", "SubVPSDE", "VESDE", "VPSDE", "bits_per_dim", "ddpm_elbo", "diffusion_loss", "dsm_loss",
-    "from_x0_eps", "loss_weight", "make_betas", "odeint", "ode_likelihood", "randn", "rescale_zero_terminal_snr",
-    "score_from_eps", "ssm_loss", "to_x0_eps",
+    "ELBO", "OBJECTIVES", "PREDICTIONS", "SCHEDULES", "TIME_SAMPLINGS", "WEIGHTINGS", "DiscreteVE", "DiscreteVP",
+    "EDMPrecond", "FlowMatching", "GaussianProcess", "Likelihood", "Predictor", "SubVPSDE", "TimeSampling", "VESDE",
+    "VPSDE", "bits_per_dim", "ddpm_elbo", "diffusion_loss", "dsm_loss", "edm_coefficients", "from_x0_eps",
+    "karras_sigmas", "loss_weight", "make_betas", "odeint", "ode_likelihood", "randn", "rescale_zero_terminal_snr",
+    "resolution_shift", "score_from_eps", "shift_time", "ssm_loss", "to_x0_eps",
 ]

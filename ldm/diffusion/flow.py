@@ -18,13 +18,18 @@ import math
 
 import torch
 
-from ldm.diffusion.sde import GaussianProcess, as_time
+from ldm.diffusion.sde import KARRAS_SIGMA_CAP, GaussianProcess, as_time
 
 Tensor = torch.Tensor
 
 
 class FlowMatching(GaussianProcess):
-    """x_t = (1 - t) x0 + t eps on t in [0, 1]; the network sees t * time_scale (SD3 / diffusers: 1000 sigma)."""
+    """x_t = (1 - t) x0 + t eps on t in [0, 1]; the network sees t * time_scale (SD3 / diffusers: 1000 sigma).
+
+    Every sampler defaults to the uniform grid in t (SD3's, with its shift): log-SNR and Karras grids start at
+    lambda = -inf here and spend most steps where t ~ 1 (measured in bench/bench_samplers.py)."""
+
+    spacing = "uniform"
 
     def __init__(self, time_scale: float = 1000.0, t_min: float | None = None):
         self.time_scale = float(time_scale)
@@ -61,6 +66,15 @@ class FlowMatching(GaussianProcess):
     def time_from_log_snr_half(self, lam):
         """(1 - t) / t = e^lambda: t = sigmoid(-lambda), exact."""
         return torch.sigmoid(-as_time(lam))
+
+    def timesteps(self, steps: int, spacing: str = "uniform") -> Tensor:
+        """The base grids; "logsnr" through the exact inverse, from lambda = -ln 2^12 (the Karras grid's top) at t = 1."""
+        if spacing != "logsnr" or steps < 2:
+            return super().timesteps(steps, spacing)
+        lam = torch.linspace(-math.log(KARRAS_SIGMA_CAP), float(self.log_snr_half(self.t_min)), steps, dtype=torch.float64)
+        ts = self.time_from_log_snr_half(lam)
+        ts[0], ts[-1] = 1.0, self.t_min
+        return torch.cat([ts, torch.zeros(1, dtype=torch.float64)])
 
     def model_time(self, t):
         return as_time(t) * self.time_scale

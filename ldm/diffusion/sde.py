@@ -28,7 +28,7 @@ import torch
 Tensor = torch.Tensor
 LOG_ALPHA_BAR_FLOOR = math.log(2.0**-24)  # between knots a zero-terminal-SNR chain keeps a finite log alpha_bar
 KARRAS_RHO = 7.0  # Karras et al. 2022, Eq. 5 and Sec. 3: rho = 7
-ZERO_SNR_SIGMA_MAX = 2.0**12  # sigma_edm at alpha^2 = 2^-24: the top of a Karras grid where alpha(1) = 0
+KARRAS_SIGMA_CAP = 2.0**12  # sigma_edm at alpha^2 = 2^-24: the highest top of a Karras grid
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = KARRAS_RHO) -> Tensor:
@@ -79,6 +79,7 @@ class GaussianProcess:
     """Base: a forward process defined by its marginals alpha(t), sigma(t) on t in [0, 1]."""
 
     t_min: float = 1e-3  # smallest time a model is trained on / a solver integrates to
+    spacing: str | None = None  # the grid every sampler uses by default on this process; None: each sampler's own
 
     # --- what a process defines --------------------------------------------------------------
     def log_alpha(self, t: Tensor) -> Tensor:
@@ -105,9 +106,9 @@ class GaussianProcess:
         """Descending solver grid of steps + 1 times from 1 to exactly 0 (0 means: return the clean estimate).
 
         "uniform" spaces t evenly on [t_min, 1]; "logsnr" spaces lambda = log(alpha/sigma) evenly (Lu et al. 2022);
-        "karras" spaces sigma_edm^(1/7) evenly from sigma_edm(1) to sigma_edm(t_min) (Karras et al. 2022, Eq. 5). Where
-        alpha(1) = 0 the top of the Karras grid is sigma_edm = 2^12 (alpha^2 = 2^-24, diffusers' convention), placed
-        at t = 1, as "logsnr" extrapolates the top of its grid to t = 1.
+        "karras" spaces sigma_edm^(1/7) evenly from sigma_edm(1) to sigma_edm(t_min) (Karras et al. 2022, Eq. 5), the
+        top capped at 2^12 (alpha^2 = 2^-24, diffusers' floor: zero terminal SNR, the flow, the cosine chain's last
+        knot) and placed at t = 1, as "logsnr" extrapolates the top of its grid to t = 1.
         """
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
@@ -126,7 +127,7 @@ class GaussianProcess:
             ts = dense[idx - 1] + w * (dense[idx] - dense[idx - 1])
         elif spacing == "karras":
             top, bottom = (float(v) for v in self.edm_sigma(torch.tensor([1.0, self.t_min], dtype=torch.float64)))
-            ts = self.time_from_edm_sigma(karras_sigmas(steps, bottom, top if math.isfinite(top) else ZERO_SNR_SIGMA_MAX))
+            ts = self.time_from_edm_sigma(karras_sigmas(steps, bottom, min(top, KARRAS_SIGMA_CAP)))
             ts[-1], ts[0] = self.t_min, 1.0  # exactly the ends of the process's range
         else:
             raise ValueError(f"{type(self).__name__} supports spacing 'uniform', 'logsnr' or 'karras', not {spacing!r}")

@@ -32,9 +32,10 @@ def sample(model: Predictor, shape: tuple[int, ...], *, sampler: str = "ddpm", s
     ``options`` go to the sampler (e.g. ``callback=``, ``eta=``, ``s_churn=``)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
-    if spacing is None:  # discrete chains default per sampler; continuous processes have one uniform grid
+    if spacing is None:  # the process's own default grid, else per sampler on discrete chains and continuous processes
         discrete = getattr(model.process, "T", None) is not None
-        spacing = DEFAULT_SPACING[sampler] if discrete else DEFAULT_CONTINUOUS_SPACING.get(sampler, "uniform")
+        spacing = model.process.spacing or (
+            DEFAULT_SPACING[sampler] if discrete else DEFAULT_CONTINUOUS_SPACING.get(sampler, "uniform"))
     ts = model.process.timesteps(steps, spacing)
     if time_shift != 1.0:
         ts = shift_time(ts, time_shift)

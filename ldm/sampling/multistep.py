@@ -150,11 +150,11 @@ def unipc(model: Predictor, x: Tensor, ts: Tensor, cond: Any = None, generator=N
     x_prev, prev_order, prev_coefs = None, 0, None
     for i, (t, s, last) in enumerate(pairs):
         x0, _ = model(x, t, cond)
+        if callback is not None:  # the state the model saw, before the corrector moves it
+            callback(i, t, x, x0)
         lam_t = float(p.log_snr_half(t))
         if corrector and x_prev is not None and not last:
             x = _unipc_update(x_prev, hist, lam_t, *prev_coefs, prev_order, x0_new=x0)
-        if callback is not None:
-            callback(i, t, x, x0)
         if last:
             return x0
         hist = (hist + [(lam_t, x0)])[-order:]

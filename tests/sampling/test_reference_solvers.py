@@ -131,3 +131,17 @@ def test_multistep_solvers_match_diffusers(name, cls, theirs_options, our_option
                                  **our_options)
         theirs_in, theirs = run_diffusers(scheduler, x_T, seed=9)
         assert diff(ours_in, theirs_in) < TOL and diff(ours, theirs) < TOL, (steps, diff(ours_in, theirs_in))
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_edm_heun_without_churn_matches_diffusers_heun(prediction):
+    """Karras et al. 2022, Alg. 1 in EDM's frame = HeunDiscreteScheduler (k-diffusion's sample_heun), on the chain."""
+    process, steps = _chain(), 12
+    scheduler = diffusers.HeunDiscreteScheduler(num_train_timesteps=T, beta_schedule="linear",
+                                                prediction_type=PREDICTION[prediction], timestep_spacing="trailing")
+    scheduler.alphas_cumprod = process.alphas_cumprod.clone()
+    scheduler.set_timesteps(steps)
+    x_T = start()
+    ours_in, ours = run_ours("edm_heun", process, prediction, process.timesteps(steps, "trailing"), x_T)
+    theirs_in, theirs = run_diffusers(scheduler, x_T, scale_input=True)
+    assert diff(ours_in, theirs_in) < TOL_EULER and diff(ours, theirs) < TOL_EULER

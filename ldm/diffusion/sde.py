@@ -168,6 +168,7 @@ class GaussianProcess:
             mid = 0.5 * (lo + hi)
             early = self.log_snr_half(mid) > flat  # mid lies before the wanted time
             lo, hi = torch.where(early, mid, lo), torch.where(early, hi, mid)
+        hi = torch.where(flat == -math.inf, torch.ones_like(hi), hi)  # zero SNR: exactly t = 1
         return hi.reshape(lam.shape)
 
     def time_from_edm_sigma(self, sigma_edm: float | Tensor) -> Tensor:

@@ -6,10 +6,12 @@ import dataclasses
 
 import torch
 
-from ldm.config import DiffusionConfig, TextEncoderConfig, UNetConfig
+from ldm.config import DiffusionConfig, SamplingConfig, TextEncoderConfig, UNetConfig
 from ldm.diffusion import (
-    VESDE, VPSDE, DiscreteVE, DiscreteVP, GaussianProcess, SubVPSDE, diffusion_loss, dsm_loss, make_betas, ssm_loss,
+    VESDE, VPSDE, DiscreteVE, DiscreteVP, EDMPrecond, FlowMatching, GaussianProcess, SubVPSDE, TimeSampling,
+    diffusion_loss, dsm_loss, make_betas, ssm_loss,
 )
+from ldm.sampling import ClassifierFreeGuidance, GuidanceInterval
 
 
 def build_process(cfg: DiffusionConfig) -> GaussianProcess:
@@ -23,7 +25,25 @@ def build_process(cfg: DiffusionConfig) -> GaussianProcess:
         return SubVPSDE(time_scale=cfg.num_timesteps - 1)
     if cfg.process == "ncsn":
         return DiscreteVE(levels=cfg.num_timesteps)
+    if cfg.process == "flow":
+        return FlowMatching(time_scale=cfg.num_timesteps)
     return VESDE()
+
+
+def build_time_sampling(cfg: DiffusionConfig) -> TimeSampling:
+    """The training-time distribution of the config (``diffusion.time_*``)."""
+    return TimeSampling(cfg.time_sampling, cfg.time_mean, cfg.time_std, cfg.mode_scale, cfg.time_shift)
+
+
+def precondition(cfg: DiffusionConfig, process: GaussianProcess, network):
+    """The denoiser a network is trained and sampled as: EDM's preconditioning around it, or the network itself."""
+    return EDMPrecond(network, process, cfg.sigma_data) if cfg.precondition == "edm" else network
+
+
+def build_guidance(cfg: SamplingConfig, process: GaussianProcess, denoiser, scale: float):
+    """Classifier-free guidance of the config: rescale phi, and the sigma interval where it applies."""
+    guided = ClassifierFreeGuidance(denoiser, scale, rescale=cfg.guidance_rescale)
+    return guided if cfg.guidance_interval is None else GuidanceInterval(guided, process, *cfg.guidance_interval)
 
 
 def build_objective(cfg: DiffusionConfig, process: GaussianProcess):
@@ -32,9 +52,11 @@ def build_objective(cfg: DiffusionConfig, process: GaussianProcess):
         return lambda denoiser, x0, cond, generator: dsm_loss(denoiser, x0, cond, process, generator=generator)
     if cfg.objective == "ssm":
         return lambda denoiser, x0, cond, generator: ssm_loss(denoiser, x0, cond, process, generator=generator)
+    time_sampling = None if cfg.time_sampling == "uniform" and cfg.time_shift == 1.0 else build_time_sampling(cfg)
     return lambda denoiser, x0, cond, generator: diffusion_loss(
-        denoiser, x0, cond, process, prediction=cfg.prediction, weighting=cfg.weighting,
-        min_snr_gamma=cfg.min_snr_gamma, offset_noise=cfg.offset_noise, generator=generator)
+        precondition(cfg, process, denoiser), x0, cond, process, prediction=cfg.prediction, weighting=cfg.weighting,
+        min_snr_gamma=cfg.min_snr_gamma, offset_noise=cfg.offset_noise, time_sampling=time_sampling,
+        sigma_data=cfg.sigma_data, generator=generator)
 
 
 def unet_kwargs(cfg: UNetConfig, in_channels: int, context_dim: int) -> dict:

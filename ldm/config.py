@@ -118,8 +118,8 @@ class DiffusionConfig:
             raise ConfigError(f"diffusion.num_timesteps: process 'ncsn' has that many noise levels, at least 2, "
                               f"got {self.num_timesteps}")
         if self.process == "flow" and self.prediction in ("eps", "score"):
-            raise ConfigError(f"diffusion.prediction: {self.prediction!r} cannot be sampled from the flow (alpha(1) = 0 "
-                              "leaves x0 undefined at t = 1); use velocity (flow matching), v or x0")
+            raise ConfigError(f"diffusion.prediction: {self.prediction!r} cannot be sampled from the flow "
+                              "(alpha(1) = 0 leaves x0 undefined at t = 1); use velocity (flow matching), v or x0")
         if self.process == "flow" and self.zero_terminal_snr:
             raise ConfigError("diffusion.zero_terminal_snr: the flow has zero terminal SNR already (a beta schedule "
                               "option of process 'discrete')")

@@ -1,4 +1,4 @@
-"""The config keys of flow matching, EDM, time sampling and guidance: validation names the key; builders assemble them."""
+"""Config keys of flow matching, EDM, time sampling and guidance: validation names the key; builders assemble them."""
 
 import pytest
 import torch

@@ -2,6 +2,7 @@
 
 from ldm.diffusion.edm import EDMPrecond, edm_coefficients
 from ldm.diffusion.flow import FlowMatching, resolution_shift, shift_time
+from ldm.diffusion.grids import karras_sigmas
 from ldm.diffusion.likelihood import ELBO, Likelihood, bits_per_dim, ddpm_elbo, ode_likelihood, odeint
 from ldm.diffusion.parameterization import (
     PREDICTIONS,
@@ -15,9 +16,7 @@ from ldm.diffusion.parameterization import (
 )
 from ldm.diffusion.schedules import SCHEDULES, make_betas, rescale_zero_terminal_snr
 from ldm.diffusion.score_matching import OBJECTIVES, dsm_loss, ssm_loss
-from ldm.diffusion.sde import (
-    VESDE, VPSDE, DiscreteVE, DiscreteVP, GaussianProcess, SubVPSDE, karras_sigmas, randn,
-)
+from ldm.diffusion.sde import VESDE, VPSDE, DiscreteVE, DiscreteVP, GaussianProcess, SubVPSDE, randn
 from ldm.diffusion.timesteps import TIME_SAMPLINGS, TimeSampling
 
 __all__ = [

@@ -18,7 +18,8 @@ import math
 
 import torch
 
-from ldm.diffusion.sde import KARRAS_SIGMA_CAP, GaussianProcess, as_time
+from ldm.diffusion.grids import KARRAS_SIGMA_CAP
+from ldm.diffusion.sde import GaussianProcess, as_time
 
 Tensor = torch.Tensor
 
@@ -68,10 +69,11 @@ class FlowMatching(GaussianProcess):
         return torch.sigmoid(-as_time(lam))
 
     def timesteps(self, steps: int, spacing: str = "uniform") -> Tensor:
-        """The base grids; "logsnr" through the exact inverse, from lambda = -ln 2^12 (the Karras grid's top) at t = 1."""
+        """The base grids; "logsnr" by the exact inverse, from lambda = -ln 2^12 (the Karras grid's top) at t = 1."""
         if spacing != "logsnr" or steps < 2:
             return super().timesteps(steps, spacing)
-        lam = torch.linspace(-math.log(KARRAS_SIGMA_CAP), float(self.log_snr_half(self.t_min)), steps, dtype=torch.float64)
+        bottom = float(self.log_snr_half(self.t_min))
+        lam = torch.linspace(-math.log(KARRAS_SIGMA_CAP), bottom, steps, dtype=torch.float64)
         ts = self.time_from_log_snr_half(lam)
         ts[0], ts[-1] = 1.0, self.t_min
         return torch.cat([ts, torch.zeros(1, dtype=torch.float64)])

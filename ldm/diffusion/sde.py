@@ -25,20 +25,10 @@ from typing import Callable
 
 import torch
 
+from ldm.diffusion.grids import KARRAS_SIGMA_CAP, karras_sigmas
+
 Tensor = torch.Tensor
 LOG_ALPHA_BAR_FLOOR = math.log(2.0**-24)  # between knots a zero-terminal-SNR chain keeps a finite log alpha_bar
-KARRAS_RHO = 7.0  # Karras et al. 2022, Eq. 5 and Sec. 3: rho = 7
-KARRAS_SIGMA_CAP = 2.0**12  # sigma_edm at alpha^2 = 2^-24: the highest top of a Karras grid
-
-
-def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = KARRAS_RHO) -> Tensor:
-    """n noise levels sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i < n,
-    from sigma_max down to sigma_min (Karras et al. 2022, Eq. 5; their sigma_N = 0 is the grid's final time 0)."""
-    if n < 1 or not 0 < sigma_min <= sigma_max or rho <= 0:
-        raise ValueError(f"need n >= 1, 0 < sigma_min <= sigma_max and rho > 0, got {n}, {sigma_min}, {sigma_max}, {rho}")
-    i = torch.arange(n, dtype=torch.float64)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (hi + i / max(n - 1, 1) * (lo - hi)) ** rho
 
 
 def as_time(t: float | Tensor) -> Tensor:
@@ -177,17 +167,16 @@ class GaussianProcess:
 
     def d_alpha(self, t: float | Tensor) -> Tensor:
         """d alpha / dt = f(t) alpha(t)."""
-        t = as_time(t)
-        return self.dlog_alpha_dt(t) * self.alpha(t)
+        return self.dlog_alpha_dt(as_time(t)) * self.alpha(t)
 
     def d_sigma(self, t: float | Tensor) -> Tensor:
         """d sigma / dt = (d sigma^2 / dt) / (2 sigma)."""
-        t = as_time(t)
-        return self.dsigma2_dt(t) / (2 * self.sigma(t))
+        return self.dsigma2_dt(as_time(t)) / (2 * self.sigma(t))
 
     def ode_velocity(self, x0: Tensor, eps: Tensor, t: float | Tensor) -> Tensor:
         """The probability-flow ODE dx/dt = f x - g^2 score / 2 (Song et al. 2021, Eq. 13) at the estimates (x0, eps)
-        of x = alpha x0 + sigma eps: with score = -eps / sigma it is alpha'(t) x0 + sigma'(t) eps, finite at alpha = 0."""
+        of x = alpha x0 + sigma eps: with score = -eps / sigma it is alpha'(t) x0 + sigma'(t) eps, finite at
+        alpha = 0."""
         return _bcast(self.d_alpha(t), x0) * x0 + _bcast(self.d_sigma(t), eps) * eps
 
     def f(self, t: float | Tensor) -> Tensor:
@@ -353,7 +342,8 @@ class DiscreteVP(GaussianProcess):
             n[-1] = self.T - 1 if steps > 1 else 0
             n = n.round().flip(0)
         else:
-            raise ValueError(f"unknown spacing {spacing!r}; choose leading, trailing, linspace, uniform, logsnr or karras")
+            raise ValueError(f"unknown spacing {spacing!r}; choose leading, trailing, linspace, uniform, logsnr or "
+                             "karras")
         return torch.cat([(n + 1) / self.T, torch.zeros(1, dtype=torch.float64)])
 
     def sample_time(self, n, generator=None, device="cpu"):

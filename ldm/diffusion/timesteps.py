@@ -47,7 +47,8 @@ class TimeSampling:
         if self.std is not None and self.std <= 0:
             raise ValueError(f"std must be positive, got {self.std}")
         if not -1 <= self.mode_scale <= MODE_SCALE_MAX:
-            raise ValueError(f"mode_scale must be in [-1, {MODE_SCALE_MAX:.4f}] (f_mode monotone), got {self.mode_scale}")
+            raise ValueError(f"mode_scale must be in [-1, {MODE_SCALE_MAX:.4f}] (f_mode monotone), "
+                             f"got {self.mode_scale}")
         if self.shift <= 0:
             raise ValueError(f"shift must be positive, got {self.shift}")
 

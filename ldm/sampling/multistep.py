@@ -89,7 +89,8 @@ def dpm_solver_pp_2m_sde(model: Predictor, x: Tensor, ts: Tensor, cond: Any = No
         h = lam_s - lam_t
         keep = -math.expm1(-2 * h)  # 1 - e^-2h
         d = x0 if prev is None else x0 + 0.5 * (x0 - prev[1]) * (h / (lam_t - prev[0]))
-        x = ratio * math.exp(-h) * x + alpha_s * keep * d + float(p.sigma(s)) * math.sqrt(keep) * noise_like(x, generator)
+        noise = float(p.sigma(s)) * math.sqrt(keep) * noise_like(x, generator)
+        x = ratio * math.exp(-h) * x + alpha_s * keep * d + noise
         prev = (lam_t, x0)
     return x
 

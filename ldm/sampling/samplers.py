@@ -268,8 +268,8 @@ SAMPLERS = {
 # chain samplers and the multistep solvers; continuous solvers uniform in t, the multistep solvers uniform in log-SNR
 # (Lu et al. 2022) on continuous processes; EDM's Heun on the Karras grid (Karras et al. 2022, Eq. 5) everywhere
 _MULTISTEP = ("dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc")
-DEFAULT_SPACING = {"ddpm": "trailing", "ddim": "trailing", "annealed_langevin": "trailing", "euler_ancestral": "trailing",
-                   **{name: "trailing" for name in _MULTISTEP}, "edm_heun": "karras",
+DEFAULT_SPACING = {"ddpm": "trailing", "ddim": "trailing", "annealed_langevin": "trailing",
+                   "euler_ancestral": "trailing", **{name: "trailing" for name in _MULTISTEP}, "edm_heun": "karras",
                    "euler_maruyama": "uniform", "pc": "uniform", "euler_ode": "uniform", "heun_ode": "uniform",
                    "flow_sde": "uniform"}
 DEFAULT_CONTINUOUS_SPACING = {**{name: "logsnr" for name in _MULTISTEP}, "edm_heun": "karras"}

@@ -11,7 +11,8 @@ from ldm.diffusion.sde import randn
 Tensor = torch.Tensor
 # callback(i, t, x, x0_hat): once per grid interval i with the time t of the interval's first evaluation (after
 # EDM's churn), the state x the network saw there and its clean estimate x0_hat at (x, t); on the last interval
-# x0_hat is the returned sample (annealed_langevin denoises once more after it). It must not modify x or x0_hat (they are the sampler's own tensors).
+# x0_hat is the returned sample (annealed_langevin denoises once more after it). It must not modify x or x0_hat
+# (they are the sampler's own tensors).
 Callback = Optional[Callable[[int, float, Tensor, Tensor], None]]
 
 

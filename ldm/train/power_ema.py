@@ -126,7 +126,8 @@ class PowerEMA:
 
     def snapshots(self) -> list[Snapshot]:
         """Copies of every tracked EMA at the current step, to save with a checkpoint."""
-        return [Snapshot(g, self.step, {n: e.clone() for n, e in ema.items()}) for g, ema in zip(self.gammas, self.emas)]
+        return [Snapshot(g, self.step, {n: e.clone() for n, e in ema.items()})
+                for g, ema in zip(self.gammas, self.emas)]
 
     def state_dict(self) -> dict:
         return {"step": self.step, "sigma_rels": list(self.sigma_rels),

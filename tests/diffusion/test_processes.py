@@ -222,7 +222,8 @@ def test_time_from_log_snr_inverts_lambda(name):
     (The discrete chain snaps times within 1e-8 steps of a knot onto it: lambda is flat there, to 1e-11 in t; on a
     zero-terminal-SNR chain lambda is flat at the 2^-24 floor over its last knots, t > 0.997 here.)"""
     p = DiscreteVE(levels=10) if name == "ncsn" else PROCESSES[name]()
-    t = torch.cat([torch.linspace(p.t_min, 0.99, 97, dtype=torch.float64), torch.tensor([0.3, 0.7], dtype=torch.float64)])
+    t = torch.cat([torch.linspace(p.t_min, 0.99, 97, dtype=torch.float64),
+                   torch.tensor([0.3, 0.7], dtype=torch.float64)])
     torch.testing.assert_close(p.time_from_log_snr_half(p.log_snr_half(t)), t, rtol=0, atol=1e-10)
     torch.testing.assert_close(p.time_from_edm_sigma(p.edm_sigma(t)), t, rtol=0, atol=1e-10)
     torch.testing.assert_close(p.edm_sigma(t), p.sigma(t) / p.alpha(t), rtol=1e-12, atol=0)

@@ -1,4 +1,4 @@
-"""Sampler callbacks: callback(i, t, x, x0_hat) once per interval, for every registered sampler, never changing results."""
+"""Sampler callbacks: callback(i, t, x, x0_hat) once per interval, for every sampler, never changing the results."""
 
 from __future__ import annotations
 

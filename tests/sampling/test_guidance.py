@@ -132,7 +132,7 @@ def test_cfg_rescale_phi_0_is_cfg_and_phi_1_keeps_the_conditional_std(process):
 
 @pytest.mark.parametrize("phi", [0.3, 0.7])
 def test_cfg_rescale_matches_diffusers(phi):
-    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("diffusers")
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
     g = torch.Generator().manual_seed(0)

@@ -110,8 +110,9 @@ def test_euler_ancestral_matches_diffusers(prediction):
     assert diff(ours_in, theirs_in) < TOL_EULER and diff(ours, theirs) < TOL_EULER
 
 
-SOLVERS = [("dpmpp_3m", "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3}, {}),
-           ("dpmpp_2m_sde", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, {}),
+DPM = "DPMSolverMultistepScheduler"
+SOLVERS = [("dpmpp_3m", DPM, {"algorithm_type": "dpmsolver++", "solver_order": 3}, {}),
+           ("dpmpp_2m_sde", DPM, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, {}),
            ("unipc", "UniPCMultistepScheduler", {"solver_order": 2}, {"order": 2}),
            ("unipc", "UniPCMultistepScheduler", {"solver_order": 3}, {"order": 3})]
 

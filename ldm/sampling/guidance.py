@@ -68,7 +68,9 @@ class ClassifierFreeGuidance:
         if self.rescale == 0.0:
             return guided
         dims = tuple(range(1, guided.dim()))
-        ratio = out_cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)  # (B, 1, ...)
+        std_cond = out_cond.std(dim=dims, keepdim=True, correction=0)  # (B, 1, ...)
+        std_guided = guided.std(dim=dims, keepdim=True, correction=0)
+        ratio = torch.where(std_guided > 0, std_cond / std_guided, torch.ones_like(std_guided))
         return self.rescale * (guided * ratio) + (1 - self.rescale) * guided
 
 

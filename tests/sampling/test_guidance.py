@@ -122,9 +122,9 @@ def test_cfg_rescale_phi_0_is_cfg_and_phi_1_keeps_the_conditional_std(process):
                                rtol=0, atol=1e-7)  # continuous in phi
     assert float((_guided_run(p, ClassifierFreeGuidance(net, scale, rescale=0.7)) - plain).abs().max()) > 1e-2
     # phi = 1: the guided output rescaled to the conditional output's per-sample std, direction unchanged
-    x, m = torch.randn(64, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64), torch.full((64,), 500.0)
-    c = Guided(cond=labels(64, 1), uncond=labels(64, UNCOND))
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     m = p.model_time(torch.full((64,), 0.5, dtype=torch.float64))
+    c = Guided(cond=labels(64, 1), uncond=labels(64, UNCOND))
     out, cfg, cond = ClassifierFreeGuidance(net, scale, rescale=1.0)(x, m, c), by_hand(x, m, c), net(x, m, c.cond)
     torch.testing.assert_close(out.std(1), cond.std(1), rtol=1e-12, atol=0)
     torch.testing.assert_close(out / out.std(1, keepdim=True), cfg / cfg.std(1, keepdim=True), rtol=1e-10, atol=1e-12)

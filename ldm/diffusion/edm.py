@@ -47,7 +47,7 @@ class EDMPrecond:
         self.sigma_data, self.c_noise_scale = float(sigma_data), float(c_noise_scale)
 
     def __call__(self, x_t: Tensor, model_time: Tensor, cond: Any = None) -> Tensor:
-        t = self.process.time_from_model(model_time.double())  # (B,)
+        t = self.process.time_from_model(model_time.detach().double().cpu())  # (B,) float64 on the CPU
         alpha = self.process.alpha(t)
         if bool((alpha <= 0).any()):
             raise ValueError("EDM preconditioning needs alpha > 0: c_noise = ln(sigma / alpha) / 4 is infinite at "

@@ -90,7 +90,7 @@ class GuidanceInterval:
     def __call__(self, x: Tensor, t: Tensor, cond: Guided) -> Tensor:
         if not isinstance(cond, Guided):
             raise TypeError("a guidance interval needs a Guided(cond, uncond) condition")
-        sigma = self.process.edm_sigma(self.process.time_from_model(t.double()))  # (B,)
+        sigma = self.process.edm_sigma(self.process.time_from_model(t.detach().double().cpu()))  # (B,)
         inside = (sigma > self.sigma_lo) & (sigma <= self.sigma_hi)  # (B,)
         if bool(inside.all()):
             return self.guidance(x, t, cond)

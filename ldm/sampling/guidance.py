@@ -76,7 +76,7 @@ class ClassifierFreeGuidance:
 
 class GuidanceInterval:
     """Classifier-free guidance only for noise levels sigma_lo < sigma_edm(t) <= sigma_hi, the conditional model
-    elsewhere (Kynkaenniemi et al. 2024, Eq. 5 / Sec. 3): a denoiser (x_t, model_time, Guided) like the CFG it wraps.
+    elsewhere (Kynkaenniemi et al. 2024, Sec. 3): a denoiser (x_t, model_time, Guided) like the CFG it wraps.
 
     The process maps the model time to sigma_edm = sigma / alpha (EDM's noise level, Karras et al. 2022); per sample,
     so a batch whose samples sit at different times gets guidance exactly where each one's level lies inside.

@@ -1,15 +1,15 @@
 """Multistep exponential-integrator solvers beyond DPM-Solver++(2M), in lambda = log(alpha / sigma).
 
 With data prediction x0(x, lambda) the probability-flow ODE has the exact solution (Lu et al. 2022b, "DPM-Solver++",
-Eq. 9) x_s = (sigma_s / sigma_t) x_t + sigma_s int_{lambda_t}^{lambda_s} e^l x0(l) dl; the solvers differ in how
+Sec. 4) x_s = (sigma_s / sigma_t) x_t + sigma_s int_{lambda_t}^{lambda_s} e^l x0(l) dl; the solvers differ in how
 they expand x0 in lambda from the estimates already computed (one network evaluation per step):
 
-* ``dpm_solver_pp_3m``: DPM-Solver++(3M), a 3rd-order multistep expansion (Lu et al. 2022b, App. B / Alg. 3 with
-  the third-order terms of Lu et al. 2022a, Sec. 3.3; the form of diffusers' DPMSolverMultistepScheduler).
-* ``dpm_solver_pp_2m_sde``: SDE-DPM-Solver++(2M) (Lu et al. 2022b, Sec. 5 / App. A.3): the exact integrator of
+* ``dpm_solver_pp_3m``: DPM-Solver++(3M), the 3rd-order multistep expansion (Lu et al. 2022b, Sec. 4 with the
+  third-order terms of Lu et al. 2022a, Sec. 3; the form of diffusers' DPMSolverMultistepScheduler).
+* ``dpm_solver_pp_2m_sde``: SDE-DPM-Solver++(2M) (Lu et al. 2022b, Sec. 5 and App.): the exact integrator of
   the reverse SDE in lambda with a 2nd-order multistep x0, noise sigma_s sqrt(1 - e^{-2h}) z.
 * ``unipc``: UniPC (Zhao et al. 2023): the UniP-p predictor with B(h) = e^h - 1 ("bh2") and the UniC corrector,
-  which reuses the evaluation at the new point, so order p + 1 at no extra cost (their Alg. 2-3, Thm. 3.1-3.3).
+  which reuses the evaluation at the new point, so order p + 1 at no extra cost (their Sec. 3 and algorithms).
 
 Warm-up uses the lower orders on the first steps, and each solver lowers its order towards the end (diffusers'
 ``lower_order_final``): the order of step i (of N intervals) is min(order, i + 1, N - i). The final interval
@@ -97,7 +97,7 @@ def dpm_solver_pp_2m_sde(model: Predictor, x: Tensor, ts: Tensor, cond: Any = No
 
 def _unipc_rhs(hh: float, order: int) -> list[float]:
     """b_k = k! h phi_{k+1}(h) / B(h), k = 1..order, for h = -h_lambda (data prediction) and B(h) = e^h - 1, with
-    phi_1(h) = (e^h - 1) / h and phi_{k+1}(h) = (phi_k(h) - 1/k!) / h (Zhao et al. 2023, Eq. 9 and Thm. 3.1)."""
+    phi_1(h) = (e^h - 1) / h and phi_{k+1}(h) = (phi_k(h) - 1/k!) / h (Zhao et al. 2023, Sec. 3, UniPC with B(h))."""
     b, h_phi, factorial = [], math.expm1(hh) / hh - 1, 1.0  # h_phi = h phi_2(h)
     for k in range(1, order + 1):
         b.append(h_phi * factorial / math.expm1(hh))
@@ -139,7 +139,7 @@ def _unipc_update(x: Tensor, hist: list[tuple[float, Tensor]], lam_s: float, alp
 @torch.no_grad()
 def unipc(model: Predictor, x: Tensor, ts: Tensor, cond: Any = None, generator=None, order: int = 3,
           corrector: bool = True, callback: Callback = None) -> Tensor:
-    """UniPC-p (Zhao et al. 2023, Alg. 2-3): UniP-p predictor, then UniC-p on each new point (none on the first).
+    """UniPC-p (Zhao et al. 2023, Sec. 3): UniP-p predictor, then UniC-p on each new point (none on the first).
 
     The corrected state continues the solve; the evaluation at the predicted state is the one stored and reused
     (the corrector costs no evaluation). corrector=False is UniP alone."""

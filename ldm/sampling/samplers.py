@@ -176,8 +176,9 @@ def flow_sde(model: Predictor, x: Tensor, ts: Tensor, cond: Any = None, generato
 
     u = alpha' x0 + sigma' eps is the probability-flow velocity (eps - x0 on the flow) and score = -eps / sigma.
     For any w >= 0 the SDE has the marginals p_t (the w/2 score terms cancel in the Fokker-Planck equation; Song et
-    al. 2021, Eq. 13 and App. D.1); w = sigma(t) is the default diffusion of SiT (Ma et al. 2024, Eq. 7 and
-    Sec. 2.3, "w_t = sigma_t"), finite at the flow's t = 1 where the VP-type reverse SDE of the flow is singular.
+    al. 2021, Eq. 13 and App. D.1); w = sigma(t) is SiT's default diffusion coefficient (Ma et al. 2024, Sec. 2, SDE
+    sampling with a tunable w_t; their code's "sigma" form), finite at the flow's t = 1 where the flow's VP-type
+    reverse SDE is singular.
     noise = 0 is euler_ode. The last step returns the x0 estimate (SiT's "Mean" last step)."""
     if noise < 0:
         raise ValueError(f"noise must be >= 0, got {noise}")

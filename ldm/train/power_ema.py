@@ -1,16 +1,16 @@
 """EDM2's power-function EMA and its post-hoc reconstruction (Karras et al. 2024, "Analyzing and Improving the
-Training Dynamics of Diffusion Models", Sec. 3 and App. C).
+Training Dynamics of Diffusion Models", Sec. 3.1-3.2 and the appendix on post-hoc EMA).
 
 A power-function EMA averages the weights theta(tau) of training time tau in [0, t] with the profile
-p_{gamma,t}(tau) = (gamma + 1) tau^gamma / t^(gamma + 1) (their Eq. 1-2). Its relative width (std over t) is
-sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))) (Eq. 3). The update after optimizer step t = 1, 2, ...
+p_{gamma,t}(tau) = (gamma + 1) tau^gamma / t^(gamma + 1) (Sec. 3.1). Its relative width (std over t) is
+sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))). The update after optimizer step t = 1, 2, ...
 
-    theta_hat(t) = beta(t) theta_hat(t - 1) + (1 - beta(t)) theta(t),   beta(t) = (1 - 1/t)^(gamma + 1)   (Eq. 4)
+    theta_hat(t) = beta(t) theta_hat(t - 1) + (1 - beta(t)) theta(t),   beta(t) = (1 - 1/t)^(gamma + 1)
 
 gives theta(k) the weight (k^(gamma+1) - (k-1)^(gamma+1)) / t^(gamma+1): exactly the profile integrated over
 (k - 1, k], with theta piecewise constant in between, so the continuous-time algebra below is exact for it.
 
-Post-hoc reconstruction (App. C.3): snapshots theta_hat_i of profiles p_i = p_{gamma_i, t_i} span other profiles;
+Post-hoc reconstruction (Sec. 3.2): snapshots theta_hat_i of profiles p_i = p_{gamma_i, t_i} span other profiles;
 the coefficients x minimising || p_target - sum_i x_i p_i ||^2 in L2[0, inf) solve A x = b with the inner products
 A_ij = <p_i, p_j>, b_i = <p_i, p_target> in closed form, and the EMA of the target profile is ~ sum_i x_i theta_hat_i.
 
@@ -30,19 +30,19 @@ Tensor = torch.Tensor
 
 
 def gamma_to_sigma_rel(gamma: float) -> float:
-    """sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))) (Eq. 3)."""
+    """sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))) (Karras et al. 2024, Sec. 3.1)."""
     if gamma <= -1:
         raise ValueError(f"a power EMA needs gamma > -1, got {gamma}")
     return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
 
 
-# Eq. 3 peaks at gamma = (sqrt(5) - 3) / 2 (d/dgamma of its square vanishes there): the widest power EMA
+# sigma_rel(gamma) peaks at gamma = (sqrt(5) - 3) / 2 (d/dgamma of its square vanishes there): the widest power EMA
 SIGMA_REL_MAX = gamma_to_sigma_rel((5**0.5 - 3) / 2)  # 0.30028...
 
 
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """The exponent of a relative width: the largest real root of gamma^3 + 7 gamma^2 + (16 - s^-2) gamma
-    + (12 - s^-2) = 0, i.e. Eq. 3 solved for gamma on its decreasing branch gamma >= (sqrt(5) - 3) / 2."""
+    + (12 - s^-2) = 0, i.e. sigma_rel(gamma) solved for gamma on its decreasing branch gamma >= (sqrt(5) - 3) / 2."""
     if not 0 < sigma_rel <= SIGMA_REL_MAX:
         raise ValueError(f"sigma_rel must be in (0, {SIGMA_REL_MAX:.5f}], got {sigma_rel}")
     q = 1 / sigma_rel**2
@@ -59,7 +59,7 @@ def profile_inner(gamma_a: float, t_a: float, gamma_b: float, t_b: float) -> flo
 
 
 def posthoc_coefficients(snapshots: Sequence[tuple[float, float]], gamma: float, step: float) -> Tensor:
-    """x (n,) float64 with sum_i x_i p_{gamma_i, t_i} the least-squares fit of p_{gamma, step} (App. C.3).
+    """x (n,) float64 with sum_i x_i p_{gamma_i, t_i} the least-squares fit of p_{gamma, step} (Sec. 3.2).
 
     ``snapshots`` are (gamma_i, t_i) pairs. A is positive semi-definite and nearly singular for close profiles;
     the minimum-norm least-squares solution keeps the coefficients small."""
@@ -117,7 +117,7 @@ class PowerEMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        """Fold in the current tensors after one more optimizer step (Eq. 4; the first update copies them)."""
+        """Fold in the current tensors after one more optimizer step (the first update copies them)."""
         self.step += 1
         for gamma, ema in zip(self.gammas, self.emas):
             beta = (1 - 1 / self.step) ** (gamma + 1)

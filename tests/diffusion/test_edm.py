@@ -28,7 +28,7 @@ def test_coefficients_are_table_1_and_give_unit_variance():
     var_target = ((1 - c_skip) ** 2 * SIGMA_DATA**2 + c_skip**2 * sigma**2) / c_out**2
     torch.testing.assert_close(var_in, torch.ones_like(sigma), rtol=1e-12, atol=0)
     torch.testing.assert_close(var_target, torch.ones_like(sigma), rtol=1e-12, atol=0)
-    # c_skip minimises the target's variance: d/dc of ((1 - c)^2 sd^2 + c^2 sigma^2) = 0 (Eq. 131)
+    # c_skip minimises the target's variance: d/dc of ((1 - c)^2 sd^2 + c^2 sigma^2) = 0 (their App. B.6)
     torch.testing.assert_close(c_skip, SIGMA_DATA**2 / (SIGMA_DATA**2 + sigma**2), rtol=1e-12, atol=0)
     snr = sigma**-2
     torch.testing.assert_close(loss_weight(snr, "x0", "edm", sigma_data=SIGMA_DATA), 1 / c_out**2, rtol=1e-12, atol=0)

@@ -51,7 +51,7 @@ def test_exponents_are_eq_3():
 
 def test_update_weights_are_the_power_profile():
     """theta_hat(T) = sum_k (k^(g+1) - (k-1)^(g+1)) / T^(g+1) theta(k): the profile (g+1) tau^g / T^(g+1) integrated
-    over each step, whose relative std is sigma_rel (Eq. 1-4)."""
+    over each step, whose relative std is sigma_rel (Sec. 3.1)."""
     values = torch.randn(500, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     x = torch.zeros(1, dtype=torch.float64)
     ema = PowerEMA({"x": x}, (0.05, 0.15))

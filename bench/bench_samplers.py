@@ -1,11 +1,18 @@
-"""Sampler overhead: the time a sampler spends per network evaluation outside the network.
+"""Samplers: accuracy against a closed form vs the number of network evaluations, and overhead per evaluation.
 
-A no-op network (zeros) isolates the sampler's own work (schedule coefficients, parameterisation conversion, update,
-noise). It is compared with one forward of the default UNet (preset "emoji-cpu": batch 32, 8x8x4 latents, a
-(32, 16, 384) text context) and with diffusers' scheduler loop for the same algorithm and number of steps, driven by
-the same no-op network on the same discrete linear schedule (T = 1000).
+* ``--what mixture``: distance to a 2-D Gaussian mixture of N = 10,000 samples from its exact denoiser (the sliced
+  Wasserstein-1 statistic of tests/sampling/mixture.py, as a multiple of the statistic's noise floor, i.e. of what
+  exact draws score: ~1.0 is perfect, the tests' bound is 3.0) for every registered sampler at 5, 10, 20 and 50
+  network evaluations (NFE: steps chosen as the most that fit the budget; Heun-type samplers spend 2 per step,
+  predictor-corrector 2), on the DDPM chain (eps), the VP SDE (eps), VE (eps) and the rectified flow (velocity),
+  each on its default grid, starting from the exact marginal at t = 1.
+* ``--what overhead``: the time a sampler spends per network evaluation outside the network. A no-op network
+  (zeros) isolates the sampler's own work (schedule coefficients, parameterisation conversion, update, noise). It is
+  compared with one forward of the default UNet (preset "emoji-cpu": batch 32, 8x8x4 latents, a (32, 16, 384) text
+  context) and with diffusers' scheduler loop for the same algorithm and number of steps, driven by the same no-op
+  network on the same discrete linear schedule (T = 1000).
 
-    nice -n 19 env OMP_NUM_THREADS=1 .venv/bin/python bench/bench_samplers.py [--steps 50] [--repeats 7]
+    nice -n 19 env OMP_NUM_THREADS=1 .venv/bin/python -m bench.bench_samplers [--what all] [--steps 50] [--repeats 7]
 """
 
 from __future__ import annotations
@@ -17,8 +24,8 @@ import time
 
 import torch
 
-from ldm.diffusion import DiscreteVP, Predictor, make_betas
-from ldm.sampling import sample
+from ldm.diffusion import VESDE, VPSDE, DiscreteVP, FlowMatching, Predictor, make_betas
+from ldm.sampling import SAMPLERS, sample
 
 SHAPE = (32, 4, 8, 8)  # (B, C, H, W) latents of the emoji default
 CONTEXT = (32, 16, 384)  # (B, tokens, dim) MiniLM token embeddings
@@ -31,6 +38,25 @@ DIFFUSERS = {
     "euler_maruyama": ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}),  # 1st-order stochastic
     "heun_ode": ("HeunDiscreteScheduler", {"timestep_spacing": "trailing"}),  # 2nd-order ODE, 2 evaluations a step
     "pc": (None, {}),  # no predictor-corrector scheduler in diffusers
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    "edm_heun": ("HeunDiscreteScheduler", {"timestep_spacing": "trailing"}),  # Karras et al. Alg. 1 in sigma
+    "dpmpp_3m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 3,
+                                                 "timestep_spacing": "trailing"}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2,
+                                                     "timestep_spacing": "trailing"}),
+    "unipc": ("UniPCMultistepScheduler", {"solver_order": 3, "timestep_spacing": "trailing"}),
+}
+NFE_BUDGETS = (5, 10, 20, 50)
+MIXTURE_PROCESSES = {  # name -> (process, prediction)
+    "ddpm chain": (lambda: DiscreteVP(make_betas("linear", 1000)), "eps"),
+    "vp": (VPSDE, "eps"),
+    "ve": (VESDE, "eps"),
+    "flow": (FlowMatching, "velocity"),
+}
+MIXTURE_VARIANTS = {  # row -> (sampler, options); annealed_langevin needs hundreds of evaluations (NCSN levels)
+    **{name: (name, {}) for name in SAMPLERS if name != "annealed_langevin"},
+    "ddpm-large": ("ddpm", {"variance": "large"}),
+    "edm_heun-churn": ("edm_heun", {"s_churn": 10.0, "s_tmin": 0.05, "s_tmax": 50.0}),
 }
 
 
@@ -99,12 +125,71 @@ def diffusers_seconds_per_eval(name: str, steps: int, repeats: int) -> float | N
     return median_time(run, repeats) / evals
 
 
+def count_nfe(name: str, steps: int, process, options: dict) -> int:
+    calls = [0]
+
+    def count(x, m, cond):
+        calls[0] += 1
+        return torch.zeros_like(x)
+
+    sample(Predictor(count, process, "x0"), (1, 1), sampler=name, steps=steps,
+           generator=torch.Generator().manual_seed(0), **options)
+    return calls[0]
+
+
+def steps_for(name: str, budget: int, process, options: dict) -> tuple[int, int]:
+    """The most steps whose evaluation count fits the budget, and that count."""
+    best = (1, count_nfe(name, 1, process, options))
+    for steps in range(2, budget + 1):
+        nfe = count_nfe(name, steps, process, options)
+        if nfe > budget:
+            break
+        best = (steps, nfe)
+    return best
+
+
+def mixture_table(n: int = 10_000) -> None:
+    from tests.sampling.mixture import SlicedW1, make_mixture
+
+    mix = make_mixture([0.5, 0.3, 0.2], [[-2.0, 0.0], [1.5, 1.5], [1.0, -2.0]], [0.5, 0.3, 0.7])
+    statistic = SlicedW1(mix, n)
+    floor = float(statistic.floor(16).mean())
+    print(f"distance to the 2-D mixture / noise floor of exact draws ({n} samples, floor {floor:.4f}); "
+          f"columns: NFE {', '.join(map(str, NFE_BUDGETS))}; '*' = fewer evaluations than the budget\n")
+    header = f"{'sampler':<16}" + "".join(f"{name:>30}" for name in MIXTURE_PROCESSES)
+    print(header)
+    print("-" * len(header))
+    for row, (name, options) in MIXTURE_VARIANTS.items():
+        cells = []
+        for make, prediction in MIXTURE_PROCESSES.values():
+            p = make()
+            model = Predictor(mix.denoiser(p, prediction), p, prediction)
+            values = []
+            for budget in NFE_BUDGETS:
+                try:
+                    steps, nfe = steps_for(name, budget, p, options)
+                    gen = torch.Generator().manual_seed(3)
+                    x_T = mix.sample_noisy(n, float(p.alpha(1.0)), float(p.sigma(1.0)), gen)
+                    x = sample(model, x_T.shape, sampler=name, steps=steps, generator=gen, x_T=x_T, **options)
+                    values.append(f"{statistic(x) / floor:6.1f}{'*' if nfe < budget else ' '}")
+                except ValueError:  # e.g. Euler-Maruyama on the flow's singular SDE
+                    values.append(f"{'-':>6} ")
+            cells.append("".join(values).rjust(30))
+        print(f"{row:<16}" + "".join(cells), flush=True)
+    print()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--what", choices=("all", "mixture", "overhead"), default="all")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
+    if args.what in ("all", "mixture"):
+        mixture_table()
+    if args.what == "mixture":
+        return
     unet = unet_forward_seconds(args.repeats)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); batch {SHAPE}, context {CONTEXT}, "
           f"{args.steps} steps")

@@ -24,7 +24,8 @@ import torch
 from ldm.conditioning import Cond
 from ldm.config import ConfigError, DiffusionConfig, LDMConfig, TextEncoderConfig, UNetConfig
 from ldm.diffusion import (
-    VESDE, VPSDE, DiscreteVE, DiscreteVP, GaussianProcess, Objective, SubVPSDE, make_betas, make_objective,
+    VESDE, VPSDE, DiscreteVE, DiscreteVP, EDMPrecond, FlowMatching, GaussianProcess, Objective, SubVPSDE, TimeSampling,
+    make_betas, make_objective,
 )
 
 AUTOENCODER_CONFIG = "config.json"
@@ -42,15 +43,31 @@ def build_process(cfg: DiffusionConfig) -> GaussianProcess:
         return SubVPSDE(time_scale=cfg.num_timesteps - 1)
     if cfg.process == "ncsn":
         return DiscreteVE(levels=cfg.num_timesteps)
+    if cfg.process == "flow":
+        return FlowMatching(time_scale=cfg.num_timesteps)
     return VESDE()
 
 
+def build_time_sampling(cfg: DiffusionConfig) -> TimeSampling | None:
+    """The training-time distribution of the config (``diffusion.time_*``); None: the process's own uniform times."""
+    if cfg.time_sampling == "uniform" and cfg.time_shift == 1.0:
+        return None
+    return TimeSampling(cfg.time_sampling, cfg.time_mean, cfg.time_std, cfg.mode_scale, cfg.time_shift)
+
+
 def build_objective(cfg: DiffusionConfig, process: GaussianProcess) -> Objective:
-    """The training loss of the config as ``loss(denoiser, x0, cond, generator) -> scalar``."""
+    """The training loss of the config as ``loss(denoiser, x0, cond, generator) -> scalar`` (the denoiser given to
+    it is the preconditioned one, ``precondition``)."""
     if cfg.objective == "denoising":
         return make_objective("denoising", process, prediction=cfg.prediction, weighting=cfg.weighting,
-                              min_snr_gamma=cfg.min_snr_gamma, offset_noise=cfg.offset_noise)
+                              min_snr_gamma=cfg.min_snr_gamma, offset_noise=cfg.offset_noise,
+                              time_sampling=build_time_sampling(cfg), sigma_data=cfg.sigma_data)
     return make_objective(cfg.objective, process)
+
+
+def precondition(cfg: DiffusionConfig, process: GaussianProcess, network):
+    """The denoiser a network is trained and sampled as: EDM's preconditioning around it, or the network itself."""
+    return EDMPrecond(network, process, cfg.sigma_data) if cfg.precondition == "edm" else network
 
 
 def unet_kwargs(cfg: UNetConfig, in_channels: int, context_dim: int) -> dict:
@@ -181,6 +198,13 @@ class Components:
     def context_dim(self) -> int:
         return int(self.text_encoder.dim)
 
+    def denoiser(self, model: torch.nn.Module):
+        """The denoiser (x_t, model_time, cond) -> prediction a UNet (or its DeepSpeed engine) is trained and sampled
+        as: the network's output, inside EDM's preconditioning when the config asks for it."""
+        from ldm.pipeline import unet_denoiser
+
+        return precondition(self.cfg.diffusion, self.process, unet_denoiser(model))
+
     def unet(self, state: dict[str, torch.Tensor] | None = None, source: str = "<state dict>") -> torch.nn.Module:
         """A fresh UNet of the config (random weights, or ``state`` loaded strictly)."""
         unet = build_unet(self.cfg.model, self.latent_shape[0], self.context_dim)
@@ -196,7 +220,16 @@ class Components:
 
         unet = unet.to(self.device).eval().requires_grad_(False)
         return TextToImage(unet, self.autoencoder, self.text_encoder, self.process, self.cfg.diffusion.prediction,
-                           self.null_cond, self.latent_shape)
+                           self.null_cond, self.latent_shape, denoiser=self.denoiser(unet),
+                           defaults=sampling_defaults(self.cfg))
+
+
+def sampling_defaults(cfg: LDMConfig) -> dict[str, Any]:
+    """Sampling options a model was configured with that every caller inherits unless it sets them (guidance
+    rescale and interval, the grid's time shift)."""
+    s = cfg.sampling
+    return {"guidance_rescale": s.guidance_rescale, "guidance_interval": s.guidance_interval,
+            "time_shift": s.time_shift if s.time_shift is not None else cfg.diffusion.time_shift}
 
 
 def assemble(cfg: LDMConfig, device: torch.device | str = "cpu", *, autoencoder_path: str | Path | None = None,

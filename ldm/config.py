@@ -89,17 +89,27 @@ class UNetConfig:
 
 @dataclass
 class DiffusionConfig:
-    process: Literal["discrete", "vp", "subvp", "ve", "ncsn"] = "discrete"  # ncsn: num_timesteps geometric VE levels
+    # ncsn: num_timesteps geometric VE levels; flow: rectified flow x_t = (1 - t) x0 + t eps (model time 1000 t)
+    process: Literal["discrete", "vp", "subvp", "ve", "ncsn", "flow"] = "discrete"
     schedule: Literal["linear", "scaled_linear", "cosine"] = "linear"
     num_timesteps: int = 1000
     beta_start: float | None = None
     beta_end: float | None = None
     zero_terminal_snr: bool = False
-    prediction: Literal["eps", "x0", "v", "score"] = "eps"
-    weighting: Literal["uniform", "min_snr"] = "uniform"
+    prediction: Literal["eps", "x0", "v", "score", "velocity"] = "eps"  # velocity = eps - x0 (flow matching)
+    weighting: Literal["uniform", "min_snr", "edm"] = "uniform"
     min_snr_gamma: float = 5.0
     offset_noise: float = 0.0
     cond_dropout: float = 0.1
+    # training times: uniform (the process's own), logit_normal (m, s), mode (heavy tails), cosmap (Esser et al.
+    # 2024), edm (ln sigma ~ N(P_mean, P_std^2), Karras et al. 2022); time_mean/time_std None: the paper's values
+    time_sampling: Literal["uniform", "logit_normal", "mode", "cosmap", "edm"] = "uniform"
+    time_mean: float | None = None
+    time_std: float | None = None
+    mode_scale: float = 1.29
+    time_shift: float = 1.0  # SD3's shift t' = s t / (1 + (s - 1) t) of the training times
+    precondition: Literal["none", "edm"] = "none"  # edm: D = c_skip x + c_out F(c_in x, c_noise); prediction x0
+    sigma_data: float = 0.5  # EDM's data std (preconditioning and weighting edm)
     # denoising: E||target - net||^2 above; dsm: sigma^2-weighted denoising score matching (NCSN on process ncsn,
     # Song et al. 2021 on ve); ssm: sliced score matching. dsm/ssm train a score network (prediction score).
     objective: Literal["denoising", "dsm", "ssm"] = "denoising"
@@ -108,8 +118,39 @@ class DiffusionConfig:
         if self.process == "ncsn" and self.num_timesteps < 2:
             raise ConfigError(f"diffusion.num_timesteps: process 'ncsn' has that many noise levels, at least 2, "
                               f"got {self.num_timesteps}")
+        if self.process == "flow" and self.prediction in ("eps", "score"):
+            raise ConfigError(f"diffusion.prediction: {self.prediction!r} cannot be sampled from the flow "
+                              "(alpha(1) = 0 leaves x0 undefined at t = 1); use velocity (flow matching), v or x0")
+        if self.process == "flow" and self.zero_terminal_snr:
+            raise ConfigError("diffusion.zero_terminal_snr: the flow has zero terminal SNR already (a beta schedule "
+                              "option of process 'discrete')")
+        if self.sigma_data <= 0:
+            raise ConfigError(f"diffusion.sigma_data: must be positive, got {self.sigma_data}")
+        if self.precondition == "edm":
+            if self.prediction != "x0":
+                raise ConfigError(f"diffusion.prediction: EDM preconditioning outputs the denoised x0; set "
+                                  f"prediction=x0, got {self.prediction!r}")
+            if self.process == "flow" or self.zero_terminal_snr:
+                raise ConfigError("diffusion.precondition: EDM's c_noise = ln(sigma / alpha) / 4 is infinite at zero "
+                                  "terminal SNR (process flow, zero_terminal_snr)")
+        from ldm.diffusion.timesteps import DEFAULT_LOCATION, MODE_SCALE_MAX
+
+        for key in ("time_mean", "time_std"):
+            if getattr(self, key) is not None and self.time_sampling not in DEFAULT_LOCATION:
+                raise ConfigError(f"diffusion.{key}: a parameter of time_sampling logit_normal or edm, not "
+                                  f"{self.time_sampling!r}")
+        if self.time_std is not None and self.time_std <= 0:
+            raise ConfigError(f"diffusion.time_std: must be positive, got {self.time_std}")
+        if not -1 <= self.mode_scale <= MODE_SCALE_MAX:
+            raise ConfigError(f"diffusion.mode_scale: must be in [-1, {MODE_SCALE_MAX:.4f}], got {self.mode_scale}")
+        if self.time_shift <= 0:
+            raise ConfigError(f"diffusion.time_shift: must be positive, got {self.time_shift}")
         if self.objective == "denoising":
             return
+        for key, plain in (("time_sampling", "uniform"), ("time_shift", 1.0), ("precondition", "none")):
+            if getattr(self, key) != plain:
+                raise ConfigError(f"diffusion.{key}: only for objective 'denoising'; {self.objective!r} draws the "
+                                  "process's own noise levels and trains a raw score network")
         if self.prediction != "score":
             raise ConfigError(f"diffusion.prediction: objective {self.objective!r} trains a network that outputs the "
                               f"score s(x_t, t) directly; set prediction=score (for an {self.prediction} network the "
@@ -154,8 +195,21 @@ class SamplingConfig:
     sampler: str = "ddpm"
     steps: int = 50
     guidance: float = 4.0
+    guidance_rescale: float = 0.0  # CFG rescale phi in [0, 1] (Lin et al. 2023; 0: plain CFG, they use 0.7)
+    guidance_interval: list[float] | None = None  # [sigma_lo, sigma_hi]: guide only there (Kynkaanniemi et al. 2024)
+    time_shift: float | None = None  # SD3's shift of the sampling grid; None: diffusion.time_shift
     seed: int = 0
     images_per_prompt: int = 4
+
+    def check(self) -> None:
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise ConfigError(f"sampling.guidance_rescale: phi must be in [0, 1], got {self.guidance_rescale}")
+        interval = self.guidance_interval
+        if interval is not None and (len(interval) != 2 or not 0 <= interval[0] < interval[1]):
+            raise ConfigError(f"sampling.guidance_interval: expected [sigma_lo, sigma_hi] with 0 <= sigma_lo < "
+                              f"sigma_hi (EDM noise levels sigma / alpha), got {interval}")
+        if self.time_shift is not None and self.time_shift <= 0:
+            raise ConfigError(f"sampling.time_shift: must be positive, got {self.time_shift}")
 
 
 @dataclass
@@ -224,6 +278,7 @@ class LDMConfig:
                 raise ConfigError(f"{key}: must be at least 2 (FID needs a covariance), got {_get(self, key)}")
         self.text_encoder.check()
         self.diffusion.check()
+        self.sampling.check()
         if self.diffusion.zero_terminal_snr and self.diffusion.prediction in ("eps", "score"):
             raise ConfigError(f"diffusion.prediction: {self.diffusion.prediction!r} cannot be sampled from a "
                               "zero-terminal-SNR schedule (x0 is undefined at t = 1); use v or x0")

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from ldm.conditioning import Cond, expand_cond
 from ldm.diffusion import GaussianProcess, Predictor
-from ldm.sampling import ClassifierFreeGuidance, Guided, sample
+from ldm.sampling import Guided, guide, sample
 
 Tensor = torch.Tensor
 
@@ -31,10 +31,15 @@ class TextToImage:
     """Sample images for prompts with a trained UNet, its frozen autoencoder and text encoder."""
 
     def __init__(self, unet, autoencoder, text_encoder, process: GaussianProcess, prediction: str,
-                 null_cond: Cond, latent_shape: tuple[int, int, int]):
+                 null_cond: Cond, latent_shape: tuple[int, int, int], denoiser=None, defaults: dict | None = None):
+        """``denoiser``: what the network is sampled as (default: its plain output; e.g. EDM-preconditioned);
+        ``defaults``: sampling options used when a call does not give them (guidance_rescale, guidance_interval,
+        time_shift)."""
         self.unet, self.autoencoder, self.text_encoder = unet, autoencoder, text_encoder
         self.process, self.prediction = process, prediction
         self.null_cond, self.latent_shape = null_cond, tuple(latent_shape)
+        self.denoiser = denoiser if denoiser is not None else unet_denoiser(unet)
+        self.defaults = dict(defaults or {})
 
     @property
     def device(self) -> torch.device:
@@ -46,8 +51,14 @@ class TextToImage:
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], *, seeds: Sequence[int], negative_prompt: str = "",
-                 sampler: str = "ddpm", steps: int = 50, guidance: float = 4.0, **options) -> Tensor:
-        """Images (B, 3, H, W) in [0, 1]; image i depends only on (prompt i, seed i) and the settings."""
+                 sampler: str = "ddpm", steps: int = 50, guidance: float = 4.0, guidance_rescale: float | None = None,
+                 guidance_interval: Sequence[float] | None = None, time_shift: float | None = None,
+                 **options) -> Tensor:
+        """Images (B, 3, H, W) in [0, 1]; image i depends only on (prompt i, seed i) and the settings.
+
+        Classifier-free guidance with scale ``guidance``, rescaled by phi = ``guidance_rescale`` (Lin et al. 2023) and
+        applied only inside ``guidance_interval`` = (sigma_lo, sigma_hi) when given (Kynkaanniemi et al. 2024);
+        ``time_shift`` warps the time grid (SD3). Options not given take the model's configured defaults."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         if not math.isfinite(guidance):
@@ -56,11 +67,14 @@ class TextToImage:
         cond = self.text_encoder(list(prompts))
         uncond = self.text_encoder([negative_prompt] * B) if negative_prompt else expand_cond(self.null_cond, B)
         cond, uncond = _to(cond, device), _to(uncond, device)
-        denoiser = ClassifierFreeGuidance(unet_denoiser(self.unet), guidance)
+        rescale = self.defaults.get("guidance_rescale", 0.0) if guidance_rescale is None else guidance_rescale
+        interval = self.defaults.get("guidance_interval") if guidance_interval is None else guidance_interval
+        shift = self.defaults.get("time_shift", 1.0) if time_shift is None else time_shift
+        denoiser = guide(self.denoiser, guidance, rescale=rescale, interval=interval, process=self.process)
         model = Predictor(denoiser, self.process, self.prediction)
         generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
         z = sample(model, (B, *self.latent_shape), sampler=sampler, steps=steps, cond=Guided(cond, uncond),
-                   generator=generators, device=device, **options)  # (B, C, h, w)
+                   generator=generators, device=device, time_shift=shift, **options)  # (B, C, h, w)
         images = self.autoencoder.decode(z.to(next(self.autoencoder.parameters()).dtype)).float()  # (B, 3, H, W)
         return ((images + 1) / 2).clamp(0, 1)
 

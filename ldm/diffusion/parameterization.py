@@ -4,7 +4,10 @@ With x_t = alpha x0 + sigma eps a network may predict
   eps   (Ho et al. 2020),
   x0    (the clean sample),
   v     = alpha eps - sigma x0 (Salimans & Ho 2022, App. D; for VP alpha^2 + sigma^2 = 1),
-  score = grad log p_t(x_t) = -eps / sigma (denoising score matching, Vincent 2011; Song & Ermon 2019).
+  score = grad log p_t(x_t) = -eps / sigma (denoising score matching, Vincent 2011; Song & Ermon 2019),
+  velocity = eps - x0, the flow-matching target (Lipman et al. 2023, Eq. 23 with sigma_min = 0; Liu et al. 2023,
+  Eq. 1): dx_t/dt on the rectified flow x_t = (1 - t) x0 + t eps; on any other process the same linear target,
+  inverted by x0 = (x_t - sigma u) / (alpha + sigma), eps = (x_t + alpha u) / (alpha + sigma) (alpha + sigma > 0).
 Everything downstream (samplers, guidance, likelihoods) consumes (x0, eps) and never branches on the choice.
 """
 
@@ -18,8 +21,8 @@ import torch
 from ldm.diffusion.sde import GaussianProcess, _bcast, as_time, randn
 
 Tensor = torch.Tensor
-PREDICTIONS = ("eps", "x0", "v", "score")
-WEIGHTINGS = ("uniform", "min_snr")
+PREDICTIONS = ("eps", "x0", "v", "score", "velocity")
+WEIGHTINGS = ("uniform", "min_snr", "edm")
 
 # (x_t, model_time (B,), cond) -> raw network output
 Denoiser = Callable[[Tensor, Tensor, Any], Tensor]
@@ -43,6 +46,8 @@ def to_x0_eps(output: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, predict
     if prediction == "score":
         eps = -s * output
         return (x_t - s * eps) / a, eps
+    if prediction == "velocity":
+        return (x_t - s * output) / (a + s), (x_t + a * output) / (a + s)
     raise ValueError(f"unknown prediction {prediction!r}; choose from {PREDICTIONS}")
 
 
@@ -57,6 +62,8 @@ def from_x0_eps(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, predictio
         return a * eps - s * x0
     if prediction == "score":
         return -eps / s
+    if prediction == "velocity":
+        return eps - x0
     raise ValueError(f"unknown prediction {prediction!r}; choose from {PREDICTIONS}")
 
 
@@ -66,17 +73,29 @@ def score_from_eps(eps: Tensor, sigma: Tensor) -> Tensor:
 
 
 def loss_weight(snr: Tensor, prediction: str, weighting: str = "uniform", gamma: float = 5.0,
-                scale2: Tensor | float = 1.0) -> Tensor:
-    """Per-sample weight of the MSE on the target; min-SNR-gamma (Hang et al. 2023, Eq. 9) expressed for each target.
+                scale2: Tensor | float = 1.0, sigma_data: float = 0.5) -> Tensor:
+    """Per-sample weight of the MSE on the target, so that one objective reads the same in every parameterisation.
 
-    min-SNR weighs the eps-space error by min(SNR, gamma) / SNR. A target error maps to an eps error at fixed x_t
-    by ||d eps||^2 = ||d x0||^2 SNR = ||d v||^2 a^2 / (a^2 + s^2)^2 = ||d score||^2 s^2, so with
-    scale2 = alpha^2 + sigma^2 (1 for VP processes) the same objective reads
+    A target error maps to an eps error at fixed x_t by ||d eps||^2 = ||d x0||^2 SNR = ||d v||^2 a^2 / (a^2 + s^2)^2
+    = ||d score||^2 s^2 = ||d velocity||^2 a^2 / (a + s)^2, with a^2 / (a + s)^2 = SNR / (1 + sqrt(SNR))^2 and
+    scale2 = alpha^2 + sigma^2 (1 for VP processes).
+    min_snr: min-SNR-gamma (Hang et al. 2023, Eq. 9), eps-space weight min(SNR, gamma) / SNR; per target
     eps: min(1, gamma / SNR), x0: min(SNR, gamma), v: min(SNR, gamma) / ((SNR + 1) scale2),
-    score: min(1, gamma / SNR) scale2 / (SNR + 1). Written so SNR = 0 (zero terminal SNR) stays finite.
+    score: min(1, gamma / SNR) scale2 / (SNR + 1), velocity: min(SNR, gamma) / (1 + sqrt(SNR))^2.
+    edm: EDM's lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 on the x0 error (Karras et al. 2022,
+    Table 1), sigma = sigma_edm = SNR^(-1/2): x0-space weight SNR + 1 / sigma_data^2, converted the same way.
+    Written so SNR = 0 (zero terminal SNR) stays finite where the target allows it (not eps or score under edm).
     """
     if weighting == "uniform":
         return torch.ones_like(snr)
+    if weighting == "edm":
+        w0 = snr + 1 / sigma_data**2  # weight of the x0 error
+        factor = {"eps": lambda: 1 / snr, "x0": lambda: torch.ones_like(snr),
+                  "v": lambda: 1 / ((snr + 1) * scale2), "score": lambda: scale2 / (snr * (snr + 1)),
+                  "velocity": lambda: 1 / (1 + snr.sqrt()) ** 2}.get(prediction)
+        if factor is None:
+            raise ValueError(f"unknown prediction {prediction!r}; choose from {PREDICTIONS}")
+        return w0 * factor()
     if weighting != "min_snr":
         raise ValueError(f"unknown weighting {weighting!r}; choose from {WEIGHTINGS}")
     eps_weight = (gamma / snr).clamp(max=1.0)  # = min(SNR, gamma) / SNR; 1 at SNR = 0
@@ -88,6 +107,8 @@ def loss_weight(snr: Tensor, prediction: str, weighting: str = "uniform", gamma:
         return snr.clamp(max=gamma) / ((snr + 1) * scale2)
     if prediction == "score":
         return eps_weight * scale2 / (snr + 1)
+    if prediction == "velocity":
+        return snr.clamp(max=gamma) / (1 + snr.sqrt()) ** 2
     raise ValueError(f"unknown prediction {prediction!r}; choose from {PREDICTIONS}")
 
 
@@ -127,15 +148,21 @@ def diffusion_loss(
     weighting: str = "uniform",
     min_snr_gamma: float = 5.0,
     offset_noise: float = 0.0,
+    time_sampling: Callable[[GaussianProcess, int, Any], Tensor] | None = None,
+    sigma_data: float = 0.5,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """The simplified DDPM objective E ||target - net(x_t, t)||^2 (Ho et al. Eq. 14), any target and weighting.
 
     Offset noise adds a per-channel constant to eps (Guttenberg 2023) so the model can shift mean brightness:
-    eps = z + offset_noise * z_c with z_c ~ N(0, 1) shared over a channel's pixels.
+    eps = z + offset_noise * z_c with z_c ~ N(0, 1) shared over a channel's pixels. ``time_sampling`` (e.g. a
+    ``timesteps.TimeSampling``) draws the training times; None: the process's own ``sample_time``. With an
+    ``edm.EDMPrecond`` denoiser, prediction "x0", weighting "edm" and time sampling "edm" this is EDM's loss
+    (Karras et al. 2022, Eq. 2 and Table 1).
     """
     B = x0.shape[0]
-    t = process.sample_time(B, generator, device="cpu")  # (B,) float64
+    draw = time_sampling if time_sampling is not None else lambda p, n, g: p.sample_time(n, g, device="cpu")
+    t = draw(process, B, generator)  # (B,) float64
     eps = randn(tuple(x0.shape), generator, x0.device, x0.dtype)  # (B, C, H, W)
     if offset_noise:
         eps = eps + offset_noise * randn((B, x0.shape[1]) + (1,) * (x0.dim() - 2), generator, x0.device, x0.dtype)
@@ -144,5 +171,6 @@ def diffusion_loss(
     target = from_x0_eps(x0, eps, alpha, sigma, prediction)
     out = denoiser(x_t, process.model_time(t).to(device=x0.device, dtype=_time_dtype(x0)), cond)
     per_sample = (out.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
-    weight = loss_weight(process.snr(t), prediction, weighting, min_snr_gamma, alpha**2 + sigma**2).to(per_sample)
+    weight = loss_weight(process.snr(t), prediction, weighting, min_snr_gamma, alpha**2 + sigma**2,
+                         sigma_data).to(per_sample)
     return (weight * per_sample).mean()

@@ -6,12 +6,16 @@ through SDEs", Sec. 3 and App. B):
 * ``DiscreteVP``: the DDPM chain (Ho et al. 2020) of a discrete beta schedule. Timestep n in {0..T-1}
   sits at t_n = (n + 1) / T and log alpha_bar is interpolated linearly in between, so a model trained on
   the discrete chain is usable by continuous-time solvers (the DPM-Solver convention, Lu et al. 2022).
-* ``VPSDE`` (linear beta(t)), ``SubVPSDE`` and ``VESDE`` (geometric sigma(t)).
+* ``VPSDE`` (linear beta(t)), ``SubVPSDE`` and ``VESDE`` (geometric sigma(t)); the rectified flow is
+  ``ldm.diffusion.flow.FlowMatching``.
 
 Drift and diffusion follow from the marginals of any linear SDE:
 f(t) = d log alpha / dt and g(t)^2 = d sigma^2 / dt - 2 f(t) sigma^2.
 The reverse-time SDE is dx = [f x - g^2 score] dt + g dw_bar (Anderson 1982; Song et al. Eq. 6) and the
-probability-flow ODE is dx/dt = f x - g^2 score / 2 (Song et al. Eq. 13).
+probability-flow ODE is dx/dt = f x - g^2 score / 2 (Song et al. Eq. 13), which at the denoiser's estimates
+reads dx/dt = alpha'(t) x0 + sigma'(t) eps (``ode_velocity``; for the rectified flow, eps - x0).
+Every process also has EDM's noise level sigma_edm = sigma / alpha = exp(-lambda) (Karras et al. 2022, Sec. 2:
+x / alpha is the data plus noise of std sigma_edm), the variable of the Karras grid and of EDM's samplers.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Callable
 import torch
 
 from ldm.diffusion.rng import per_sample, rand, randn  # noqa: F401 - re-exported: the math's randomness
+from ldm.diffusion.grids import KARRAS_SIGMA_CAP, karras_sigmas
 
 Tensor = torch.Tensor
 LOG_ALPHA_BAR_FLOOR = math.log(2.0**-24)  # between knots a zero-terminal-SNR chain keeps a finite log alpha_bar
@@ -36,6 +41,7 @@ class GaussianProcess:
     """Base: a forward process defined by its marginals alpha(t), sigma(t) on t in [0, 1]."""
 
     t_min: float = 1e-3  # smallest time a model is trained on / a solver integrates to
+    spacing: str | None = None  # the grid every sampler uses by default on this process; None: each sampler's own
 
     # --- what a process defines --------------------------------------------------------------
     def log_alpha(self, t: Tensor) -> Tensor:
@@ -61,7 +67,10 @@ class GaussianProcess:
     def timesteps(self, steps: int, spacing: str = "uniform") -> Tensor:
         """Descending solver grid of steps + 1 times from 1 to exactly 0 (0 means: return the clean estimate).
 
-        "uniform" spaces t evenly on [t_min, 1]; "logsnr" spaces lambda = log(alpha/sigma) evenly (Lu et al. 2022).
+        "uniform" spaces t evenly on [t_min, 1]; "logsnr" spaces lambda = log(alpha/sigma) evenly (Lu et al. 2022);
+        "karras" spaces sigma_edm^(1/7) evenly from sigma_edm(1) to sigma_edm(t_min) (Karras et al. 2022, Eq. 5), the
+        top capped at 2^12 (alpha^2 = 2^-24, diffusers' floor: zero terminal SNR, the flow, the cosine chain's last
+        knot) and placed at t = 1, as "logsnr" extrapolates the top of its grid to t = 1.
         """
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
@@ -78,8 +87,12 @@ class GaussianProcess:
             width = lam[idx] - lam[idx - 1]
             w = torch.where(width > 0, (target - lam[idx - 1]) / width.clamp_min(1e-300), torch.zeros_like(width))
             ts = dense[idx - 1] + w * (dense[idx] - dense[idx - 1])
+        elif spacing == "karras":
+            top, bottom = (float(v) for v in self.edm_sigma(torch.tensor([1.0, self.t_min], dtype=torch.float64)))
+            ts = self.time_from_edm_sigma(karras_sigmas(steps, bottom, min(top, KARRAS_SIGMA_CAP)))
+            ts[-1], ts[0] = self.t_min, 1.0  # exactly the ends of the process's range
         else:
-            raise ValueError(f"{type(self).__name__} supports spacing 'uniform' or 'logsnr', not {spacing!r}")
+            raise ValueError(f"{type(self).__name__} supports spacing 'uniform', 'logsnr' or 'karras', not {spacing!r}")
         return torch.cat([ts, torch.zeros(1, dtype=torch.float64)])
 
     def sample_time(self, n: int, generator: torch.Generator | None = None, device="cpu") -> Tensor:
@@ -106,6 +119,41 @@ class GaussianProcess:
         """lambda(t) = log(alpha / sigma), the DPM-Solver time variable."""
         t = as_time(t)
         return self.log_alpha(t) - 0.5 * self.sigma2(t).log()
+
+    def edm_sigma(self, t: float | Tensor) -> Tensor:
+        """sigma_edm(t) = sigma / alpha = exp(-lambda): the noise level of x_t / alpha (Karras et al. 2022, Eq. 4)."""
+        return (-self.log_snr_half(t)).exp()
+
+    def time_from_log_snr_half(self, lam: float | Tensor) -> Tensor:
+        """The time t in [0, 1] with lambda(t) = lam, by bisection (lambda decreases in t); beyond lambda's range
+        the nearest end, 0 or 1. Processes with a closed-form inverse override it."""
+        lam = as_time(lam)
+        flat = lam.reshape(-1)
+        lo, hi = torch.zeros_like(flat), torch.ones_like(flat)
+        for _ in range(64):  # 2^-64: below float64 resolution on [0, 1]
+            mid = 0.5 * (lo + hi)
+            early = self.log_snr_half(mid) > flat  # mid lies before the wanted time
+            lo, hi = torch.where(early, mid, lo), torch.where(early, hi, mid)
+        hi = torch.where(flat == -math.inf, torch.ones_like(hi), hi)  # zero SNR: exactly t = 1
+        return hi.reshape(lam.shape)
+
+    def time_from_edm_sigma(self, sigma_edm: float | Tensor) -> Tensor:
+        """Inverse of edm_sigma."""
+        return self.time_from_log_snr_half(-as_time(sigma_edm).log())
+
+    def d_alpha(self, t: float | Tensor) -> Tensor:
+        """d alpha / dt = f(t) alpha(t)."""
+        return self.dlog_alpha_dt(as_time(t)) * self.alpha(t)
+
+    def d_sigma(self, t: float | Tensor) -> Tensor:
+        """d sigma / dt = (d sigma^2 / dt) / (2 sigma)."""
+        return self.dsigma2_dt(as_time(t)) / (2 * self.sigma(t))
+
+    def ode_velocity(self, x0: Tensor, eps: Tensor, t: float | Tensor) -> Tensor:
+        """The probability-flow ODE dx/dt = f x - g^2 score / 2 (Song et al. 2021, Eq. 13) at the estimates (x0, eps)
+        of x = alpha x0 + sigma eps: with score = -eps / sigma it is alpha'(t) x0 + sigma'(t) eps, finite at
+        alpha = 0."""
+        return _bcast(self.d_alpha(t), x0) * x0 + _bcast(self.d_sigma(t), eps) * eps
 
     def f(self, t: float | Tensor) -> Tensor:
         """Drift coefficient: f(x, t) = f(t) x."""
@@ -253,8 +301,8 @@ class DiscreteVP(GaussianProcess):
 
     def timesteps(self, steps: int, spacing: str = "trailing") -> Tensor:
         """Discrete grids as diffusers builds them ('leading', 'trailing', 'linspace'; Lin et al. 2023, Tab. 2),
-        or the continuous 'uniform' / 'logsnr' grids."""
-        if spacing in ("uniform", "logsnr"):
+        or the continuous 'uniform' / 'logsnr' / 'karras' grids."""
+        if spacing in ("uniform", "logsnr", "karras"):
             return super().timesteps(steps, spacing)
         if not 1 <= steps <= self.T:
             raise ValueError(f"steps must be in [1, {self.T}], got {steps}")
@@ -270,7 +318,8 @@ class DiscreteVP(GaussianProcess):
             n[-1] = self.T - 1 if steps > 1 else 0
             n = n.round().flip(0)
         else:
-            raise ValueError(f"unknown spacing {spacing!r}; choose leading, trailing, linspace, uniform or logsnr")
+            raise ValueError(f"unknown spacing {spacing!r}; choose leading, trailing, linspace, uniform, logsnr or "
+                             "karras")
         return torch.cat([(n + 1) / self.T, torch.zeros(1, dtype=torch.float64)])
 
     def time_at(self, u: Tensor) -> Tensor:
@@ -343,6 +392,10 @@ class VESDE(GaussianProcess):
 
     def time_from_model(self, m):
         return (as_time(m) - math.log(self.sigma_min)) / self._log_ratio
+
+    def time_from_log_snr_half(self, lam):
+        """log sigma(t) = -lambda is linear in t: t = (-lambda - log sigma_min) / log(sigma_max / sigma_min)."""
+        return self.time_from_model(-as_time(lam)).clamp(0, 1)
 
 
 class DiscreteVE(VESDE):

@@ -16,33 +16,43 @@ from typing import Any
 
 import torch
 
+from ldm.diffusion.flow import shift_time
 from ldm.diffusion.parameterization import Predictor
-from ldm.sampling.guidance import ClassifierFreeGuidance, ClassifierGuidance, Guided, concat_cond
+from ldm.sampling.guidance import (
+    ClassifierFreeGuidance, ClassifierGuidance, GuidanceInterval, Guided, concat_cond, guide,
+)
 from ldm.sampling.samplers import DEFAULT_CONTINUOUS_SPACING, DEFAULT_SPACING, SAMPLERS
 
 
-def time_grid(process, sampler: str, steps: int, spacing: str | None = None) -> torch.Tensor:
-    """The descending time grid ``sampler`` runs over: the given spacing, else the sampler's default for the process.
+def time_grid(process, sampler: str, steps: int, spacing: str | None = None, time_shift: float = 1.0) -> torch.Tensor:
+    """The descending time grid ``sampler`` runs over: the given spacing, else the process's own default grid, else
+    the sampler's default for discrete chains and continuous processes; warped by ``time_shift`` (SD3).
 
     Raises ValueError naming the problem for an unknown sampler or a grid the process cannot make (e.g. more steps
     than a discrete chain has), so callers can check settings before any model is loaded.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
-    if spacing is None:  # discrete chains default per sampler; continuous processes have one uniform grid
+    if spacing is None:
         discrete = getattr(process, "T", None) is not None
-        spacing = DEFAULT_SPACING[sampler] if discrete else DEFAULT_CONTINUOUS_SPACING.get(sampler, "uniform")
-    return process.timesteps(steps, spacing)
+        spacing = process.spacing or (
+            DEFAULT_SPACING[sampler] if discrete else DEFAULT_CONTINUOUS_SPACING.get(sampler, "uniform"))
+    ts = process.timesteps(steps, spacing)
+    return shift_time(ts, time_shift) if time_shift != 1.0 else ts
 
 
 @torch.no_grad()
 def sample(model: Predictor, shape: tuple[int, ...], *, sampler: str = "ddpm", steps: int = 50, cond: Any = None,
-           generator=None, spacing: str | None = None, device: torch.device | str = "cpu",
+           generator=None, spacing: str | None = None, time_shift: float = 1.0, device: torch.device | str = "cpu",
            x_T: torch.Tensor | None = None, dtype: torch.dtype = torch.float32, **options) -> torch.Tensor:
-    """Draw x_T from the prior at the grid's first time; run a registered sampler over the default (or given) grid."""
-    ts = time_grid(model.process, sampler, steps, spacing)
+    """Draw x_T from the prior at the grid's first time; run a registered sampler over the default (or given) grid.
+
+    ``time_shift`` warps the grid by SD3's shift t' = s t / (1 + (s - 1) t) (``ldm.diffusion.shift_time``);
+    ``options`` go to the sampler (e.g. ``callback=``, ``eta=``, ``s_churn=``)."""
+    ts = time_grid(model.process, sampler, steps, spacing, time_shift)
     x = model.process.prior_sample(shape, generator, device, dtype, t=float(ts[0])) if x_T is None else x_T
     return SAMPLERS[sampler](model, x, ts, cond=cond, generator=generator, **options)
 
 
-__all__ = ["SAMPLERS", "ClassifierFreeGuidance", "ClassifierGuidance", "Guided", "concat_cond", "sample", "time_grid"]
+__all__ = ["SAMPLERS", "ClassifierFreeGuidance", "ClassifierGuidance", "GuidanceInterval", "Guided", "concat_cond",
+           "guide", "sample", "time_grid"]

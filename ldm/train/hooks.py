@@ -14,7 +14,7 @@ import torch
 from ldm.assemble import Components
 from ldm.conditioning import expand_cond
 from ldm.diffusion import band_times, eps_mse
-from ldm.pipeline import make_grid, unet_denoiser
+from ldm.pipeline import make_grid
 from ldm.diffusion.rng import sample_generators
 from ldm.train.distributed import DistInfo, sum_across_ranks
 
@@ -61,7 +61,7 @@ class HeldOutLoss:
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
         """{"val/loss": mean over samples and bands, "val/loss_t<time>": per band} for the network ``model``."""
-        p, denoiser = self.parts, unet_denoiser(model)
+        p, denoiser = self.parts, self.parts.denoiser(model)
         sums = torch.zeros(len(self.times), dtype=torch.float64)
         for band, t in enumerate(self.times.tolist()):
             for j in range(self.forwards):

@@ -21,7 +21,6 @@ from ldm.assemble import assemble, build_evaluator, check_inputs
 from ldm.conditioning import conditioning_dropout
 from ldm.config import LDMConfig, save_config, to_dict
 from ldm.io import save_tensors
-from ldm.pipeline import unet_denoiser
 from ldm.diffusion.rng import sample_generators
 from ldm.tracking import Tracker
 from ldm.train import hooks
@@ -104,7 +103,7 @@ class Trainer:
         # every random draw of a sample comes from its own generator: the same on any number of ranks
         generators = sample_generators(batch["key"], self.cfg.run.seed, self.guard.rollbacks, self.step)
         cond = conditioning_dropout(cond, p.null_cond, self.cfg.diffusion.cond_dropout, generators)
-        denoiser = unet_denoiser(self.engine)
+        denoiser = p.denoiser(self.engine)
         loss = p.objective(denoiser, z, cond, generators)
         if any_across_ranks(not bool(torch.isfinite(loss.detach()))):
             skip_micro_batch(self.engine, denoiser, z, cond)  # on every rank, so accumulation stays in step

@@ -1,9 +1,12 @@
-"""The training objective: targets, min-SNR-gamma weights (Hang et al. 2023) and offset noise (Guttenberg 2023)."""
+"""The training objective: targets, min-SNR-gamma (Hang et al. 2023) and EDM (Karras et al. 2022) weights, offset noise
+(Guttenberg 2023)."""
 
 import pytest
 import torch
 
-from ldm.diffusion import PREDICTIONS, VESDE, VPSDE, DiscreteVP, SubVPSDE, diffusion_loss, loss_weight, make_betas
+from ldm.diffusion import (
+    PREDICTIONS, VESDE, VPSDE, DiscreteVP, FlowMatching, SubVPSDE, diffusion_loss, loss_weight, make_betas,
+)
 
 PROCESSES = {
     "discrete": lambda: DiscreteVP(make_betas("linear", 1000)),
@@ -11,6 +14,7 @@ PROCESSES = {
     "vp": VPSDE,
     "subvp": SubVPSDE,
     "ve": VESDE,
+    "flow": FlowMatching,
 }
 
 
@@ -24,16 +28,21 @@ def test_min_snr_weights_are_hang_et_al_formulas():
     torch.testing.assert_close(loss_weight(snr, "v", "min_snr", gamma), clipped / (snr + 1), rtol=1e-15, atol=0)
     torch.testing.assert_close(loss_weight(snr, "x0", "min_snr", gamma), clipped, rtol=1e-15, atol=0)
     torch.testing.assert_close(loss_weight(snr, "score", "min_snr", gamma), eps / (snr + 1), rtol=1e-15, atol=0)
+    # velocity = eps - x0: a^2 / (a + s)^2 = SNR / (1 + sqrt(SNR))^2 of the eps-space weight
+    torch.testing.assert_close(loss_weight(snr, "velocity", "min_snr", gamma), eps * snr / (1 + snr.sqrt()) ** 2,
+                               rtol=1e-12, atol=1e-300)
     for prediction in PREDICTIONS:
         assert torch.equal(loss_weight(snr, prediction), torch.ones_like(snr))
     with pytest.raises(ValueError):
         loss_weight(snr, "eps", "p2")
 
 
+@pytest.mark.parametrize("weighting", ["min_snr", "edm"])
 @pytest.mark.parametrize("name", PROCESSES)
-def test_min_snr_is_one_objective_in_every_parameterisation(name):
-    """For the same prediction error at fixed x_t, weight x target-MSE is min(SNR, g) / SNR x eps-MSE in every
-    parameterisation and process (the VP formulas alone are wrong where alpha^2 + sigma^2 != 1: sub-VP, VE)."""
+def test_weightings_are_one_objective_in_every_parameterisation(name, weighting):
+    """For the same prediction error at fixed x_t, weight x target-MSE is the eps-space weight x eps-MSE in every
+    parameterisation and process (the VP formulas alone are wrong where alpha^2 + sigma^2 != 1: sub-VP, VE):
+    min(SNR, g) / SNR for min-SNR, lambda(sigma) / SNR = 1 + sigma^2 / sigma_data^2 for EDM."""
     p = PROCESSES[name]()
     t = torch.tensor([0.01, 0.2, 0.5, 0.8, 0.97], dtype=torch.float64)
     alpha, sigma = p.alpha(t)[:, None], p.sigma(t)[:, None]
@@ -42,12 +51,14 @@ def test_min_snr_is_one_objective_in_every_parameterisation(name):
     x_t = alpha * x0 + sigma * eps
     eps_hat = eps + d_eps
     x0_hat = (x_t - sigma * eps_hat) / alpha  # the same wrong prediction, seen as an x0
-    targets = lambda x0, eps: {"eps": eps, "x0": x0, "v": alpha * eps - sigma * x0, "score": -eps / sigma}  # noqa: E731
+    targets = lambda x0, eps: {"eps": eps, "x0": x0, "v": alpha * eps - sigma * x0, "score": -eps / sigma,  # noqa: E731
+                               "velocity": eps - x0}
     true, wrong = targets(x0, eps), targets(x0_hat, eps_hat)
     snr = p.snr(t)
-    reference = loss_weight(snr, "eps", "min_snr") * d_eps.pow(2).mean(1)
+    eps_weight = (5.0 / snr).clamp(max=1.0) if weighting == "min_snr" else 1 + 1 / (snr * 0.5**2)
+    reference = eps_weight * d_eps.pow(2).mean(1)
     for prediction in PREDICTIONS:
-        w = loss_weight(snr, prediction, "min_snr", scale2=(alpha**2 + sigma**2)[:, 0])
+        w = loss_weight(snr, prediction, weighting, scale2=(alpha**2 + sigma**2)[:, 0])
         torch.testing.assert_close(w * (wrong[prediction] - true[prediction]).pow(2).mean(1), reference,
                                    rtol=1e-9, atol=0, msg=prediction)
 
@@ -66,9 +77,9 @@ def _recording_loss(process, prediction, weighting, offset_noise=0.0, shape=(64,
     return loss, x0, seen
 
 
-@pytest.mark.parametrize("weighting", ["uniform", "min_snr"])
+@pytest.mark.parametrize("weighting", ["uniform", "min_snr", "edm"])
 @pytest.mark.parametrize("prediction", PREDICTIONS)
-@pytest.mark.parametrize("name", ["discrete", "subvp", "ve"])
+@pytest.mark.parametrize("name", ["discrete", "subvp", "ve", "flow"])
 def test_diffusion_loss_is_the_weighted_target_mse(name, prediction, weighting):
     p = PROCESSES[name]()
     loss, x0, seen = _recording_loss(p, prediction, weighting)
@@ -78,7 +89,8 @@ def test_diffusion_loss_is_the_weighted_target_mse(name, prediction, weighting):
     alpha, sigma = p.alpha(t).view(-1, 1, 1, 1), p.sigma(t).view(-1, 1, 1, 1)
     eps = (seen["x_t"] - alpha * x0) / sigma  # the noise the loss drew
     assert abs(float(eps.std()) - 1) < 0.05
-    target = {"eps": eps, "x0": x0, "v": alpha * eps - sigma * x0, "score": -eps / sigma}[prediction]
+    target = {"eps": eps, "x0": x0, "v": alpha * eps - sigma * x0, "score": -eps / sigma,
+              "velocity": eps - x0}[prediction]
     w = loss_weight(p.snr(t), prediction, weighting, scale2=(alpha**2 + sigma**2).flatten())
     expected = (w * target.pow(2).flatten(1).mean(1)).mean()
     torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=0)  # the MSE itself runs in float32

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ldm.diffusion import (
-    PREDICTIONS, VESDE, VPSDE, DiscreteVP, Predictor, SubVPSDE, from_x0_eps, make_betas, score_from_eps, to_x0_eps,
+    PREDICTIONS, VESDE, VPSDE, DiscreteVE, DiscreteVP, FlowMatching, Predictor, SubVPSDE, from_x0_eps, make_betas,
+    score_from_eps, to_x0_eps,
 )
 
 PROCESSES = {
@@ -16,6 +17,7 @@ PROCESSES = {
     "vp": VPSDE,
     "subvp": SubVPSDE,
     "ve": VESDE,
+    "flow": FlowMatching,
 }
 
 
@@ -91,7 +93,8 @@ def test_parameterisation_round_trips(name, source, target):
     alpha, sigma = p.alpha(t), p.sigma(t)
     a, s = alpha[:, None], sigma[:, None]
     x_t = a * x0 + s * eps
-    closed = {"eps": eps, "x0": x0, "v": a * eps - s * x0, "score": -eps / s}  # Salimans & Ho 2022, App. D
+    closed = {"eps": eps, "x0": x0, "v": a * eps - s * x0, "score": -eps / s,  # Salimans & Ho 2022, App. D
+              "velocity": eps - x0}  # Lipman et al. 2023, Eq. 23; Liu et al. 2023, Eq. 1
     torch.testing.assert_close(from_x0_eps(x0, eps, alpha, sigma, source), closed[source], rtol=1e-12, atol=1e-12)
     x0_back, eps_back = to_x0_eps(closed[source], x_t, alpha, sigma, source)
     torch.testing.assert_close(x0_back, x0, rtol=1e-10, atol=1e-10)
@@ -101,7 +104,7 @@ def test_parameterisation_round_trips(name, source, target):
     torch.testing.assert_close(score_from_eps(eps_back, sigma), closed["score"], rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["discrete-linear", "vp", "subvp", "ve"])
+@pytest.mark.parametrize("name", ["discrete-linear", "vp", "subvp", "ve", "flow"])
 def test_predictor_is_the_same_model_in_every_parameterisation(name):
     """A Predictor built on an eps network or on the equivalent x0 / v / score network gives the same (x0, eps)."""
     p = PROCESSES[name]()
@@ -123,7 +126,7 @@ def test_predictor_is_the_same_model_in_every_parameterisation(name):
     for t in (0.02, 0.3, 0.9):
         now["t"] = t
         ref = Predictor(eps_net, p, "eps")(x, t)
-        for prediction in ("x0", "v", "score"):
+        for prediction in ("x0", "v", "score", "velocity"):
             got = Predictor(net_for(prediction), p, prediction)(x, t)
             torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
 
@@ -182,7 +185,7 @@ def test_discrete_grids_have_exactly_steps_points(spacing):
 @pytest.mark.parametrize("name", PROCESSES)
 def test_continuous_grids(name):
     p = PROCESSES[name]()
-    for spacing in ("uniform", "logsnr"):
+    for spacing in ("uniform", "logsnr", "karras"):
         ts = p.timesteps(30, spacing)
         assert len(ts) == 31 and float(ts[0]) == 1.0 and float(ts[-1]) == 0.0
         assert abs(float(ts[-2]) - p.t_min) < 1e-12 and bool((ts[:-1] > ts[1:]).all())
@@ -211,3 +214,30 @@ def test_eps_prediction_at_zero_snr_is_an_error(prediction):
         model(torch.zeros(2, 3), 1.0)
     x0, eps = Predictor(lambda x, m, c: -torch.ones_like(x), p, "v")(torch.zeros(2, 3), 1.0)
     torch.testing.assert_close(x0, torch.ones(2, 3))  # v at zero SNR: x0 = -v (Lin et al. 2023, Eq. 11)
+
+
+@pytest.mark.parametrize("name", [*PROCESSES, "ncsn"])
+def test_time_from_log_snr_inverts_lambda(name):
+    """t(lambda(t)) = t on the whole range (bisection, or closed forms on VE and the flow); EDM's sigma likewise.
+    (The discrete chain snaps times within 1e-8 steps of a knot onto it: lambda is flat there, to 1e-11 in t; on a
+    zero-terminal-SNR chain lambda is flat at the 2^-24 floor over its last knots, t > 0.997 here.)"""
+    p = DiscreteVE(levels=10) if name == "ncsn" else PROCESSES[name]()
+    t = torch.cat([torch.linspace(p.t_min, 0.99, 97, dtype=torch.float64),
+                   torch.tensor([0.3, 0.7], dtype=torch.float64)])
+    torch.testing.assert_close(p.time_from_log_snr_half(p.log_snr_half(t)), t, rtol=0, atol=1e-10)
+    torch.testing.assert_close(p.time_from_edm_sigma(p.edm_sigma(t)), t, rtol=0, atol=1e-10)
+    torch.testing.assert_close(p.edm_sigma(t), p.sigma(t) / p.alpha(t), rtol=1e-12, atol=0)
+    assert float(p.time_from_log_snr_half(torch.tensor(math.inf))) < 1e-15  # beyond the range: the ends
+    assert float(p.time_from_log_snr_half(torch.tensor(-math.inf))) == 1.0
+
+
+@pytest.mark.parametrize("name", PROCESSES)
+def test_ode_velocity_is_the_probability_flow_drift(name):
+    """alpha' x0 + sigma' eps = f x - g^2 score / 2 at x = alpha x0 + sigma eps (Song et al. 2021, Eq. 13)."""
+    p = PROCESSES[name]()
+    t = torch.tensor([0.05, 0.4, 0.9], dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g, dtype=torch.float64)
+    x = p.marginal(x0, t, eps)
+    drift = p.reverse_drift(x, t, score_from_eps(eps, p.sigma(t)), probability_flow=True)
+    torch.testing.assert_close(p.ode_velocity(x0, eps, t), drift, rtol=1e-9, atol=1e-9)

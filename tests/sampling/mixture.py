@@ -71,7 +71,8 @@ class Mixture:
         return x0.T, eps.T
 
     def denoiser(self, process, prediction: str = "eps"):
-        """The exact network of a process and parameterisation: (x_t, model_time, cond) -> eps | x0 | v | score.
+        """The exact network of a process and parameterisation: (x_t, model_time, cond) -> eps | x0 | v | score |
+        velocity (eps - x0).
 
         ``cond`` is None (the mixture) or a (B,) long tensor of class labels, UNCOND (-1) for the mixture.
         """
@@ -83,7 +84,7 @@ class Mixture:
             alpha, sigma = process.alpha(t), process.sigma(t)  # (B,) or (1,)
             x0, eps = self.posterior(x.double(), alpha, sigma, cond)
             out = {"eps": lambda: eps, "x0": lambda: x0, "v": lambda: alpha[:, None] * eps - sigma[:, None] * x0,
-                   "score": lambda: -eps / sigma[:, None]}[prediction]()
+                   "score": lambda: -eps / sigma[:, None], "velocity": lambda: eps - x0}[prediction]()
             return out.to(x.dtype)
 
         return net

@@ -163,10 +163,15 @@ def load_diffusers(folder: str | os.PathLike, device: str | torch.device = "cpu"
 
 
 @torch.no_grad()
-def measure_scale_factor(
+def measure_latent_stats(
     model: AutoencoderKL, images_iterable: Iterable[torch.Tensor], max_batches: int = 16
-) -> float:
-    """1 / std of the raw latent modes (minus shift_factor) over up to `max_batches` image batches (LDM)."""
+) -> tuple[float, float]:
+    """(mean, std) of the raw latent modes over up to `max_batches` image batches, pooled over every value.
+
+    The diffusion-space latent (z - shift) * scale with shift = mean and scale = 1 / std has zero mean and unit
+    variance on that data: diffusers' ``shift_factor`` / ``scaling_factor`` convention (SD3, Flux), LDM's
+    ``scale_by_std`` when the shift is left at 0.
+    """
     if max_batches < 1:
         raise ValueError(f"max_batches must be >= 1, got {max_batches}")
     device = next(model.parameters()).device
@@ -175,18 +180,26 @@ def measure_scale_factor(
     total, total_sq, count = 0.0, 0.0, 0
     try:
         for images in itertools.islice(images_iterable, max_batches):  # never pulls an extra batch
-            z = model.encode_dist(images.to(device)).mode().double() - model.shift_factor  # (B, C, h, w)
+            z = model.encode_dist(images.to(device)).mode().double()  # (B, C, h, w)
             total += z.sum().item()
             total_sq += z.pow(2).sum().item()
             count += z.numel()
     finally:
         model.train(was_training)
     if count < 2:
-        raise ValueError("measure_scale_factor needs at least two latent values; the image iterable was empty")
+        raise ValueError("measuring latent statistics needs at least two latent values; the image iterable was empty")
+    mean = total / count
     variance = (total_sq - total * total / count) / (count - 1)
     if variance <= 0.0:
         raise ValueError("latents have zero variance; cannot derive a scale factor")
-    return 1.0 / variance**0.5
+    return mean, variance**0.5
+
+
+def measure_scale_factor(
+    model: AutoencoderKL, images_iterable: Iterable[torch.Tensor], max_batches: int = 16
+) -> float:
+    """1 / std of the raw latent modes over up to `max_batches` image batches (LDM's scale factor)."""
+    return 1.0 / measure_latent_stats(model, images_iterable, max_batches)[1]
 
 
 def set_scale_factor(

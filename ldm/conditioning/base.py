@@ -12,11 +12,14 @@ stored with the model so training and sampling use the identical tensor.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from ldm.diffusion.rng import rand
 
+log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 Cond = dict[str, Tensor]  # {"context": (B, L, D), "context_mask": (B, L) bool[, "pooled": (B, P)]}
 LAYERS = ("last", "penultimate")
@@ -49,7 +52,14 @@ class FrozenTextEncoder(nn.Module):
         return super().train(False)  # frozen: always in eval mode
 
     def tokenize(self, prompts: list[str]) -> dict[str, Tensor]:
-        """Token ids and attention mask, padded/truncated to max_length, on the encoder's device."""
+        """Token ids and attention mask, padded/truncated to max_length, on the encoder's device; prompts that had
+        to be cut are reported (a log warning naming how many and the first)."""
+        lengths = [len(ids) for ids in self.tokenizer(list(prompts), truncation=False)["input_ids"]]
+        cut = [p for p, n in zip(prompts, lengths) if n > self.max_length]
+        if cut:
+            log.warning("%d prompt(s) longer than text_encoder.max_length=%d tokens were cut to that length, e.g. "
+                        "%r (%d tokens); raise text_encoder.max_length to keep them", len(cut), self.max_length,
+                        cut[0][:80] + ("..." if len(cut[0]) > 80 else ""), max(lengths))
         return self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
                               return_tensors="pt").to(self.device)
 

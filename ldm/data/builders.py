@@ -35,7 +35,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ldm.data.shards import INDEX_NAME, _remove_stale, encode_png, write_shards
 from ldm.data.split import held_out
-from ldm.data.stream import (IMAGE_EXTENSIONS, _open_shards, _SkipCounter, resize_center_crop, resolve_shards,
+from ldm.data.stream import (IMAGE_EXTENSIONS, open_shards, SkipCounter, resize_center_crop, resolve_shards,
                              to_rgb)
 from ldm.io import atomic_write_bytes
 
@@ -317,8 +317,8 @@ def reshard(inputs: Iterable[str], out_dir: str | Path, *, image_size: int | Non
     specs = [str(s) for s in inputs]
     urls = input_shards(specs)
     skips = Skips()
-    bad_shards = _SkipCounter(max_empty_shards=len(urls))  # the stream's handling of bad tars (one count each)
-    files = tar_file_expander(_open_shards(({"url": u} for u in urls), bad_shards), handler=bad_shards.handler)
+    bad_shards = SkipCounter(max_empty_shards=len(urls))  # the stream's handling of bad tars (one count each)
+    files = tar_file_expander(open_shards(({"url": u} for u in urls), bad_shards), handler=bad_shards.handler)
     index = {"image_size": image_size, "samples_per_shard": samples_per_shard,
              "source": {"name": "reshard", "inputs": specs, "shards": len(urls), "seed": seed,
                         "val_fraction": val_fraction}}

@@ -205,14 +205,21 @@ def pick_caption(sample: dict, mode: str) -> str:
     return label
 
 
-class _SkipCounter:
-    """Counts bad samples and unreadable shards (each once) skipped by this worker and logs each one."""
+class NoUsableData(RuntimeError):
+    """Every shard of a stream failed to read: there is nothing to train on (one line, naming a shard and why)."""
 
-    def __init__(self, max_empty_shards: int) -> None:
+
+class SkipCounter:
+    """Counts bad samples and unreadable shards skipped by this worker; each bad shard is logged and counted once,
+    however often a resampled stream comes back to it."""
+
+    def __init__(self, max_empty_shards: int, shards: int | None = None) -> None:
         self.count = 0
         self.url, self.opened, self.counted_shard = None, 0, 0  # the current shard, its number, the last bad one
         self.empty_shards = 0  # shards opened in a row without a single sample coming out
         self.max_empty_shards = max_empty_shards
+        self.shards = shards  # distinct shards of the stream, when known
+        self.bad: dict[str, str] = {}  # unreadable shard -> why (the first error)
 
     def skip(self, what: str, exn: Exception) -> bool:
         """Log and count one bad sample or unreadable shard; returns True so WebDataset continues."""
@@ -222,19 +229,23 @@ class _SkipCounter:
 
     def handler(self, exn: Exception) -> bool:
         """Handler for shard-level errors (unreadable URL, failed pipe, truncated tar): a shard counts once."""
-        if self.counted_shard == self.opened:  # e.g. a truncated tar raises in two places, a 404 read and close
-            log.warning("bad shard %s: %s", self.url, exn)
+        if self.counted_shard == self.opened or self.url in self.bad:  # e.g. a truncated tar raises twice, or again
             return True
         self.counted_shard = self.opened
+        self.bad[self.url] = str(exn).splitlines()[0] if str(exn) else type(exn).__name__
         return self.skip(f"shard {self.url}", exn)
 
     def opening(self, url: str) -> None:
-        """Called per shard; stops an endless resampled stream whose shards are all unreadable."""
+        """Called per shard; stops a stream whose shards are all unreadable, or that yields no sample for long."""
+        if self.shards is not None and len(self.bad) >= self.shards:
+            first, why = next(iter(self.bad.items()))
+            raise NoUsableData(f"no sample can be read: all {self.shards} shard(s) are unreadable, "
+                               f"e.g. {first}: {why}")
         self.url, self.opened = url, self.opened + 1
         self.empty_shards += 1
         if self.empty_shards > self.max_empty_shards:
-            raise RuntimeError(f"{self.empty_shards - 1} shards in a row gave no sample (last {url}); "
-                               "check the shard URLs")
+            raise NoUsableData(f"no sample can be read: {self.empty_shards - 1} shards in a row gave no sample "
+                               f"(last {url}); check the shard URLs")
 
     def got_samples(self, samples: Iterable[dict]) -> Iterator[dict]:
         """Pass samples through, noting that the current shard is readable."""
@@ -243,7 +254,7 @@ class _SkipCounter:
             yield sample
 
 
-def _open_shards(shards: Iterable[dict], skips: _SkipCounter) -> Iterator[dict]:
+def open_shards(shards: Iterable[dict], skips: SkipCounter) -> Iterator[dict]:
     """Open each shard URL (file, `pipe:`, http...) and close it once read (webdataset's opener never closes)."""
     for shard in shards:
         url = shard["url"]
@@ -280,7 +291,7 @@ class ShardStream(IterableDataset):
         self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, epoch
         self.shuffle_buffer, self.batches_per_epoch = shuffle_buffer, batches_per_epoch
         self.caption, self.flip = caption, flip
-        self.skips = _SkipCounter(max_empty_shards=max(50, 3 * len(self.urls)))
+        self.skips = SkipCounter(max_empty_shards=max(50, 3 * len(self.urls)), shards=len(set(self.urls)))
         self.worker = 0
 
     def _shards(self, worker: int, num_workers: int, rng: random.Random) -> Iterator[dict]:
@@ -353,7 +364,7 @@ class ShardStream(IterableDataset):
         self.worker = worker  # batches say which worker's skip count they carry (counts are per worker)
         rng = random.Random(f"samples:{self.seed}:{self.epoch}:{self.rank}:{worker}")
         shards = self._shards(worker, num_workers, rng)
-        files = tar_file_expander(_open_shards(shards, self.skips), handler=self.skips.handler)
+        files = tar_file_expander(open_shards(shards, self.skips), handler=self.skips.handler)
         samples = self.skips.got_samples(group_by_keys(files, handler=self.skips.handler))
         if self.holdout is not None:
             samples = (s for s in samples if self.holdout.keeps(s["__key__"]))  # this split's part of the shards

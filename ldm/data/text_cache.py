@@ -31,7 +31,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ldm.data.shards import INDEX_NAME
 from ldm.io import atomic_write_bytes
-from ldm.data.stream import _open_shards, _SkipCounter, from_npy, pick_caption, resolve_shards
+from ldm.data.stream import open_shards, SkipCounter, from_npy, pick_caption, resolve_shards
 
 NULL_NAME = "null_condition.safetensors"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -51,8 +51,8 @@ def to_npy(tensor: torch.Tensor, dtype: str) -> bytes:
 
 def _raw_samples(urls: list[str]) -> Iterator[dict]:
     """Raw samples (bytes per field) of shards, bad shards skipped and counted like the stream does."""
-    skips = _SkipCounter(max_empty_shards=len(urls) + 1)
-    files = tar_file_expander(_open_shards(({"url": u} for u in urls), skips), handler=skips.handler)
+    skips = SkipCounter(max_empty_shards=len(urls) + 1)
+    files = tar_file_expander(open_shards(({"url": u} for u in urls), skips), handler=skips.handler)
     yield from group_by_keys(files, handler=skips.handler)
 
 

@@ -140,7 +140,7 @@ COLUMNS = ("sampler", "steps", "nfe", "guidance", "fid", "fid_floor", "kid", "ki
            "class_acc_real", "class_chance", "clip_score")
 
 
-def _cell(row: dict, column: str) -> str:
+def cell(row: dict, column: str) -> str:
     """A value with its 95 % interval when the row has one (e.g. fid 45.1 [43.8, 46.4]); KID in units of 1e-3."""
     value = row.get(column, "")
     if not isinstance(value, float):
@@ -161,7 +161,7 @@ def _header(column: str) -> str:
 def format_table(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> str:
     """A plain-text table of the rows with intervals (columns no row has are left out)."""
     cols = [c for c in columns if any(c in r for r in rows)]
-    cells = [[_cell(r, c) for c in cols] for r in rows]
+    cells = [[cell(r, c) for c in cols] for r in rows]
     widths = [max(len(_header(c)), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     lines = ["  ".join(_header(c).rjust(w) for c, w in zip(cols, widths))]
     lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
@@ -172,5 +172,5 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> st
     """The same table in Markdown."""
     cols = [c for c in columns if any(c in r for r in rows)]
     lines = ["| " + " | ".join(_header(c) for c in cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_cell(r, c) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r, c) for c in cols) + " |" for r in rows]
     return "\n".join(lines)

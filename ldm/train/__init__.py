@@ -1,6 +1,17 @@
-"""Training under DeepSpeed: the loop and its hooks, the engine, EMA, checkpoints, data position, guards, pre-emption."""
+"""Training: the LDM loop under DeepSpeed and its hooks, the engine, EMA (and power EMA), checkpoints, data position,
+guards, pre-emption, exports; the stage-1 autoencoder run. Names are imported lazily, so importing one module
+(e.g. ``ldm.train.autoencoder``) does not load DeepSpeed."""
 
-from ldm.train.engine import deepspeed_config, lr_lambda
-from ldm.train.trainer import Trainer, TrainingDiverged
+from __future__ import annotations
 
-__all__ = ["Trainer", "TrainingDiverged", "deepspeed_config", "lr_lambda"]
+import importlib
+
+_LAZY = {"Trainer": "ldm.train.trainer", "TrainingDiverged": "ldm.train.guards", "deepspeed_config": "ldm.train.engine",
+         "lr_lambda": "ldm.train.engine", "train_stage1": "ldm.train.autoencoder"}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ldm.train' has no attribute {name!r}")

@@ -29,12 +29,11 @@ from ldm.train.distributed import DistInfo, any_across_ranks, init_distributed, 
 from ldm.train.ema import EMA
 from ldm.train.export import export_trained
 from ldm.train.engine import build_engine, full_state, weights_finite
-from ldm.train.guards import NonFiniteGuard, TrainingDiverged, skip_micro_batch
+from ldm.train.guards import NonFiniteGuard, TrainingDiverged, skip_micro_batch  # noqa: F401 - re-exported
 from ldm.train.position import DataPosition, batch_stream, batches_per_epoch
 from ldm.train.preemption import StopRequest, requeue
 
 log = logging.getLogger(__name__)
-__all__ = ["Trainer", "TrainingDiverged"]
 
 
 class Trainer:
@@ -59,16 +58,16 @@ class Trainer:
                                enabled=self.dist.is_main and cfg.tracking.enabled)
         self.held_out = (hooks.HeldOutLoss(self.parts, self.dist, t.val_bands, t.val_samples, cfg.data.batch_size)
                          if t.val_every else None)
-        evaluator = on_main(lambda: build_evaluator(cfg, self.dist.device) if cfg.eval.every else None,
+        evaluating = bool(cfg.eval.every or cfg.eval.final)
+        evaluator = on_main(lambda: build_evaluator(cfg, self.dist.device) if evaluating else None,
                             "building the evaluation protocol")
         # every rank has the hook (its EMA gathering is collective); only rank 0 holds the evaluator
-        self.evaluation = hooks.Evaluation(self.parts, evaluator, self.tracker, self._print) if cfg.eval.every else None
+        self.evaluation = hooks.Evaluation(self.parts, evaluator, self.tracker, self._print) if evaluating else None
         self.grid = hooks.SampleGrid(self.parts, self.out, self.tracker)
         self.skipped: dict[int, int] = {}  # data-loader worker -> bad samples it skipped so far
         self.stop = StopRequest()  # from here on a pre-emption signal means: checkpoint and exit
 
-    # compatibility for callers and tests that read the guard's counters off the trainer
-    nonfinite_steps = property(lambda self: self.guard.nonfinite_steps)
+    nonfinite_steps = property(lambda self: self.guard.nonfinite_steps)  # the guard's counters, read off the trainer
     rollbacks = property(lambda self: self.guard.rollbacks)
 
     def _print(self, msg: str) -> None:
@@ -180,21 +179,20 @@ class Trainer:
                 if self.dist.is_main:
                     requeue()
                 self.tracker.end("KILLED")
-                return {**self._result(losses, None, None), "preempted": True}
+                return self._result(losses, preempted=True)
             if self.step % t.ckpt_every == 0 or self.step == last:
                 self.save_checkpoint()
             self._interval_hooks(last)
         bar.close()
         last_loss = losses["last"]
         self._print(f"step {self.step}: loss {last_loss:.4f}" if last_loss is not None else "nothing to train")
-        grid = self._final_hooks()
-        export = self._export()
+        final = {**self._final_hooks(), "export": self._export()}
         self.tracker.end()
-        return {**self._result(losses, grid, export), "preempted": False}
+        return self._result(losses, preempted=False, **final)
 
-    def _result(self, losses: dict, grid: str | None, export: str | None) -> dict[str, Any]:
-        return {"first_loss": losses["first"], "last_loss": losses["last"], "grid": grid, "export": export,
-                "run_id": self.tracker.run_id, "step": self.step}
+    def _result(self, losses: dict, preempted: bool, grid=None, export=None, val=None, eval=None) -> dict[str, Any]:
+        return {"first_loss": losses["first"], "last_loss": losses["last"], "grid": grid, "export": export, "val": val,
+                "eval": eval, "run_id": self.tracker.run_id, "step": self.step, "preempted": preempted}
 
     def _log(self, window: list[float], elapsed: float, global_batch: int) -> float:
         t = self.cfg.train
@@ -211,21 +209,25 @@ class Trainer:
         return loss
 
     def _interval_hooks(self, last: int) -> None:
+        """The hooks due at this step; when one fails, the steps since the last checkpoint are saved first."""
         t = self.cfg.train
-        if hooks.due(self.step, t.val_every, last):
-            self._held_out_loss()
-        if hooks.due(self.step, t.sample_every, last):
-            self._sample_grid()
-        if self.evaluation is not None and hooks.due(self.step, self.cfg.eval.every, last):
-            self._evaluate()
+        try:
+            if hooks.due(self.step, t.val_every, last):
+                self._held_out_loss()
+            if hooks.due(self.step, t.sample_every, last):
+                self._sample_grid()
+            if self.evaluation is not None and hooks.due(self.step, self.cfg.eval.every, last):
+                self._evaluate()
+        except Exception:
+            if self.step % t.ckpt_every:  # not saved at this step yet: keep the work before the error
+                self.save_checkpoint()
+            raise
 
-    def _final_hooks(self) -> str | None:
-        if self.held_out is not None:
-            self._held_out_loss()
-        grid = self._sample_grid()
-        if self.evaluation is not None:
-            self._evaluate()
-        return grid
+    def _final_hooks(self) -> dict[str, Any]:
+        """The last step's held-out loss, sample grid and evaluation (those the config has)."""
+        final = {"val": self._held_out_loss() if self.held_out is not None else None, "grid": self._sample_grid()}
+        final["eval"] = self._evaluate() if self.evaluation is not None else None
+        return final
 
     def _held_out_loss(self) -> dict[str, float]:
         metrics = self.held_out(self.engine)  # every rank evaluates its share

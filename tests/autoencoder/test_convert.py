@@ -105,6 +105,12 @@ def test_diffusers_folder_export_round_trip(tmp_path: Path):
         assert state.keys() == ours.state_dict().keys()
         assert all(torch.equal(state[k], v) for k, v in ours.state_dict().items())  # bitwise
     assert _max_diff(ours, theirs) <= 1e-5  # same weights; attention kernels differ in rounding
+    # diffusers' convention for the exported factors: image = decode(latent / scaling_factor + shift_factor)
+    z = torch.randn(2, config["latent_channels"], 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = ours.decode(z)
+        got = theirs.decode(z / theirs.config.scaling_factor + theirs.config.shift_factor).sample
+    assert (expected - got).abs().max() <= 1e-5
 
 
 def test_mismatched_compvis_checkpoint_names_every_bad_key(tmp_path: Path):

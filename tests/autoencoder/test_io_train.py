@@ -97,14 +97,14 @@ def test_failed_save_leaves_no_partial_folder(tmp_path: Path, monkeypatch: pytes
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(ae_io, "_write_json", crash)  # dies after the weights are written
+    monkeypatch.setattr(ae_io, "write_json", crash)  # dies after the weights are written
     with pytest.raises(RuntimeError, match="disk full"):
         save_pretrained(tiny_model(), tmp_path / "vae")
     assert list(tmp_path.iterdir()) == []
 
     monkeypatch.undo()
     folder = save_pretrained(set_scale_factor(tiny_model(), 0.25), tmp_path / "vae")
-    monkeypatch.setattr(ae_io, "_write_json", crash)
+    monkeypatch.setattr(ae_io, "write_json", crash)
     with pytest.raises(RuntimeError):
         save_pretrained(set_scale_factor(tiny_model(seed=1), 0.75), folder)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vae"]  # old version intact, no temp dirs

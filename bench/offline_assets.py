@@ -54,7 +54,7 @@ def tiny_text_encoder(folder: str | Path, hidden: int = 32, layers: int = 2, see
     vocab.write_text("\n".join([*SPECIAL_TOKENS, *sorted(COLOURS), *SHAPES, "a", "of", "and"]) + "\n")
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(vocab.read_text().split()), hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=64)
+                        num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128)
     BertModel(config).eval().save_pretrained(folder, safe_serialization=True)
     BertTokenizer(str(vocab), do_lower_case=True).save_pretrained(folder)
     return folder

@@ -2,7 +2,9 @@
 # One entry point that sets everything up on a fresh machine (Python 3.11 + pip, npm) and then runs:
 #   ./run.sh demo [key=value ...]   the whole pipeline on the embedded emoji default (~25 min on 2 CPU cores)
 #   ./run.sh test [pytest args]     the test suite (what CI runs)
-# The virtual environment (.venv) is (re)installed only when pyproject.toml changes.
+# The virtual environment (.venv) is (re)installed only when pyproject.toml, the lock (constraints.txt:
+# the exact versions tested) or the extras change. LDM_EXTRAS picks the extras (default "test"; "" for
+# none, as the Docker image does); LDM_CONSTRAINTS another lock file ("" for none: pyproject's ranges).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -14,12 +16,19 @@ setup() {
     echo "[setup] creating $venv with $python_bin"
     "$python_bin" -m venv "$venv"
   fi
-  local stamp
-  stamp="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+  local stamp extras="${LDM_EXTRAS-test}" constraints="${LDM_CONSTRAINTS-constraints.txt}" target=.
+  local -a pin=()
+  [[ -z "$extras" ]] || target=".[$extras]"
+  if [[ -n "$constraints" ]]; then
+    [[ -f "$constraints" ]] || { echo "error: constraints file '$constraints' not found" >&2; exit 2; }
+    pin=(--constraint "$constraints")
+  fi
+  stamp="$( { cat pyproject.toml; [[ -z "$constraints" ]] || cat "$constraints"; echo "extras=$extras"; } \
+    | sha256sum | cut -d' ' -f1)"
   if [[ "$(cat "$venv/.installed" 2>/dev/null)" != "$stamp" ]]; then
     echo "[setup] installing the project and its dependencies (a few minutes the first time)"
     "$venv/bin/python" -m pip install --quiet --upgrade pip
-    "$venv/bin/python" -m pip install --quiet -e ".[test]"
+    "$venv/bin/python" -m pip install --quiet "${pin[@]}" -e "$target"
     echo "$stamp" > "$venv/.installed"
   fi
   if [[ "$cmd" == test && ! -x /usr/bin/chromium ]] && command -v apt-get >/dev/null && [[ $EUID -eq 0 ]]; then

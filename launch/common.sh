@@ -89,6 +89,8 @@ _ldm_child=""
 _ldm_signalled=0
 _ldm_usr1_depth=1
 _ldm_usr1_pidfile=""
+_ldm_usr1_command=()
+ldm_usr1_command=() # set by a launch script after sourcing this file (see ldm_supervise)
 
 _ldm_forward() {
   local sig="$1" pid target=""
@@ -98,6 +100,16 @@ _ldm_forward() {
     if [[ -n "$_ldm_usr1_pidfile" && -r "$_ldm_usr1_pidfile" ]] && read -r target <"$_ldm_usr1_pidfile" \
       && [[ "$target" =~ ^[1-9][0-9]*$ ]] && ldm_is_launcher "$target" && kill -s USR1 "$target" 2>/dev/null; then
       echo "[launch] SIGUSR1 sent to the node-0 launcher (pid $target)" >&2
+      return 0
+    fi
+    if [[ "${#_ldm_usr1_command[@]}" -gt 0 ]]; then
+      local status=0
+      "${_ldm_usr1_command[@]}" </dev/null >&2 || status=$?
+      if [[ "$status" == 0 ]]; then
+        echo "[launch] SIGUSR1 sent to the training processes through: ${_ldm_usr1_command[*]:0:3} ..." >&2
+      else
+        echo "[launch] error: sending SIGUSR1 through ${_ldm_usr1_command[0]} failed (exit $status)" >&2
+      fi
       return 0
     fi
     if [[ "$_ldm_usr1_depth" -gt 0 ]]; then
@@ -121,10 +133,13 @@ _ldm_forward() {
 #   children (data pipes, requeue command) are not signalled. DEPTH 0: USR1 goes to CMD itself (srun,
 #   which passes it on) unless the file named by the shell variable ldm_usr1_pidfile (not exported)
 #   holds the pid of a live process, which then gets it instead.
+#   With the array ldm_usr1_command set (not exported), USR1 runs that command instead (pdsh carrying
+#   the signal to other hosts), and the report says whether it succeeded.
 #   TERM, INT and HUP always go to CMD (torchrun, DeepSpeed and srun pass them on to their workers).
 ldm_supervise() {
   _ldm_usr1_depth="$1"
   _ldm_usr1_pidfile="${ldm_usr1_pidfile:-}"
+  _ldm_usr1_command=("${ldm_usr1_command[@]}")
   shift
   if [[ "$_ldm_usr1_depth" -gt 0 ]]; then
     trap '' USR1 # inherited by the child as "ignored"

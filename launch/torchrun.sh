@@ -3,13 +3,17 @@
 # node, each with its own --node-rank; node 0 must be the machine at --master-addr.
 #
 #   launch/torchrun.sh --nnodes N --node-rank R --master-addr ADDR --master-port PORT \
-#                      [--nproc-per-node K] [--dry-run] [--] [ldm-train args...]
+#                      [--nproc-per-node K] [--rdzv-id ID] [--log-dir DIR] [--dry-run] [--] [ldm-train args...]
 #   launch/torchrun.sh --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 --master-port 29500 \
 #                      --nproc-per-node 8 --config configs/ldm/emoji.yaml
 #
 # Single node: --nnodes 1 (the default; then --node-rank is 0 and the address 127.0.0.1:29500 unless
 # given). Global ranks on node R are R*K .. R*K+K-1; WORLD_SIZE = N*K. Arguments after the launcher
 # options (or after --) go to ldm.cli.train unchanged; hyper-parameters stay in the config.
+# --rdzv-id ID: c10d rendezvous at ADDR:PORT under that id (e.g. the SLURM job id) instead of the static
+# one: nodes may start in any order and the agents agree on the node ranks (RANKS then says so).
+# --log-dir DIR: every rank's stdout/stderr also go to files under DIR/node<R>/ (torchrun's --tee 3:
+# <run>/attempt_<k>/<local rank>/{stdout,stderr}.log), beside the console.
 # --dry-run prints MASTER_ADDR, MASTER_PORT, NNODES, NODE_RANK, NPROC_PER_NODE, WORLD_SIZE and the
 # exact command instead of running it. SIGUSR1 sent to this script (or to every process of a SLURM
 # step) reaches the training processes: they checkpoint, rank 0 runs $LDM_REQUEUE_CMD, all exit 0
@@ -24,13 +28,15 @@ node_rank=""
 master_addr=""
 master_port=""
 nproc=1
+rdzv_id=""
+log_dir=""
 dry_run=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --*=*)
       opt="${1%%=*}"
       case "$opt" in
-        --nnodes|--node-rank|--master-addr|--master-port|--nproc-per-node)
+        --nnodes|--node-rank|--master-addr|--master-port|--nproc-per-node|--rdzv-id|--log-dir)
           set -- "$opt" "${1#*=}" "${@:2}"; continue ;;
         *) break ;;
       esac ;;
@@ -39,6 +45,8 @@ while [[ $# -gt 0 ]]; do
     --master-addr) ldm_need_value "$@"; master_addr="$2"; shift 2 ;;
     --master-port) ldm_need_value "$@"; master_port="$2"; shift 2 ;;
     --nproc-per-node) ldm_need_value "$@"; nproc="$2"; shift 2 ;;
+    --rdzv-id) ldm_need_value "$@"; rdzv_id="$2"; shift 2 ;;
+    --log-dir) ldm_need_value "$@"; log_dir="$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) ldm_help "$0"; exit 0 ;;
     --) shift; break ;;
@@ -65,22 +73,33 @@ if [[ "$master_port" -gt 65535 ]]; then
   ldm_usage_error "--master-port must be at most 65535, got $master_port"
 fi
 [[ "$master_addr" =~ ^[^[:space:]]+$ ]] || ldm_usage_error "--master-addr must be a host name or address, got '$master_addr'"
+[[ -z "$rdzv_id" || "$rdzv_id" =~ ^[A-Za-z0-9._-]+$ ]] || ldm_usage_error "--rdzv-id must be letters, digits, . _ -; got '$rdzv_id'"
 
 world=$((nnodes * nproc))
 first=$((node_rank * nproc))
 python="$(ldm_python)"
-cmd=("$python" -m torch.distributed.run --nnodes "$nnodes" --node_rank "$node_rank"
-     --nproc_per_node "$nproc" --master_addr "$master_addr" --master_port "$master_port"
-     -m ldm.cli.train "$@")
+ranks="$first-$((first + nproc - 1))"
+if [[ -n "$rdzv_id" ]]; then
+  cmd=("$python" -m torch.distributed.run --nnodes "$nnodes" --nproc_per_node "$nproc" --rdzv_backend c10d
+       --rdzv_endpoint "$master_addr:$master_port" --rdzv_id "$rdzv_id")
+  ranks="$nproc of 0-$((world - 1)), assigned at the c10d rendezvous $rdzv_id"
+else
+  cmd=("$python" -m torch.distributed.run --nnodes "$nnodes" --node_rank "$node_rank"
+       --nproc_per_node "$nproc" --master_addr "$master_addr" --master_port "$master_port")
+fi
+[[ -z "$log_dir" ]] || cmd+=(--log_dir "$log_dir/node$node_rank" --tee 3)
+cmd+=(-m ldm.cli.train "$@")
 env_lines=("MASTER_ADDR=$master_addr" "MASTER_PORT=$master_port" "NNODES=$nnodes" "NODE_RANK=$node_rank"
-           "NPROC_PER_NODE=$nproc" "WORLD_SIZE=$world" "RANKS=$first-$((first + nproc - 1))")
+           "NPROC_PER_NODE=$nproc" "WORLD_SIZE=$world" "RANKS=$ranks")
+[[ -z "$log_dir" ]] || env_lines+=("LOG_DIR=$log_dir/node$node_rank")
 if [[ "$dry_run" == 1 ]]; then
   ldm_print_env "${env_lines[@]}"
   ldm_print_cmd "${cmd[@]}"
   exit 0
 fi
-echo "[launch] node $node_rank/$nnodes on ${HOSTNAME:-this host}: ranks $first-$((first + nproc - 1)) of $world," \
-     "rendezvous $master_addr:$master_port" >&2
+echo "[launch] node $node_rank/$nnodes on ${HOSTNAME:-this host}: ranks $ranks of $world," \
+     "rendezvous $master_addr:$master_port${log_dir:+, per-rank logs in $log_dir/node$node_rank}" >&2
+[[ -z "$log_dir" ]] || mkdir -p "$log_dir/node$node_rank"
 if [[ -n "${LDM_LAUNCH_PIDFILE:-}" && "$node_rank" == 0 ]]; then
   # slurm.sbatch's batch shell (on this node) sends SIGUSR1 here rather than to every process of the step
   if echo "$$" 2>/dev/null >"$LDM_LAUNCH_PIDFILE"; then

@@ -114,3 +114,63 @@ def test_documented_docker_commands_are_console_scripts():
     assert commands, "no `docker run ... IMAGE COMMAND` example"
     for command in commands:
         assert command in scripts, f"`docker run ... {tag.group(1)} {command}`: not a console script"
+
+
+# --- the image for clusters: caching, no test extras, InfiniBand, driver, shared memory, any user --------
+def run_steps() -> list[tuple[int, str]]:
+    return [(i, rest) for i, (word, rest) in enumerate(instructions()) if word == "RUN"]
+
+
+def test_dependencies_install_before_the_sources_are_copied():
+    """Editing a source file must not re-install torch: only the manifest and the lock precede the big install."""
+    first_source = min(i for i, sources in copies() if any(s.rstrip("/") in ("ldm", "autoencoder") for s in sources))
+    deps = [i for i, rest in run_steps() if "--constraint constraints.txt" in rest and "-r " in rest]
+    assert deps and deps[0] < first_source, "no dependency install from the lock before the sources are copied"
+    before = {s for i, sources in copies() if i < deps[0] for s in sources}
+    assert before == {"pyproject.toml", "constraints.txt"}, before
+
+
+def test_no_test_extras_in_the_image():
+    setup = instructions()[setup_index()][1]
+    assert re.search(r"(^|\s)LDM_EXTRAS=(\s|$)", setup), f"the set-up step installs the default (test) extras: {setup}"
+    assert not any("[test]" in rest for _, rest in run_steps())
+
+
+def test_infiniband_libraries_and_driver_note():
+    apt = " ".join(rest for _, rest in run_steps() if "apt-get install" in rest)
+    for package in ("libibverbs1", "librdmacm1", "ibverbs-providers"):
+        assert package in apt.split(), package
+    text = DOCKERFILE.read_text()
+    assert "driver is >= 580" in text and "ARG TORCH_INDEX_URL" in text
+    assert any("$TORCH_INDEX_URL" in rest and "--index-url" in rest for _, rest in run_steps())
+
+
+def test_every_gpu_docker_run_gets_shared_memory():
+    text = DOCKERFILE.read_text() + "\n" + (ROOT / "README.md").read_text()
+    runs = re.findall(r"docker run [^\n`]*", text)
+    assert runs
+    for line in runs:
+        assert "--ipc=host" in line or "--shm-size" in line, line
+
+
+def test_caches_and_outputs_writable_by_any_user():
+    env = " ".join(rest for word, rest in instructions() if word == "ENV")
+    caches = dict(re.findall(r"(HOME|LDM_CACHE|TORCH_EXTENSIONS_DIR|TORCHINDUCTOR_CACHE_DIR|TRITON_CACHE_DIR|"
+                             r"XDG_CACHE_HOME|MPLCONFIGDIR|npm_config_cache)=(\S+)", env))
+    assert {"HOME", "LDM_CACHE", "TORCH_EXTENSIONS_DIR", "TRITON_CACHE_DIR"} <= set(caches), caches
+    writable = [m for _, rest in run_steps() for m in re.findall(r"chmod -R a\+rwX ([^&]+)", rest)]
+    folders = [f.rstrip("/") for group in writable for f in group.split()]
+    for name, path in caches.items():
+        assert any(path == f or path.startswith(f + "/") for f in folders), f"{name}={path} is not made writable"
+    for out in ("/app/runs", "/app/data"):
+        assert out in folders
+
+
+def test_dockerignore_keeps_the_context_small_and_the_copied_paths():
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    for heavy in (".venv", ".git", "runs", "data", ".cache"):
+        assert heavy in patterns, heavy
+    for _, sources in copies():
+        for src in sources:
+            assert not any(fnmatch.fnmatch(src.rstrip("/"), p) for p in patterns), f"{src} is copied but ignored"

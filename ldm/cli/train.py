@@ -3,8 +3,9 @@
 Single process:   ldm-train --config configs/ldm/emoji.yaml train.max_steps=200
 N processes:      launch/local.sh -n N --config configs/ldm/emoji.yaml   (torchrun sets RANK etc.)
 Several nodes:    launch/torchrun.sh, launch/deepspeed_hostfile.sh, sbatch launch/slurm.sbatch
-Resumes automatically from <run.output_dir>/checkpoints/latest. On SIGUSR1 or SIGTERM it checkpoints at
-the next step, runs $LDM_REQUEUE_CMD (if set, e.g. `scontrol requeue $SLURM_JOB_ID`) and exits 0.
+Resumes automatically from <run.output_dir>/checkpoints/latest. On SIGUSR1 (SLURM's pre-emption warning) it
+checkpoints at the next step, runs $LDM_REQUEUE_CMD (if set, e.g. `scontrol requeue $SLURM_JOB_ID`) and exits 0
+(1 when that command fails); on SIGTERM (scancel) it checkpoints and exits 143 without requeueing.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: training diverged: {e}", file=sys.stderr)
             return 1
         if result["preempted"]:
-            print(f"pre-empted: checkpoint of step {result['step']} written; the next start resumes from it")
+            print(f"stopped by a signal: checkpoint of step {result['step']} written; the next start resumes from it")
+            return result["exit_code"]
         elif result.get("grid"):
             print(f"sample grid: {result['grid']}")
             print(f"exported model: {result['export']}")

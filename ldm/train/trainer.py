@@ -31,7 +31,7 @@ from ldm.train.export import export_trained
 from ldm.train.engine import build_engine, full_state, weights_finite
 from ldm.train.guards import NonFiniteGuard, TrainingDiverged, skip_micro_batch  # noqa: F401 - re-exported
 from ldm.train.position import DataPosition, batch_stream, batches_per_epoch
-from ldm.train.preemption import StopRequest, requeue
+from ldm.train.preemption import StopRequest, agreed_action, exit_code, run_requeue
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +70,14 @@ class Trainer:
     nonfinite_steps = property(lambda self: self.guard.nonfinite_steps)  # the guard's counters, read off the trainer
     rollbacks = property(lambda self: self.guard.rollbacks)
 
-    def _print(self, msg: str) -> None:
-        if self.dist.is_main:
+    def _print(self, msg: str | None) -> None:
+        if self.dist.is_main and msg:
             tqdm.write(msg)
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.step, self.run_id = state["step"], state.get("run_id") or self.run_id
         self.samples_seen = state.get("samples_seen", 0)
-        warning = self.position.restore(state, self.dist.world_size, self.cfg.data.batch_size)
-        if warning:
-            self._print(warning)
+        self._print(self.position.restore(state, self.dist.world_size, self.cfg.data.batch_size))  # layout warning
 
     def _batches(self) -> Iterator[dict]:
         """This rank's endless stream of micro-batches from the current data position on."""
@@ -172,14 +170,14 @@ class Trainer:
                 if self.step == 1:
                     self._print(f"step 1: loss {loss:.4f}")
                 window, tick = [], time.time()
-            if any_across_ranks(self.stop.signum is not None):
+            action = agreed_action(self.stop)  # "" | "requeue" (SIGUSR1) | "stop" (SIGTERM), the same on every rank
+            if action:
                 self.save_checkpoint()
                 bar.close()
-                self._print(f"signal received: checkpointed step {self.step}; exiting for requeue")
-                if self.dist.is_main:
-                    requeue()
+                self._print(f"{'pre-emption warning' if action == 'requeue' else 'stop'} signal: checkpointed {self.step}")
+                requeued = run_requeue() if action == "requeue" and self.dist.is_main else None
                 self.tracker.end("KILLED")
-                return self._result(losses, preempted=True)
+                return self._result(losses, preempted=True, exit_code=exit_code(action, requeued))
             if self.step % t.ckpt_every == 0 or self.step == last:
                 self.save_checkpoint()
             self._interval_hooks(last)
@@ -190,9 +188,10 @@ class Trainer:
         self.tracker.end()
         return self._result(losses, preempted=False, **final)
 
-    def _result(self, losses: dict, preempted: bool, grid=None, export=None, val=None, eval=None) -> dict[str, Any]:
-        return {"first_loss": losses["first"], "last_loss": losses["last"], "grid": grid, "export": export, "val": val,
-                "eval": eval, "run_id": self.tracker.run_id, "step": self.step, "preempted": preempted}
+    def _result(self, losses: dict, preempted: bool, exit_code: int = 0, **final) -> dict[str, Any]:
+        return {"first_loss": losses["first"], "last_loss": losses["last"], "grid": None, "export": None, "val": None,
+                "eval": None, **final, "run_id": self.tracker.run_id, "step": self.step, "preempted": preempted,
+                "exit_code": exit_code}
 
     def _log(self, window: list[float], elapsed: float, global_batch: int) -> float:
         t = self.cfg.train

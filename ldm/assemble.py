@@ -151,7 +151,7 @@ def check_inputs(cfg: LDMConfig, *, training: bool = True) -> None:
     spec = cfg.data.latents or cfg.data.train
     key = "data.latents" if cfg.data.latents else "data.train"
     try:
-        resolve_shards(spec, "train")
+        check_shards(resolve_shards(spec, "train"), key)
     except (ValueError, OSError) as e:
         raise ConfigError(f"{key}: {e}") from None
     if dataset_size(spec, "train") == 0:
@@ -165,6 +165,21 @@ def check_inputs(cfg: LDMConfig, *, training: bool = True) -> None:
             resolve_shards(cfg.data.val, "val")
         except (ValueError, OSError) as e:
             raise ConfigError(f"data.val: {e}") from None
+
+
+def check_shards(urls: list[str], key: str) -> None:
+    """Local shards are tar archives (their headers are read; remote ones are the stream's to check): none readable
+    is a ConfigError naming the key; some unreadable ones are reported once here and skipped by the stream."""
+    import logging
+    import tarfile
+
+    local = [u for u in urls if Path(u).is_file()]
+    bad = [u for u in local if not tarfile.is_tarfile(u)]
+    if local and len(bad) == len(local) == len(urls):
+        raise ConfigError(f"{key}: no readable shard: {len(bad)} file(s) are not tar archives, e.g. {bad[0]}")
+    if bad:
+        logging.getLogger(__name__).warning("%s: %d of %d shards are not tar archives and will be skipped, e.g. %s",
+                                            key, len(bad), len(urls), bad[0])
 
 
 def check_resume(cfg: LDMConfig) -> None:

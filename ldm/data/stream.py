@@ -81,21 +81,26 @@ def dataset_size(spec: str, split: str = "train", holdout: KeyHoldout | None = N
 
 
 def iter_keys(shards: Iterable[str]) -> Iterator[str]:
-    """Sample keys of local tar shards in stream order, from the tar headers alone (file contents are skipped)."""
+    """Sample keys of local tar shards in stream order, from the tar headers alone (file contents are skipped).
+
+    An unreadable or truncated shard gives the keys read before the damage (the stream skips and reports it)."""
     import tarfile
 
     for shard in shards:
         last, suffixes = None, set()
-        with tarfile.open(shard, mode="r:") as tar:
-            for member in tar:
-                base, ext = base_plus_ext(member.name) if member.isfile() else (None, None)
-                if base is None or (base.startswith("__") and "/" not in base):
-                    continue
-                if base != last or ext in suffixes:  # a new sample, as webdataset's group_by_keys starts one
-                    if last is not None:
-                        yield last
-                    last, suffixes = base, set()
-                suffixes.add(ext)
+        try:
+            with tarfile.open(shard, mode="r:") as tar:
+                for member in tar:
+                    base, ext = base_plus_ext(member.name) if member.isfile() else (None, None)
+                    if base is None or (base.startswith("__") and "/" not in base):
+                        continue
+                    if base != last or ext in suffixes:  # a new sample, as webdataset's group_by_keys starts one
+                        if last is not None:
+                            yield last
+                        last, suffixes = base, set()
+                    suffixes.add(ext)
+        except (tarfile.TarError, OSError):
+            last = None  # the damaged shard's last sample may be incomplete: not counted
         if last is not None:
             yield last
 

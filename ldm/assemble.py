@@ -317,4 +317,7 @@ def build_evaluator(cfg: LDMConfig, device: torch.device | str = "cpu", progress
                     classifier=e.classifier, classifier_label=e.classifier_label, bootstrap=e.bootstrap,
                     clip=e.clip, clip_model=e.clip_model, batch_size=e.batch_size, cache_dir=e.cache_dir)
     settings.update({k: v for k, v in overrides.items() if v is not None})
-    return Evaluator(**settings, device=device, progress=progress)
+    try:
+        return Evaluator(**settings, device=device, progress=progress)
+    except (ValueError, FileNotFoundError) as e:  # bad data or settings of the protocol: a config problem
+        raise ConfigError(f"eval: {e}") from None

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ldm.data.shards import INDEX_NAME, write_shards
+from ldm.data.shards import INDEX_NAME, check_cache_index, write_shards
 from ldm.data.stream import dataset_size, make_loader, resolve_shards
 from ldm.io import atomic_write_bytes
 
@@ -70,14 +70,5 @@ def encode_latent_shards(data: str, out_dir: str | Path, encode: Callable[[torch
 
 def check_latent_cache(spec: str, encoder_hash: str) -> dict:
     """The cache's latents section; ValueError naming both hashes when it was made by another encoder."""
-    path = Path(spec)
-    path = path / "index.json" if path.is_dir() else path
-    if not path.is_file():
-        raise ValueError(f"latent cache {spec}: no index.json")
-    info = json.loads(path.read_text()).get("latents")
-    if info is None:
-        raise ValueError(f"latent cache {spec}: index.json has no 'latents' section (not a latent cache)")
-    if info["encoder_hash"] != encoder_hash:
-        raise ValueError(f"latent cache {spec} was made by encoder {info['encoder_hash'][:12]}, but the configured "
-                         f"autoencoder is {encoder_hash[:12]}: re-encode it (ldm-shards latents)")
-    return info
+    return check_cache_index(spec, "latents", "encoder_hash", encoder_hash, "latent cache",
+                             "re-encode it (ldm-shards latents)")

@@ -24,6 +24,22 @@ from ldm.io import atomic_write_bytes
 INDEX_NAME = "index.json"
 
 
+def check_cache_index(spec: str, section: str, key: str, expected: str, kind: str, remedy: str) -> dict:
+    """The ``section`` of a cache's index.json; ValueError naming both fingerprints when ``section[key]`` is not
+    ``expected`` (the cache was made by another model), or when the folder is not such a cache at all."""
+    path = Path(spec)
+    path = path / INDEX_NAME if path.is_dir() else path
+    if not path.is_file():
+        raise ValueError(f"{kind} {spec}: no {INDEX_NAME}")
+    info = json.loads(path.read_text()).get(section)
+    if info is None:
+        raise ValueError(f"{kind} {spec}: {INDEX_NAME} has no {section!r} section (not a {kind})")
+    if info[key] != expected:
+        raise ValueError(f"{kind} {spec} was made by {info[key][:16]}, but the configured one is {expected[:16]}: "
+                         f"{remedy}")
+    return info
+
+
 def encode_png(image: Image.Image) -> bytes:
     """PNG bytes of a PIL image."""
     buf = io.BytesIO()

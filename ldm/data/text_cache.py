@@ -29,9 +29,9 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from ldm.data.shards import INDEX_NAME
+from ldm.data.shards import INDEX_NAME, check_cache_index
+from ldm.data.stream import SkipCounter, from_npy, open_shards, pick_caption, resolve_shards
 from ldm.io import atomic_write_bytes
-from ldm.data.stream import open_shards, SkipCounter, from_npy, pick_caption, resolve_shards
 
 NULL_NAME = "null_condition.safetensors"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -159,17 +159,8 @@ def _bool_npy(mask: torch.Tensor) -> bytes:
 
 def check_text_cache(spec: str, fingerprint: str) -> dict:
     """The cache's ``text`` section; ValueError naming both fingerprints when another encoder made it."""
-    path = Path(spec)
-    path = path / INDEX_NAME if path.is_dir() else path
-    if not path.is_file():
-        raise ValueError(f"text embedding cache {spec}: no index.json")
-    info = json.loads(path.read_text()).get("text")
-    if info is None:
-        raise ValueError(f"text embedding cache {spec}: index.json has no 'text' section (not a text cache)")
-    if info["fingerprint"] != fingerprint:
-        raise ValueError(f"text embedding cache {spec} was made by text encoder {info['fingerprint'][:16]}, but the "
-                         f"configured text encoder is {fingerprint[:16]}: re-encode the captions")
-    return info
+    return check_cache_index(spec, "text", "fingerprint", fingerprint, "text embedding cache",
+                             "re-encode the captions")
 
 
 def load_cached_null_condition(spec: str) -> dict[str, torch.Tensor]:

@@ -176,6 +176,10 @@ class TrainConfig:
     zero_stage: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     ema_decay: float = 0.999
+    # EDM2 power-function EMAs of these relative widths, e.g. [0.05, 0.10] (Karras et al. 2024, Sec. 3), tracked beside
+    # the EMA and snapshotted for post-hoc reconstruction (ldm-export --ema-sigma-rel); None or []: off
+    power_ema: list[float] | None = None
+    power_ema_snapshot_every: int | None = None  # optimizer steps between power EMA snapshots; None: train.ckpt_every
     ckpt_every: int = 500
     keep_last: int = 2
     log_every: int = 25
@@ -186,6 +190,33 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite steps before rolling back to the last checkpoint
     max_rollbacks: int = 2  # rollbacks before the run stops with an error
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config keys, merged last
+
+    def __post_init__(self) -> None:
+        if self.power_ema == []:  # one spelling of "off", so a resume does not see [] -> None as a change
+            self.power_ema = None
+
+    @property
+    def power_snapshot_every(self) -> int:
+        """Optimizer steps between power EMA snapshots (train.power_ema_snapshot_every, default train.ckpt_every)."""
+        return self.power_ema_snapshot_every or self.ckpt_every
+
+    def check(self) -> None:
+        widths = self.power_ema or []
+        # the widest power EMA: sigma_rel(gamma) = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3))) at its peak
+        # gamma = (sqrt(5) - 3) / 2 (ldm.train.power_ema.SIGMA_REL_MAX)
+        g = (5**0.5 - 3) / 2
+        widest = math.sqrt((g + 1) / ((g + 2) ** 2 * (g + 3)))
+        for s in widths:
+            if not (math.isfinite(s) and 0 < s <= widest):
+                raise ConfigError(f"train.power_ema: relative widths must be in (0, {widest:.4f}] (EDM2 tracks "
+                                  f"[0.05, 0.10]), got {s}")
+        if len(set(widths)) != len(widths):
+            raise ConfigError(f"train.power_ema: widths must differ, got {widths}")
+        every = self.power_ema_snapshot_every
+        if every is not None and not widths:
+            raise ConfigError("train.power_ema_snapshot_every: only with power EMAs (set train.power_ema)")
+        if every is not None and every < 1:
+            raise ConfigError(f"train.power_ema_snapshot_every: must be a positive number of steps, got {every}")
 
 
 @dataclass
@@ -280,6 +311,7 @@ class LDMConfig:
         self.text_encoder.check()
         self.diffusion.check()
         self.sampling.check()
+        self.train.check()
         if self.diffusion.zero_terminal_snr and self.diffusion.prediction in ("eps", "score"):
             raise ConfigError(f"diffusion.prediction: {self.diffusion.prediction!r} cannot be sampled from a "
                               "zero-terminal-SNR schedule (x0 is undefined at t = 1); use v or x0")
@@ -488,7 +520,8 @@ def save_config(cfg: Any, path: str | Path) -> None:
 MODEL_DEFINING = ("model", "text_encoder.kind", "text_encoder.max_length", "text_encoder.layer",
                   "text_encoder.model_name", "data.image_size", "diffusion.process", "diffusion.schedule",
                   "diffusion.num_timesteps", "diffusion.beta_start", "diffusion.beta_end", "diffusion.zero_terminal_snr",
-                  "diffusion.prediction", "diffusion.objective", "diffusion.precondition", "diffusion.sigma_data")
+                  "diffusion.prediction", "diffusion.objective", "diffusion.precondition", "diffusion.sigma_data",
+                  "train.power_ema")
 NOT_MODEL_DEFINING = ("model.gradient_checkpointing",)
 
 

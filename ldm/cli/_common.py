@@ -103,6 +103,36 @@ def check_guidance(value: float, flag: str = "--guidance") -> None:
         usage_error(f"{flag}: must be a finite number >= 0, got {value}")
 
 
+def add_guidance_options(parser: argparse.ArgumentParser) -> None:
+    """--guidance-rescale, --guidance-interval LO HI and --time-shift; each defaults to the model's config."""
+    parser.add_argument("--guidance-rescale", type=float, default=None, metavar="PHI",
+                        help="CFG rescale phi in [0, 1] (Lin et al. 2023; 0: plain CFG, they use 0.7; default: the "
+                             "model's sampling.guidance_rescale)")
+    parser.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                        help="guide only at noise levels LO < sigma <= HI, EDM's sigma = sigma_t / alpha_t, the "
+                             "conditional model elsewhere (Kynkaanniemi et al. 2024; HI may be inf; default: the "
+                             "model's sampling.guidance_interval, else everywhere)")
+    parser.add_argument("--time-shift", type=float, default=None, metavar="S",
+                        help="SD3's shift t' = s t / (1 + (s - 1) t) of the sampling grid (1: none; default: the "
+                             "model's sampling.time_shift, else diffusion.time_shift)")
+
+
+def check_guidance_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of ``add_guidance_options`` that were given, as pipeline keywords; a usage error naming the flag
+    for a value out of range (checked before any model loads)."""
+    rescale, interval, shift = args.guidance_rescale, args.guidance_interval, args.time_shift
+    if rescale is not None and not 0 <= rescale <= 1:  # also refuses nan
+        usage_error(f"--guidance-rescale: phi must be in [0, 1], got {rescale}")
+    if interval is not None and not (0 <= interval[0] < interval[1] and not math.isnan(interval[1])):
+        usage_error(f"--guidance-interval: expected LO HI with 0 <= LO < HI (EDM noise levels sigma / alpha), "
+                    f"got {interval[0]} {interval[1]}")
+    if shift is not None and not (math.isfinite(shift) and shift > 0):
+        usage_error(f"--time-shift: must be a positive number, got {shift}")
+    given = {"guidance_rescale": rescale, "guidance_interval": tuple(interval) if interval else None,
+             "time_shift": shift}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def resolve_model(model: str, tracking_uri: str | None) -> Path:
     """A local folder for --model: MLflow runs:/ and models:/ URIs are downloaded (and cached) first."""
     if not model.startswith(("runs:/", "models:/")):

@@ -23,7 +23,8 @@ import json
 from pathlib import Path
 
 from ldm.cli._common import (
-    check_guidance, check_output_folder, load_model, model_config, resolve_device, resolve_model, run_main, usage_error,
+    add_guidance_options, check_guidance, check_guidance_options, check_output_folder, load_model, model_config,
+    resolve_device, resolve_model, run_main, usage_error,
 )
 from ldm.sampling import SAMPLERS
 
@@ -43,6 +44,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), help="sampler (default: eval.sampler)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: eval.steps)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: eval.guidance)")
+    add_guidance_options(p)
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="sweep axis, repeatable: guidance=0,1,2,4,8 | sampler=ddim,heun_ode | steps=10,25,50; "
                         "axes not swept keep --guidance/--sampler/--steps")
@@ -76,6 +78,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         usage_error("--bootstrap must be >= 0")
     if args.guidance is not None:
         check_guidance(args.guidance)
+    args.guidance_options = check_guidance_options(args)
     if args.out is not None:
         check_output_folder(args.out)
     resolve_device(args.device)
@@ -118,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
 
         tracker = Tracker(tracking_uri(args.tracking_uri, cfg.tracking.uri), args.experiment or cfg.tracking.experiment,
                           f"eval-{cfg.run.name}", enabled=args.tracking)
-        settings = {"model": args.model, "data": data, "num_images": evaluator.num_images,
+        options = {**pipe.defaults, **args.guidance_options}  # the flags over the model's configured defaults
+        settings = {"model": args.model, "data": data, "num_images": evaluator.num_images, **options,
                     "reference_images": len(evaluator.reference), "seed": evaluator.seed,
                     "inception": str(evaluator.inception.path), "classifier": evaluator.classifier is not None,
                     "bootstrap": evaluator.bootstrap, "weights": "raw" if args.raw_weights else "ema"}
@@ -126,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         tracker.start(settings if sweep else {**settings, **points[0].params()}, tags={"ldm.eval": "true"})
         status = "FAILED"
         try:
-            rows = run_sweep(evaluator, pipe, points, tracker if sweep else None, args.out)
+            rows = run_sweep(evaluator, pipe, points, tracker if sweep else None, args.out, options=options)
             if not sweep:
                 tracker.log_metrics({k: v for k, v in rows[0].items() if k not in points[0].params()}, 0)
             print(format_table(rows))

@@ -6,9 +6,12 @@ Examples:
   ldm-sample --model runs:/<run_id>/export --prompt "red apple"      # the run's exported model
   ldm-sample --model runs/emoji-ldm/export --prompts-file prompts.txt --sampler dpmpp_2m --steps 20 \\
              --guidance 5 --negative-prompt "sad" --images-per-prompt 8 --out samples/
+  ldm-sample --model runs/emoji-ldm/export --prompt "red apple" --sampler edm_heun --spacing karras \\
+             --guidance 4 --guidance-rescale 0.7 --guidance-interval 0.3 5
 
 Image i uses seed (--seed + i), so any single image can be regenerated alone. Writes a grid (one row per
-prompt) and one PNG per image whose text metadata records prompt, seed, sampler, steps and guidance.
+prompt) and one PNG per image whose text metadata records prompt, seed, sampler, steps and the guidance settings
+(the model's configured guidance rescale, interval and time shift unless the flags set them).
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ import argparse
 import json
 from pathlib import Path
 
-from ldm.cli._common import check_guidance, check_output_folder, load_model, resolve_device, run_main, usage_error
+from ldm.cli._common import (
+    add_guidance_options, check_guidance, check_guidance_options, check_output_folder, load_model, resolve_device,
+    run_main, usage_error,
+)
 from ldm.sampling import SAMPLERS
 
 
@@ -37,8 +43,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50)")
     p.add_argument("--guidance", type=float, default=4.0,
                    help="classifier-free guidance scale: 0 unconditional, 1 conditional, >1 guided (default: 4)")
+    add_guidance_options(p)
     p.add_argument("--spacing", default=None,
-                   help="time grid: leading | trailing (discrete chains), uniform | logsnr (default: per sampler)")
+                   help="time grid: leading | trailing (discrete chains), uniform | logsnr | karras (EDM's rho = 7 "
+                        "sigma grid) (default: the process's or the sampler's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     p.add_argument("--images-per-prompt", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass")
@@ -56,6 +64,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if args.steps < 1 or args.images_per_prompt < 1 or args.batch_size < 1:
         usage_error("--steps, --images-per-prompt and --batch-size must be positive")
     check_guidance(args.guidance)
+    args.guidance_options = check_guidance_options(args)
     check_output_folder(args.out)
     resolve_device(args.device)
     if not args.model.startswith(("runs:/", "models:/")) and not Path(args.model).is_dir():
@@ -75,14 +84,17 @@ def main(argv: list[str] | None = None) -> int:
                                [(args.sampler, args.spacing, args.steps)])
         prompts = [p for p in args.prompt for _ in range(args.images_per_prompt)]
         seeds = [args.seed + i for i in range(len(prompts))]
+        options = {**pipe.defaults, **args.guidance_options}  # what this sampling uses: the flags over the model's
         images = pipe.generate(prompts, seeds, batch_size=args.batch_size, negative_prompt=args.negative_prompt,
-                               sampler=args.sampler, steps=args.steps, guidance=args.guidance, spacing=args.spacing)
+                               sampler=args.sampler, steps=args.steps, guidance=args.guidance, spacing=args.spacing,
+                               **options)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         for i, im in enumerate(to_pil(images)):
             info = PngInfo()
             meta = {"prompt": prompts[i], "negative_prompt": args.negative_prompt, "seed": seeds[i],
-                    "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance,
+                    "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance, **options,
+                    "spacing": args.spacing,
                     "model": args.model if ":/" in args.model else str(Path(args.model).resolve()),
                     "weights": "raw" if args.raw_weights else "ema"}
             for k, v in meta.items():

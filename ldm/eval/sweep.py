@@ -12,7 +12,7 @@ import itertools
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from tqdm import tqdm
@@ -113,18 +113,19 @@ def parse_sweep(specs: Sequence[str], sampler: str, steps: int, guidance: float)
 
 
 def run_sweep(evaluator, pipe, points: Sequence[SweepPoint], tracker=None, out: str | Path | None = None,
-              negative_prompt: str = "") -> list[dict]:
+              negative_prompt: str = "", options: Mapping[str, Any] | None = None) -> list[dict]:
     """Evaluate every point; each becomes a row {sampler, steps, guidance, nfe, metrics...}.
 
     With a tracker every point is logged as a finished nested run of the tracker's run; with ``out`` each point's
-    generated images are saved as ``grid_<point>.png``.
+    generated images are saved as ``grid_<point>.png``. ``options`` go to every point's sampling (e.g.
+    guidance_rescale, guidance_interval, time_shift).
     """
     from ldm.pipeline import make_grid
 
     rows = []
     for point in points:
         result = evaluator.evaluate(pipe, sampler=point.sampler, steps=point.steps, guidance=point.guidance,
-                                    negative_prompt=negative_prompt)
+                                    negative_prompt=negative_prompt, **(options or {}))
         tqdm.write(f"{point.name}: {result.summary()}")
         row = {**point.params(), **result.metrics}
         rows.append(row)

@@ -3,13 +3,20 @@
 Layout ``<root>/step00001000/`` (DeepSpeed files, ``ema_rank{r}.safetensors``, ``trainer_rank{r}.pt``) and
 ``<root>/latest``, a one-line pointer that is replaced atomically only after every rank has finished
 writing, so it never names an incomplete checkpoint. Only the last ``keep_last`` checkpoints are kept.
+With power EMAs (``train.power_ema``) a checkpoint also holds their running state and ``<root>/power_ema/step*/``
+their snapshots (kept, not pruned), both as ``power_ema_rank{r}.safetensors`` (this rank's ZeRO-3 partitions, or
+rank 0's full weights when every rank holds them) + ``power_ema.json`` (step, widths, exponents, full shapes),
+which rank 0 writes once every rank has written its file.
 This module is the only one that knows the layout: ``read_weights`` gives the full raw and EMA weights of any
-checkpoint (any ZeRO stage and world size) to exporters and loaders without a DeepSpeed engine.
+checkpoint (any ZeRO stage and world size) to exporters and loaders without a DeepSpeed engine, and
+``read_power_snapshots`` the power EMA snapshots a post-hoc reconstruction combines.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -18,9 +25,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from ldm.io import WeightsError, load_tensors, load_torch, save_tensors
+from ldm.io import WeightsError, atomic_write_bytes, load_tensors, load_torch, read_state_dict, save_tensors
 from ldm.train.distributed import barrier
 from ldm.train.ema import EMA, consolidate_partitions
+from ldm.train.power_ema import Snapshot, split_flat
+
+POWER_DIR = "power_ema"  # <root>/power_ema/step*/: the snapshots
+POWER_INFO = "power_ema.json"
 
 
 def tag_for(step: int) -> str:
@@ -53,9 +64,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _world() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
 class Checkpointer:
-    def __init__(self, root: str | Path, rank: int, keep_last: int = 2):
-        self.root, self.rank, self.keep_last = Path(root), rank, keep_last
+    def __init__(self, root: str | Path, rank: int, keep_last: int = 2, power_every: int | None = None):
+        """``power_every``: optimizer steps between power EMA snapshots (None: never; the last step always)."""
+        self.root, self.rank, self.keep_last, self.power_every = Path(root), rank, keep_last, power_every
 
     def latest(self) -> str | None:
         pointer = self.root / "latest"
@@ -74,6 +90,8 @@ class Checkpointer:
         save_tensors(ema.state_dict(), folder / f"ema_rank{self.rank}.safetensors")
         digest = param_digest(engine.module)
         torch.save({**trainer_state, "rng": rng_state(), "param_digest": digest}, folder / f"trainer_rank{self.rank}.pt")
+        if ema.power is not None:
+            self._save_power(folder, ema)
         self._check_ranks_agree(digest)
         barrier()
         if self.rank == 0:
@@ -83,6 +101,31 @@ class Checkpointer:
             self._prune()
         barrier()
         return folder
+
+    def save_power_snapshot(self, ema: EMA, step: int, last: int) -> Path | None:
+        """Collective: a snapshot of the power EMAs every ``power_every`` steps and at the ``last`` one (else None).
+
+        A step snapshotted before (by a run that resumed from an earlier checkpoint) is replaced whole."""
+        if ema.power is None or not (step == last or self.power_every and step % self.power_every == 0):
+            return None
+        folder = self.root / POWER_DIR / tag_for(step)
+        if self.rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+        barrier()
+        self._save_power(folder, ema)
+        return folder
+
+    def _save_power(self, folder: Path, ema: EMA) -> None:
+        """Collective: this rank's power EMA file (rank 0 alone when the weights are replicated), then the info."""
+        power, writers = ema.power, _world() if ema.partitioned else 1
+        if self.rank < writers:
+            save_tensors(power.flat_state(), folder / f"power_ema_rank{self.rank}.safetensors")
+        barrier()
+        if self.rank == 0:
+            info = {"step": power.step, "sigma_rels": power.sigma_rels, "gammas": power.gammas, "ranks": writers,
+                    "partitioned": ema.partitioned, "shapes": {n: list(s) for n, s in ema.shapes().items()}}
+            atomic_write_bytes(folder / POWER_INFO, json.dumps(info, indent=1).encode())
 
     @staticmethod
     def _check_ranks_agree(digest: str | None) -> None:
@@ -133,9 +176,35 @@ class Checkpointer:
         else:
             ema.load_full_state_dict(self._full_ema(folder, ema, old_world, old_stage))
             state = saved
+        self._load_power(folder, ema, int(state["step"]))
         set_rng_state(state.pop("rng"))
         state.pop("param_digest", None)
         return state
+
+    def _load_power(self, folder: Path, ema: EMA, step: int) -> None:
+        """Restore the power EMAs of a checkpoint (re-partitioned when its world size or ZeRO layout differs) and drop
+        the snapshots taken after it: the run goes on from here and writes its own."""
+        has = (folder / POWER_INFO).is_file()
+        if ema.power is None or not has:
+            if ema.power is not None or has:
+                raise RuntimeError(f"train.power_ema: checkpoint {folder} was written {'with' if has else 'without'} "
+                                   "power EMAs and this run is configured the other way; a power EMA averages from "
+                                   "step 1, so it cannot start or stop mid-run")
+            return
+        info, snapshots = _read_power(folder)
+        if info["sigma_rels"] != ema.power.sigma_rels:
+            raise RuntimeError(f"train.power_ema: checkpoint {folder} tracks {info['sigma_rels']}, this run "
+                               f"{ema.power.sigma_rels}")
+        if info["partitioned"] == ema.partitioned and info["ranks"] == (_world() if ema.partitioned else 1):
+            mine = split_flat(load_tensors(folder / f"power_ema_rank{self.rank if ema.partitioned else 0}.safetensors"))
+            emas = [mine[s] for s in info["sigma_rels"]]
+        else:  # another world size or ZeRO layout: consolidate, then keep this rank's part
+            emas = [ema.partition(dict(s.tensors())) for s in snapshots]
+        ema.power.load_state_dict({"step": step, "sigma_rels": info["sigma_rels"], "emas": emas})
+        if self.rank == 0:
+            for later in (self.root / POWER_DIR).glob("step*"):
+                if later.name > tag_for(step):
+                    shutil.rmtree(later, ignore_errors=True)
 
     def _load_universal(self, engine, folder: Path) -> None:
         """Load ZeRO-partitioned state written by another world size via DeepSpeed's universal checkpoint."""
@@ -208,3 +277,43 @@ def read_weights(root: str | Path, tag: str | None = None) -> tuple[dict, dict, 
     else:
         ema = ranks[0]
     return raw, ema, tag
+
+
+def _read_power(folder: Path) -> tuple[dict[str, Any], list[Snapshot]]:
+    """A folder's power EMA info and one lazily read, consolidated ``Snapshot`` per tracked width."""
+    try:
+        info = json.loads((folder / POWER_INFO).read_text())
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"{folder / POWER_INFO}: unreadable ({e})") from None
+
+    def load(sigma_rel: float) -> dict[str, torch.Tensor]:
+        prefix = f"{sigma_rel!r}/"
+        parts = []
+        for r in range(info["ranks"]):
+            flat = read_state_dict(folder / f"power_ema_rank{r}.safetensors", (prefix,))
+            parts.append({k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)})
+        if not info["partitioned"]:
+            return parts[0]
+        return {n: consolidate_partitions([p[n] for p in parts], torch.Size(shape)) for n, shape in info["shapes"].items()}
+
+    return info, [Snapshot(g, int(info["step"]), load=functools.partial(load, s))
+                  for s, g in zip(info["sigma_rels"], info["gammas"])]
+
+
+def read_power_snapshots(root: str | Path, tag: str | None = None) -> tuple[list[Snapshot], str]:
+    """(snapshots, tag): the power EMA snapshots of a run up to its checkpoint ``tag`` (default: latest), i.e. the
+    periodic ones taken before that step and the checkpoint's own power EMAs at it, each read (and its ZeRO-3
+    partitions consolidated) only when its tensors are asked for. Reads only."""
+    root = Path(root)
+    tag = tag or Checkpointer(root, rank=0).latest()
+    if tag is None or not (root / tag).is_dir():
+        raise FileNotFoundError(f"no checkpoint {tag or 'latest'} under {root}")
+    if not (root / tag / POWER_INFO).is_file():
+        raise FileNotFoundError(f"checkpoint {root / tag} has no power EMAs: the run was trained without "
+                                "train.power_ema")
+    info, current = _read_power(root / tag)
+    earlier = []
+    for folder in sorted((root / POWER_DIR).glob("step*")):
+        if (folder / POWER_INFO).is_file() and folder.name < tag:
+            earlier += _read_power(folder)[1]
+    return earlier + current, tag

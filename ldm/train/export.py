@@ -1,7 +1,8 @@
 """The exports a run produces: the folder written at the end of training, and one from any checkpoint.
 
 Both hand full state dicts to ``ldm.export.save_export``, which owns the folder's layout; reading a checkpoint is
-``checkpoint.read_weights``'s job, which owns theirs.
+``checkpoint.read_weights``'s job, which owns theirs. An export from a checkpoint may carry, as its EMA weights, the
+post-hoc reconstruction of a power EMA of any relative width from the run's snapshots (``posthoc_ema``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from ldm.assemble import Components, autoencoder_config, unet_kwargs
 from ldm.config import LDMConfig, load_config
 from ldm.export import check_target, save_export
 from ldm.io import load_tensors
-from ldm.train.checkpoint import read_weights
+from ldm.train.checkpoint import read_power_snapshots, read_weights
+from ldm.train.power_ema import fit_error, gamma_to_sigma_rel, posthoc_coefficients, reconstruct, sigma_rel_to_gamma
 
 
 def export_trained(parts: Components, out: Path, tracker, raw: dict, ema: dict, info: dict[str, Any]) -> str:
@@ -28,20 +30,43 @@ def export_trained(parts: Components, out: Path, tracker, raw: dict, ema: dict, 
     return str(folder)
 
 
-def export_checkpoint(run_dir: str | Path, out: str | Path | None = None, tag: str | None = None) -> Path:
+def posthoc_ema(root: str | Path, tag: str, sigma_rel: float) -> tuple[dict, dict[str, Any]]:
+    """(weights, record): the power EMA of relative width ``sigma_rel`` at checkpoint ``tag``'s step, reconstructed by
+    EDM2's least-squares solve from the snapshots up to it (Karras et al. 2024, Sec. 3.2); the record (for export.json)
+    names the width, its exponent, the snapshots used and how far their span misses the target profile."""
+    snapshots, tag = read_power_snapshots(root, tag)
+    step, gamma = int(tag.removeprefix("step")), sigma_rel_to_gamma(sigma_rel)
+    profiles = [(s.gamma, float(s.step)) for s in snapshots]
+    weights = reconstruct(snapshots, gamma=gamma, step=step)
+    x = posthoc_coefficients(profiles, gamma, step)
+    # the fit is not constrained to sum to 1: its miss scales the whole weights, so it is recorded beside the profile's
+    return weights, {"kind": "power", "sigma_rel": sigma_rel, "gamma": gamma, "step": step,
+                     "snapshots": len(snapshots), "snapshot_steps": sorted({s.step for s in snapshots}),
+                     "tracked_sigma_rels": sorted({round(gamma_to_sigma_rel(s.gamma), 6) for s in snapshots}),
+                     "profile_error": fit_error(profiles, gamma, step, x), "coefficient_sum": float(x.sum())}
+
+
+def export_checkpoint(run_dir: str | Path, out: str | Path | None = None, tag: str | None = None,
+                      ema_sigma_rel: float | None = None) -> Path:
     """Export a run's checkpoint (default: latest) to ``out`` (default: <run_dir>/export), from its files alone.
 
-    The target must be absent or a previous export; it is checked before anything is read.
+    With ``ema_sigma_rel`` the export's EMA weights are the post-hoc power EMA of that relative width
+    (``posthoc_ema``), recorded under "ema" in export.json. The target must be absent or a previous export; it is
+    checked before anything is read.
     """
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "export"
     check_target(out)
     cfg = load_config(LDMConfig, run_dir / "config.yaml")
     raw, ema, tag = read_weights(run_dir / "checkpoints", tag)
+    record: dict[str, Any] = {"kind": "ema", "decay": cfg.train.ema_decay}
+    if ema_sigma_rel is not None:
+        ema, record = posthoc_ema(run_dir / "checkpoints", tag, ema_sigma_rel)
     null = load_tensors(run_dir / "null_condition.safetensors")
     # the middle block always has cross-attention: its key projection reads the text width
     context_dim = int(next(v.shape[1] for k, v in ema.items() if k.endswith("attn2.to_k.weight")))
     latent_channels = int(autoencoder_config(cfg.autoencoder.path)["latent_channels"])
     return save_export(out, cfg, raw, ema, null, cfg.autoencoder.path,
                        unet_kwargs(cfg.model, latent_channels, context_dim),
-                       {"step": int(tag.removeprefix("step")), "source": str(run_dir.resolve()), "tag": tag})
+                       {"step": int(tag.removeprefix("step")), "source": str(run_dir.resolve()), "tag": tag,
+                        "ema": record})

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -71,32 +71,55 @@ def posthoc_coefficients(snapshots: Sequence[tuple[float, float]], gamma: float,
     return torch.linalg.lstsq(A, b, rcond=1e-12, driver="gelsd").solution[:, 0]
 
 
+def fit_error(snapshots: Sequence[tuple[float, float]], gamma: float, step: float, x: Tensor) -> float:
+    """|| p_target - sum_i x_i p_i || / || p_target || in L2[0, inf): how well the snapshots span the target profile
+    (0 for a profile that was snapshotted), from the same closed-form inner products."""
+    A = torch.tensor([[profile_inner(ga, ta, gb, tb) for gb, tb in snapshots] for ga, ta in snapshots],
+                     dtype=torch.float64)
+    b = torch.tensor([profile_inner(ga, ta, gamma, step) for ga, ta in snapshots], dtype=torch.float64)
+    c = profile_inner(gamma, step, gamma, step)
+    x = x.to(torch.float64)
+    return math.sqrt(max(float(x @ A @ x - 2 * x @ b + c), 0.0) / c)
+
+
 @dataclass
 class Snapshot:
-    """One saved power EMA: its exponent, the optimizer step it was taken at, and its weights by name."""
+    """One saved power EMA: its exponent, the optimizer step it was taken at, and its weights by name (in memory,
+    or read on demand by ``load`` for snapshots on disk, so a reconstruction holds one snapshot at a time)."""
 
     gamma: float
     step: int
-    weights: dict[str, Tensor]
+    weights: Mapping[str, Tensor] | None = None
+    load: Callable[[], Mapping[str, Tensor]] | None = None
+
+    def tensors(self) -> Mapping[str, Tensor]:
+        return self.weights if self.weights is not None else self.load()
 
 
 def reconstruct(snapshots: Sequence[Snapshot], sigma_rel: float | None = None, *, gamma: float | None = None,
                 step: int | None = None) -> dict[str, Tensor]:
     """The EMA of relative width ``sigma_rel`` (or exponent ``gamma``) at ``step`` (default: the latest snapshot's),
-    as sum_i x_i snapshot_i with the least-squares coefficients, in float64 arithmetic, returned in float32."""
+    as sum_i x_i snapshot_i with the least-squares coefficients of the snapshots taken up to ``step``, in float64
+    arithmetic, returned in float32. Snapshots are read one at a time."""
     if (sigma_rel is None) == (gamma is None):
         raise ValueError("give exactly one of sigma_rel and gamma")
     gamma = sigma_rel_to_gamma(sigma_rel) if gamma is None else gamma
     step = max(s.step for s in snapshots) if step is None else step
-    x = posthoc_coefficients([(s.gamma, float(s.step)) for s in snapshots], gamma, float(step))
-    names = snapshots[0].weights.keys()
-    out = {}
-    for name in names:
-        acc = torch.zeros_like(snapshots[0].weights[name], dtype=torch.float64)
-        for coef, snap in zip(x.tolist(), snapshots):
-            acc += coef * snap.weights[name].double()
-        out[name] = acc.float()
-    return out
+    used = [s for s in snapshots if s.step <= step]  # a later snapshot averages weights the target has not seen
+    if not used:
+        raise ValueError(f"no power EMA snapshot at or before step {step}")
+    x = posthoc_coefficients([(s.gamma, float(s.step)) for s in used], gamma, float(step))
+    acc: dict[str, Tensor] = {}
+    for coef, snap in zip(x.tolist(), used):
+        weights = snap.tensors()
+        if acc and weights.keys() != acc.keys():
+            raise KeyError(f"power EMA snapshot of step {snap.step} holds other tensors: "
+                           f"{sorted(set(weights) ^ set(acc))[:3]}")
+        for name, w in weights.items():
+            if name not in acc:
+                acc[name] = torch.zeros_like(w, dtype=torch.float64)
+            acc[name] += coef * w.double()
+    return {name: a.float() for name, a in acc.items()}
 
 
 class PowerEMA:
@@ -116,18 +139,28 @@ class PowerEMA:
         self.step = 0
 
     @torch.no_grad()
-    def update(self) -> None:
-        """Fold in the current tensors after one more optimizer step (the first update copies them)."""
-        self.step += 1
+    def update(self, tensors: Mapping[str, Tensor] | None = None, step: int | None = None) -> None:
+        """Fold in the weights after optimizer step ``step`` (default: one more than the last; the first copies them).
+
+        ``tensors``: the current values by name (default: the tensors given at construction)."""
+        self.step = self.step + 1 if step is None else int(step)
+        if self.step < 1:
+            raise ValueError(f"power EMA steps count from 1, got {self.step}")
+        tensors = self.sources if tensors is None else tensors
         for gamma, ema in zip(self.gammas, self.emas):
             beta = (1 - 1 / self.step) ** (gamma + 1)
             for name, e in ema.items():
-                e.lerp_(self.sources[name].float(), 1 - beta)
+                e.lerp_(tensors[name].float(), 1 - beta)
 
     def snapshots(self) -> list[Snapshot]:
         """Copies of every tracked EMA at the current step, to save with a checkpoint."""
         return [Snapshot(g, self.step, {n: e.clone() for n, e in ema.items()})
                 for g, ema in zip(self.gammas, self.emas)]
+
+    def flat_state(self) -> dict[str, Tensor]:
+        """Every tracked EMA in one flat dict, ``"<sigma_rel>/<name>"`` (the width as its repr, read back by
+        ``split_flat``): what a checkpoint or snapshot file holds."""
+        return {f"{s!r}/{n}": e for s, ema in zip(self.sigma_rels, self.emas) for n, e in ema.items()}
 
     def state_dict(self) -> dict:
         return {"step": self.step, "sigma_rels": list(self.sigma_rels),
@@ -144,3 +177,12 @@ class PowerEMA:
                     raise ValueError(f"power EMA {name}: shape {tuple(saved[name].shape)} != {tuple(e.shape)}")
                 e.copy_(saved[name])
         self.step = int(state["step"])
+
+
+def split_flat(flat: Mapping[str, Tensor]) -> dict[float, dict[str, Tensor]]:
+    """``PowerEMA.flat_state`` back to {sigma_rel: {name: tensor}}, widths in the order of the file."""
+    out: dict[float, dict[str, Tensor]] = {}
+    for key, t in flat.items():
+        width, _, name = key.partition("/")
+        out.setdefault(float(width), {})[name] = t
+    return out

@@ -1,8 +1,8 @@
 """The LDM training loop: where data, the assembled model parts, DeepSpeed and MLflow meet.
 
 Per step: images -> frozen autoencoder latents (x scale factor), captions -> frozen text-encoder tokens with
-conditioning dropout -> the objective on the UNet (a DeepSpeed engine: ZeRO, bf16, accumulation, clipping) -> EMA
-update; then the interval hooks: logging, checkpoints, held-out loss, sample grid, evaluation; the export at the end.
+conditioning dropout -> the objective on the UNet (a DeepSpeed engine: ZeRO, bf16, accumulation, clipping) -> EMAs
+(and power EMA snapshots); then the interval hooks: logging, checkpoints, held-out loss, grid, evaluation; export.
 Everything a run needs is assembled and checked in ``__init__``, before the first step.
 """
 
@@ -45,8 +45,8 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         self.parts = assemble(cfg, self.dist.device)
         self.engine = build_engine(self.parts.unet(), t, cfg.data.batch_size)
-        self.ema = EMA(self.engine.module, t.ema_decay)
-        self.checkpointer = Checkpointer(self.out / "checkpoints", self.dist.rank, t.keep_last)
+        self.ema = EMA(self.engine.module, t.ema_decay, t.power_ema)  # with EDM2's power EMAs when configured
+        self.checkpointer = Checkpointer(self.out / "checkpoints", self.dist.rank, t.keep_last, t.power_snapshot_every)
         self.position = DataPosition(batches_per_epoch(cfg.data, self.dist.world_size))
         self.guard = NonFiniteGuard(t.max_bad_steps, t.max_rollbacks)
         self.step, self.samples_seen, self.run_id = 0, 0, None
@@ -161,6 +161,7 @@ class Trainer:
                 bar.update(self.step)
                 continue
             self.ema.update(self.step)
+            self.checkpointer.save_power_snapshot(self.ema, self.step, last)  # when due (train.power_ema)
             bar.update(1)
             if (self.step % t.log_every == 0 or self.step in (1, last)) and window:
                 loss = self._log(window, time.time() - tick, global_batch)

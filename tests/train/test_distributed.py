@@ -1,9 +1,11 @@
 """DeepSpeed with two processes (gloo): ranks agree on the weights; kill -9 mid-epoch and resume reproduces the
 uninterrupted run bit for bit; 2 processes x micro-batch b train what 1 process x 2b trains, under ZeRO 0, 2 and 3;
-a 2-process ZeRO-3 checkpoint resumes on 1 process; ZeRO-3 partitions consolidate exactly."""
+a 2-process ZeRO-3 checkpoint resumes on 1 process (power EMAs re-partitioned); ZeRO-3 partitions (weights, EMA and
+power EMA snapshots) consolidate."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -84,7 +86,9 @@ def test_kill9_mid_epoch_and_resume_matches_uninterrupted(tmp_path, zero2_run, t
 
 # the same 6 optimizer steps of 2 accumulated micro-batches on one fixed sequence of global micro-batches of 4
 # (tests/train/equivalence_worker.py): rank r of W takes rows [r*b, (r+1)*b) of each
-FIXED = ("train.max_steps=6", "train.ckpt_every=3", "train.grad_accum=2", "train.log_every=100", "sampling.steps=2")
+# (+ power EMAs of two widths, snapshotted at steps 2, 4, 6)
+FIXED = ("train.max_steps=6", "train.ckpt_every=3", "train.grad_accum=2", "train.log_every=100", "sampling.steps=2",
+         "train.power_ema=[0.05, 0.1]", "train.power_ema_snapshot_every=2")
 
 
 def run_fixed(out, shards, autoencoder, nproc: int, *extra) -> str:
@@ -161,6 +165,43 @@ def test_two_process_zero3_checkpoint_resumes_on_one_process(tmp_path, fixed_run
     ref, resumed = final_weights(runs["z3x2"]), final_weights(run)
     for kind in ("unet", "unet_ema"):
         assert max_diff(ref[kind], resumed[kind]) < 1e-5, kind
+    # the power EMAs were consolidated and re-partitioned for 1 process; the snapshots after step 3 written again
+    from ldm.train.checkpoint import read_power_snapshots
+
+    info = json.loads((run / "checkpoints" / "power_ema" / "step00000004" / "power_ema.json").read_text())
+    assert info["ranks"] == 1 and info["partitioned"]
+    ref_snaps, got_snaps = (read_power_snapshots(r / "checkpoints")[0] for r in (runs["z3x2"], run))
+    assert [(s.step, s.gamma) for s in ref_snaps] == [(s.step, s.gamma) for s in got_snaps] and len(ref_snaps) == 6
+    for a, b in zip(ref_snaps, got_snaps):
+        assert max_diff(dict(a.tensors()), dict(b.tensors())) < 1e-5, (a.step, a.gamma)
+
+
+@pytest.mark.distributed
+def test_zero3_power_ema_snapshots_consolidate(fixed_runs):
+    """Each rank of the 2-process ZeRO-3 run wrote its flat partitions of the power EMAs; consolidated, they are the
+    power EMAs of the 1-process run on the same data (to the float32 rounding bound the weights meet above)."""
+    from ldm.train.checkpoint import read_power_snapshots
+
+    runs, _ = fixed_runs
+    folder = runs["z3x2"] / "checkpoints" / "power_ema" / "step00000004"
+    info = json.loads((folder / "power_ema.json").read_text())
+    assert info["ranks"] == 2 and info["partitioned"] and info["sigma_rels"] == [0.05, 0.1]
+    parts = [load_file(str(folder / f"power_ema_rank{r}.safetensors")) for r in (0, 1)]
+    for name, shape in info["shapes"].items():
+        key = f"0.05/{name}"
+        assert parts[0][key].dim() == 1 and parts[0][key].numel() == parts[1][key].numel()  # equal flat parts
+        assert 2 * parts[0][key].numel() >= torch.Size(shape).numel()
+    ref, sharded = (read_power_snapshots(runs[n] / "checkpoints")[0] for n in ("z0x1", "z3x2"))
+    assert [(s.step, s.gamma) for s in ref] == [(s.step, s.gamma) for s in sharded]
+    assert sorted({s.step for s in ref}) == [2, 4, 6]
+    at_step3 = torch.load(runs["z0x1"] / "checkpoints" / "step00000003" / "mp_rank_00_model_states.pt",
+                          weights_only=False)["module"]
+    moved = norm({k: final_weights(runs["z0x1"])["unet"][k] - at_step3[k].float() for k in at_step3})
+    for a, b in zip(ref, sharded):
+        a, b = dict(a.tensors()), dict(b.tensors())
+        assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+        gap = norm({k: a[k] - b[k] for k in a})
+        assert gap < 1e-2 * moved and max_diff(a, b) < 2e-4, (gap, moved)
 
 
 @pytest.mark.distributed

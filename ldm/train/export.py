@@ -22,7 +22,8 @@ def export_trained(parts: Components, out: Path, tracker, raw: dict, ema: dict, 
     """Rank 0 at the end of training: write <output_dir>/export, log it and register a model version."""
     cfg: LDMConfig = parts.cfg
     folder = save_export(out / "export", cfg, raw, ema, parts.null_cond, cfg.autoencoder.path,
-                         unet_kwargs(cfg.model, parts.latent_shape[0], parts.context_dim), info)
+                         unet_kwargs(cfg.model, parts.latent_shape[0], parts.context_dim),
+                         {"ema": {"kind": "ema", "decay": cfg.train.ema_decay}, **info})
     tracker.log_artifact(folder, "export")
     version = tracker.register_model(cfg.run.name, "export")
     if version:

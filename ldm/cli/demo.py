@@ -27,7 +27,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
-        from ldm.assemble import check_inputs
         from ldm.data.shards import build_emoji_shards
         from ldm.eval import summary as eval_summary
         from ldm.train import Trainer
@@ -57,7 +56,6 @@ def main(argv: list[str] | None = None) -> int:
         if stage1 is not None:
             print(f"      stage 1: {stage1_summary(stage1)}")
             print(f"      reconstructions (held-out above, decoded below): {Path(stage1['grid']).resolve()}")
-        check_inputs(ldm_cfg)
         print(f"[3/3] training the text-conditioned LDM under DeepSpeed -> {ldm_cfg.run.output_dir}")
         trainer = Trainer(ldm_cfg)
         result = trainer.train()

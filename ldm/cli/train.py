@@ -28,9 +28,6 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_or_exit(LDMConfig, args)
 
     def body() -> int:
-        from ldm.assemble import check_inputs
-
-        check_inputs(cfg)  # paths, shards and sizes: a ConfigError here exits 2 before DeepSpeed starts
         from ldm.train.trainer import Trainer, TrainingDiverged
 
         try:

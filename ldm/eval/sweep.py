@@ -146,11 +146,11 @@ def cell(row: dict, column: str) -> str:
     value = row.get(column, "")
     if not isinstance(value, float):
         return str(value)
-    scale, digits = (1e3, 2) if column.startswith("kid") else (100.0, 1) if column.startswith("class") else (1.0, 2)
-    text = f"{value * scale:.{digits}f}"
+    scale = 1e3 if column.startswith("kid") else 100.0 if column.startswith("class") else 1.0
+    text = f"{value * scale:.4g}"
     lo, hi = row.get(f"{column}_lo"), row.get(f"{column}_hi")
     if lo is not None and hi is not None and math.isfinite(lo):
-        text += f" [{lo * scale:.{digits}f}, {hi * scale:.{digits}f}]"
+        text += f" [{lo * scale:.4g}, {hi * scale:.4g}]"
     return text
 
 

@@ -63,8 +63,7 @@ def build_engine(unet: torch.nn.Module, cfg: TrainConfig, micro_batch: int, devi
     fast-path settings of ``cfg``: TF32 (fp32 runs on CUDA), channels-last, torch.compile."""
     import deepspeed
 
-    if torch.device(device).type == "cuda" and cfg.precision == "fp32" and cfg.tf32:
-        use_tf32()  # once per process, before the first matmul
+    tf32_for(cfg, device)
     if cfg.channels_last:
         use_channels_last(unet)
     engine, *_ = deepspeed.initialize(
@@ -76,13 +75,22 @@ def build_engine(unet: torch.nn.Module, cfg: TrainConfig, micro_batch: int, devi
     return engine
 
 
-def use_channels_last(module: torch.nn.Module) -> None:
-    """Channels-last (NHWC) weights and 4-D inputs for ``module``, its output back in the default layout.
+def tf32_for(cfg: TrainConfig, device: torch.device | str) -> bool:
+    """Turn TF32 on (once per process, before the first matmul) when the run is fp32 on CUDA and ``train.tf32``; bf16
+    and fp16 runs have no fp32 matmuls worth it. Returns whether it was turned on."""
+    on = torch.device(device).type == "cuda" and cfg.precision == "fp32" and cfg.tf32
+    if on:
+        use_tf32()
+    return on
 
-    Under ZeRO or bf16, DeepSpeed moves the weights into flat buffers (default layout again); the channels-last
-    inputs still make cuDNN run every convolution channels-last (it follows the input's layout or the weight's).
+
+def use_channels_last(module: torch.nn.Module) -> None:
+    """Channels-last (NHWC) 4-D inputs for ``module``, its output back in the default layout.
+
+    Only the activations: DeepSpeed keeps weights in the default layout (it broadcasts each parameter as bytes at
+    start, and ZeRO and bf16 move them into flat buffers). A convolution follows its input's layout when either
+    input or weight is channels-last (cuDNN, oneDNN), so the activations stay NHWC through the network.
     """
-    module.to(memory_format=torch.channels_last)
     module.register_forward_pre_hook(_channels_last_inputs)
     module.register_forward_hook(lambda m, args, out: out.contiguous() if isinstance(out, torch.Tensor) else out)
 

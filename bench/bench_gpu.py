@@ -1,5 +1,5 @@
 """Benchmark the GPU path: the SD-1.5-shaped UNet's train step, ours against diffusers' UNet2DConditionModel,
-eager and compiled, and the whole trainer's images/s from cached latents.
+eager and compiled (and ours with channels-last activations), and the whole trainer's images/s from cached latents.
 
 Train step = forward + MSE loss + backward + fused AdamW, under bf16 autocast with fp32 weights (AMP), at
 256 px (32x32x4 latents) and 512 px (64x64x4), 77 tokens of 768-d context with padding masked. The batch
@@ -98,6 +98,11 @@ def ours_forward(model, inp):
     return model(inp["x"], inp["t"], inp["context"], inp["mask"])
 
 
+def channels_last_forward(model, inp):
+    """What train.channels_last does: NHWC activations (weights stay NCHW, as DeepSpeed keeps them)."""
+    return ours_forward(model, {**inp, "x": inp["x"].contiguous(memory_format=torch.channels_last)})
+
+
 def diffusers_forward(model, inp):
     return model(inp["x"], inp["t"], inp["context"], encoder_attention_mask=inp["mask"]).sample
 
@@ -160,11 +165,14 @@ class UNetBench:
                                              if self.device == "cuda" else 4)
         return self.batches[size]
 
-    def run(self, name: str, size: int, compiled: bool) -> dict[str, Any]:
+    def run(self, name: str, size: int, compiled: bool, channels_last: bool = False) -> dict[str, Any]:
         batch, args = self.batch(size), self.args
         inp = make_inputs(batch, size, args.tokens, self.dim, self.device)
         flops = step_flops(self.eager["ours"], inp)  # the same arithmetic for both models, eager or compiled
         step, compile_s = self.eager[name], 0.0
+        if channels_last:
+            step = Step(step.model, channels_last_forward, self.device, step.amp)
+            step.opt = self.eager[name].opt
         if compiled:
             start = time.perf_counter()
             step = Step(step.model, torch.compile(step.forward), self.device, step.amp)
@@ -174,21 +182,24 @@ class UNetBench:
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         med = statistics.median(step.time(inp, args.warmup, args.steps))
-        return {"part": label(name, size, compiled), "model": name, "compiled": compiled, "latent": size,
+        return {"part": label(name, size, compiled, channels_last), "model": name, "compiled": compiled,
+                "channels_last": channels_last, "latent": size,
                 "batch": batch, "step_s": med, "img_per_s": batch / med, "tflops": flops / med / 1e12,
                 "mfu": flops / med / self.peak, "compile_s": compile_s,
                 "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if self.device == "cuda" else None}
 
 
-def label(name: str, size: int, compiled: bool) -> str:
-    return f"{name} {'compiled' if compiled else 'eager'} {size * 8}px"
+def label(name: str, size: int, compiled: bool, channels_last: bool = False) -> str:
+    return f"{name} {'compiled' if compiled else 'eager'}{' channels-last' if channels_last else ''} {size * 8}px"
 
 
 def plan(sizes: list[int], compile_sizes: list[int]) -> list[tuple]:
-    """Parts in order of priority: eager at the first size, the trainer, compiled there, then the rest."""
+    """Parts in order of priority: eager at the first size, the trainer, compiled there, ours eager with channels-last
+    activations (does train.channels_last win?), then the rest."""
     first, rest = sizes[0], sizes[1:]
     parts: list[tuple] = [("unet", m, first, False) for m in ("ours", "diffusers")] + [("trainer",)]
     parts += [("unet", m, first, True) for m in ("ours", "diffusers") if first in compile_sizes]
+    parts += [("unet", "ours", first, False, True)]
     for size in rest:
         parts += [("unet", m, size, False) for m in ("ours", "diffusers")]
         parts += [("unet", m, size, True) for m in ("ours", "diffusers") if size in compile_sizes]
@@ -211,7 +222,8 @@ def trainer_images_per_s(args, device: str, tiny: bool, batch: int, work: Path) 
                                    f"data.batch_size={batch}", f"model.preset={'tiny' if tiny else 'sd15'}",
                                    f"run.device={device}", "train.zero_stage=2", f"train.max_steps={last + 1000}",
                                    "train.ckpt_every=1000000", "train.log_every=1000000",
-                                   f"train.precision={'fp32' if tiny else 'bf16'}", "text_encoder.max_length=77")
+                                   f"train.precision={'fp32' if tiny else 'bf16'}", "text_encoder.max_length=77",
+                                   *args.trainer_set)
     cmd = [sys.executable, "-m", "ldm.cli.train", "--config", str(ROOT / "configs/ldm/emoji.yaml"), *overrides]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     seen: dict[int, float] = {}
@@ -249,6 +261,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; tiny 1)")
     parser.add_argument("--trainer-steps", type=int, default=40, help="last trainer step timed (from step 5)")
     parser.add_argument("--no-trainer", action="store_true")
+    parser.add_argument("--trainer-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for the trainer part, e.g. train.compile=model (repeatable)")
     parser.add_argument("--budget-s", type=float, default=330.0, help="skip the remaining parts after this")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
@@ -261,8 +275,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if tiny:
         args.tokens = min(args.tokens, 8)
     if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        from ldm.precision import use_tf32
+
+        use_tf32()  # the fp32 parts of AMP (the optimizer, the loss) as an fp32 training run has them
     start = time.perf_counter()
     budget = lambda: time.perf_counter() - start < args.budget_s  # noqa: E731
 
@@ -289,12 +304,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 if "error" not in result["trainer"] or attempt < 2:
                     break
             continue
-        _, model, size, compiled = part
+        _, model, size, compiled, *layout = part
         if not budget():
-            result["rows"].append({"part": label(model, size, compiled), "skipped": "time budget spent"})
+            result["rows"].append({"part": label(model, size, compiled, *layout), "skipped": "time budget spent"})
             continue
-        result["rows"].append(unets.run(model, size, compiled))
-    eager = {r["model"]: r for r in result["rows"] if r.get("latent") == args.sizes[0] and r.get("compiled") is False}
+        result["rows"].append(unets.run(model, size, compiled, *layout))
+    eager = {r["model"]: r for r in result["rows"] if r.get("latent") == args.sizes[0] and r.get("compiled") is False
+             and not r.get("channels_last")}
     if {"ours", "diffusers"} <= set(eager):
         result["speedup_vs_diffusers"] = eager["diffusers"]["step_s"] / eager["ours"]["step_s"]
     result["wall_s"] = time.perf_counter() - start
@@ -309,12 +325,12 @@ def report(result: dict[str, Any]) -> str:
              f"peak {result['peak_tflops']:.1f} TFLOP/s ({result['peak_kind']}){' [tiny dry run]' if result['tiny'] else ''}"]
     for r in result["rows"] + ([result["trainer"]] if "trainer" in result else []):
         if "step_s" not in r:
-            lines.append(f"  {r['part']:<28} {r.get('skipped') or r.get('error')}")
+            lines.append(f"  {r['part']:<32} {r.get('skipped') or r.get('error')}")
             continue
         extra = (f"{r['tflops']:7.1f} TFLOP/s  MFU {100 * r['mfu']:5.1f} %" if "tflops" in r else f"{r['steps']} steps")
         if r.get("compile_s"):
             extra += f"  (compile {r['compile_s']:.0f} s)"
-        lines.append(f"  {r['part']:<28} batch {r['batch']:>4}  {1e3 * r['step_s']:8.1f} ms/step  "
+        lines.append(f"  {r['part']:<32} batch {r['batch']:>4}  {1e3 * r['step_s']:8.1f} ms/step  "
                      f"{r['img_per_s']:8.1f} img/s  {extra}")
     if "speedup_vs_diffusers" in result:
         lines.append(f"  ours vs diffusers (eager, first size): {result['speedup_vs_diffusers']:.2f}x "

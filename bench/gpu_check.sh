@@ -94,11 +94,11 @@ fi
 "$python" -m pip check 2>&1 | head -20 | fenced || true
 
 section "GPU tests (pytest -m gpu tests/gpu)"
-step gpu_tests 200 "$python" -m pytest -q -m gpu tests/gpu -p no:cacheprovider -rs --durations=10
+step gpu_tests 240 "$python" -m pytest -q -m gpu tests/gpu -p no:cacheprovider -rs --durations=10
 tail -n 25 "$out/gpu_tests.log" | fenced
 
 section "Benchmark (bench/bench_gpu.py)"
-step bench 255 "$python" -m bench.bench_gpu --budget-s 200 --json "$out/bench_gpu.json"
+step bench 235 "$python" -m bench.bench_gpu --budget-s 180 --json "$out/bench_gpu.json"
 { grep -v -E '(it/s|s/it)\]|^\s*$' "$out/bench.log" | tail -n 20; } | fenced
 
 section "Summary"

@@ -27,6 +27,7 @@ from ldm.diffusion import (
     VESDE, VPSDE, DiscreteVE, DiscreteVP, EDMPrecond, FlowMatching, GaussianProcess, Objective, SubVPSDE, TimeSampling,
     make_betas, make_objective,
 )
+from ldm.precision import autocast_frozen, frozen_dtype
 
 AUTOENCODER_CONFIG = "config.json"
 
@@ -279,8 +280,10 @@ def assemble(cfg: LDMConfig, device: torch.device | str = "cpu", *, autoencoder_
     from ldm.conditioning.cache import CachedTextEncoder
 
     device = torch.device(device)
-    autoencoder = load_pretrained(autoencoder_path or cfg.autoencoder.path, device=device)
-    text_encoder = CachedTextEncoder(build_text_encoder(cfg.text_encoder, device))
+    frozen = frozen_dtype(cfg.train.frozen_dtype, device)  # autocast of the frozen parts (auto: bf16 on CUDA)
+    autoencoder = autocast_frozen(load_pretrained(autoencoder_path or cfg.autoencoder.path, device=device), frozen,
+                                  ("encode", "decode"))
+    text_encoder = CachedTextEncoder(autocast_frozen(build_text_encoder(cfg.text_encoder, device), frozen))
     null = null_cond if null_cond is not None else null_condition(text_encoder.encoder)
     null = {k: v.to(device) for k, v in null.items()}
     process = build_process(cfg.diffusion)

@@ -35,6 +35,9 @@ class DataConfig:
     image_size: int = 32
     batch_size: int = 32  # micro-batch per process
     num_workers: int = 0
+    pin_memory: bool = True  # on CUDA: batches in page-locked memory, copied to the GPU without waiting
+    prefetch_factor: int = 2  # batches each loader worker prepares ahead (num_workers > 0)
+    persistent_workers: bool = True  # loader workers live across epochs (num_workers > 0)
     shuffle_buffer: int = 1000
     batches_per_epoch: int | None = None  # per process; None: train split size / (batch_size x processes)
     caption: Literal["label", "label_tags"] = "label"
@@ -183,6 +186,13 @@ class TrainConfig:
     val_samples: int = 512  # held-out samples the loss is computed on (at most the val split)
     max_bad_steps: int = 5  # consecutive non-finite steps before rolling back to the last checkpoint
     max_rollbacks: int = 2  # rollbacks before the run stops with an error
+    # the fast CUDA path (README "The GPU path"): frozen autoencoder + text encoder under autocast (auto: bf16 on
+    # CUDA, fp32 elsewhere), TF32 for fp32 runs on CUDA, channels-last activations, torch.compile of the UNet
+    frozen_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    tf32: bool = True
+    channels_last: bool = False  # off by default: GroupNorm on channels-last is slower on CPU; unmeasured on GPU
+    compile: Literal["off", "model", "regional"] = "off"  # the whole UNet, or each ResNet/transformer block
+    compile_options: dict[str, Any] = field(default_factory=dict)  # torch.compile keywords: backend, mode, dynamic...
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config keys, merged last
 
     def __post_init__(self) -> None:
@@ -288,7 +298,7 @@ class LDMConfig:
         _positive(self, "data.batch_size", "data.image_size", "train.max_steps", "train.grad_accum", "train.lr",
                   "train.ckpt_every", "train.log_every", "train.val_bands", "train.val_samples",
                   "text_encoder.max_length", "diffusion.num_timesteps", "sampling.steps", "sampling.images_per_prompt",
-                  "eval.steps", "eval.batch_size")
+                  "eval.steps", "eval.batch_size", "data.prefetch_factor")
         _non_negative(self, "train.warmup_steps", "train.val_every", "train.sample_every", "train.weight_decay",
                       "train.grad_clip", "eval.every", "eval.bootstrap", "data.num_workers", "data.shuffle_buffer",
                       "sampling.guidance", "eval.guidance")

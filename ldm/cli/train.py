@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: training diverged: {e}", file=sys.stderr)
             return 1
         if result["preempted"]:
-            print(f"stopped by a signal: checkpoint of step {result['step']} written; the next start resumes from it")
+            print(f"pre-empted: checkpoint of step {result['step']} written; the next start resumes from it")
             return result["exit_code"]
         elif result.get("grid"):
             print(f"sample grid: {result['grid']}")

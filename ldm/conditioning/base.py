@@ -17,7 +17,7 @@ import logging
 import torch
 from torch import nn
 
-from ldm.diffusion.rng import rand
+from ldm.diffusion.rng import rand, to_device
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -99,7 +99,7 @@ def conditioning_dropout(cond: Cond, null: Cond, p: float, generator=None) -> Co
     if p <= 0:
         return cond
     B = cond["context"].shape[0]
-    drop = (rand(B, generator) < p).to(cond["context"].device)  # (B,)
+    drop = to_device(rand(B, generator) < p, cond["context"].device)  # (B,)
     out = {}
     for key, value in cond.items():
         if key not in null:

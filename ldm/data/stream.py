@@ -19,7 +19,6 @@ import glob
 import io
 import itertools
 import json
-import logging
 import random
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -32,9 +31,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
+from ldm.data.skips import NoUsableData, SkipCounter, open_shards  # noqa: F401 - re-exported
 from ldm.data.split import SPLITS, KeyHoldout
-
-log = logging.getLogger(__name__)
 
 CAPTION_MODES = ("label", "label_tags")
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
@@ -210,79 +208,6 @@ def pick_caption(sample: dict, mode: str) -> str:
     return label
 
 
-class NoUsableData(RuntimeError):
-    """Every shard of a stream failed to read: there is nothing to train on (one line, naming a shard and why)."""
-
-
-class SkipCounter:
-    """Counts bad samples and unreadable shards skipped by this worker; each bad shard is logged and counted once,
-    however often a resampled stream comes back to it."""
-
-    def __init__(self, max_empty_shards: int, shards: int | None = None) -> None:
-        self.count = 0
-        self.url, self.opened, self.counted_shard = None, 0, 0  # the current shard, its number, the last bad one
-        self.empty_shards = 0  # shards opened in a row without a single sample coming out
-        self.max_empty_shards = max_empty_shards
-        self.shards = shards  # distinct shards of the stream, when known
-        self.bad: dict[str, str] = {}  # unreadable shard -> why (the first error)
-
-    def skip(self, what: str, exn: Exception) -> bool:
-        """Log and count one bad sample or unreadable shard; returns True so WebDataset continues."""
-        self.count += 1
-        log.warning("skipping bad %s (%d skipped so far): %s", what, self.count, exn)
-        return True
-
-    def handler(self, exn: Exception) -> bool:
-        """Handler for shard-level errors (unreadable URL, failed pipe, truncated tar): a shard counts once."""
-        if self.counted_shard == self.opened or self.url in self.bad:  # e.g. a truncated tar raises twice, or again
-            return True
-        self.counted_shard = self.opened
-        self.bad[self.url] = str(exn).splitlines()[0] if str(exn) else type(exn).__name__
-        return self.skip(f"shard {self.url}", exn)
-
-    def opening(self, url: str) -> None:
-        """Called per shard; stops a stream whose shards are all unreadable, or that yields no sample for long."""
-        if self.shards is not None and len(self.bad) >= self.shards:
-            first, why = next(iter(self.bad.items()))
-            raise NoUsableData(f"no sample can be read: all {self.shards} shard(s) are unreadable, "
-                               f"e.g. {first}: {why}")
-        self.url, self.opened = url, self.opened + 1
-        self.empty_shards += 1
-        if self.empty_shards > self.max_empty_shards:
-            raise NoUsableData(f"no sample can be read: {self.empty_shards - 1} shards in a row gave no sample "
-                               f"(last {url}); check the shard URLs")
-
-    def got_samples(self, samples: Iterable[dict]) -> Iterator[dict]:
-        """Pass samples through, noting that the current shard is readable."""
-        for sample in samples:
-            self.empty_shards = 0
-            yield sample
-
-
-def open_shards(shards: Iterable[dict], skips: SkipCounter) -> Iterator[dict]:
-    """Open each shard URL (file, `pipe:`, http...) and close it once read (webdataset's opener never closes)."""
-    for shard in shards:
-        url = shard["url"]
-        skips.opening(url)
-        try:
-            stream = wds.gopen(url, "rb")
-        except Exception as exn:
-            skips.handler(exn)
-            continue
-        try:
-            yield {"url": url, "stream": stream}
-        except GeneratorExit:  # the consumer stopped early: a pipe's SIGPIPE exit is no error
-            try:
-                stream.close()
-            except Exception:
-                pass
-            raise
-        try:
-            stream.close()  # for `pipe:` this also checks the command's exit status
-        except Exception as exn:
-            skips.handler(exn)
-
-
 class ShardStream(IterableDataset):
     """Iterable of batches for one rank; each DataLoader worker streams its own part of the shards."""
 
@@ -299,10 +224,10 @@ class ShardStream(IterableDataset):
         self.skips = SkipCounter(max_empty_shards=max(50, 3 * len(self.urls)), shards=len(set(self.urls)))
         self.worker = 0
 
-    def _shards(self, worker: int, num_workers: int, rng: random.Random) -> Iterator[dict]:
+    def _shards(self, worker: int, num_workers: int, rng: random.Random, epoch: int) -> Iterator[dict]:
         """Shard URLs for this rank and worker: a shuffled split, or an endless resample."""
         order = list(self.urls)
-        random.Random(f"shards:{self.seed}:{self.epoch}").shuffle(order)  # same order on every rank
+        random.Random(f"shards:{self.seed}:{epoch}").shuffle(order)  # same order on every rank
         mine = order[self.rank::self.world_size]  # the explicit node splitter
         if self.batches_per_epoch is None:
             for url in mine[worker::num_workers]:
@@ -367,8 +292,11 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         self.worker = worker  # batches say which worker's skip count they carry (counts are per worker)
-        rng = random.Random(f"samples:{self.seed}:{self.epoch}:{self.rank}:{worker}")
-        shards = self._shards(worker, num_workers, rng)
+        epoch = self.epoch
+        if info is not None:
+            self.epoch += 1  # a worker's copy: a persistent worker streams the next epoch on its next pass
+        rng = random.Random(f"samples:{self.seed}:{epoch}:{self.rank}:{worker}")
+        shards = self._shards(worker, num_workers, rng, epoch)
         files = tar_file_expander(open_shards(shards, self.skips), handler=self.skips.handler)
         samples = self.skips.got_samples(group_by_keys(files, handler=self.skips.handler))
         if self.holdout is not None:
@@ -384,10 +312,19 @@ class ShardStream(IterableDataset):
 
 
 class ShardLoader:
-    """Re-iterable batch stream; each full iteration advances the epoch (set it with set_epoch)."""
+    """Re-iterable batch stream; each full iteration advances the epoch (set it with set_epoch).
 
-    def __init__(self, stream: ShardStream, num_workers: int) -> None:
-        self.stream, self.num_workers = stream, num_workers
+    With workers, ``prefetch_factor`` batches per worker are prepared ahead; ``pin_memory`` puts batches in
+    page-locked memory (for non-blocking copies to a GPU); with ``persistent_workers`` the workers of an epoch that
+    ran to its end stream the next one too (each worker's copy of the stream advances its own epoch), instead of
+    new workers starting every epoch.
+    """
+
+    def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool = False, prefetch_factor: int = 2,
+                 persistent_workers: bool = False) -> None:
+        self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
+        self.prefetch_factor, self.persistent_workers = prefetch_factor, persistent_workers
+        self._kept: tuple[int, DataLoader] | None = None  # (the epoch it streams next, a persistent DataLoader)
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch that seeds the next iteration."""
@@ -398,21 +335,37 @@ class ShardLoader:
             raise TypeError("a one-pass stream has no known length")
         return self.stream.batches_per_epoch
 
+    def _workers(self) -> DataLoader:
+        """The DataLoader of this epoch: the persistent one when it continues here, else new workers, each with a
+        copy of the stream at this epoch."""
+        kept, self._kept = self._kept, None  # kept again only when this epoch runs to its end
+        if kept is not None and kept[0] == self.stream.epoch:
+            return kept[1]
+        return DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          prefetch_factor=self.prefetch_factor, persistent_workers=self.persistent_workers)
+
     def __iter__(self) -> Iterator[dict]:
         if self.num_workers > 0:
-            # workers get a fresh copy of the stream (and its epoch) at every iteration
-            loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers)
+            loader = self._workers()
             yield from loader
+            if self.persistent_workers:
+                self._kept = (self.stream.epoch + 1, loader)
         else:
-            yield from self.stream
+            yield from (pin(b) for b in self.stream) if self.pin_memory else self.stream
         self.stream.epoch += 1
+
+
+def pin(batch: dict) -> dict:
+    """A batch with its tensors in page-locked memory (what DataLoader's pin_memory does for worker batches)."""
+    return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def make_loader(urls: list[str], *, batch_size: int, image_size: int, seed: int = 0,
                 rank: int = 0, world_size: int = 1, num_workers: int = 0,
                 shuffle_buffer: int = 1000, batches_per_epoch: int | None = None,
                 caption: str = "label", flip: bool = False, epoch: int = 0, latents: bool = False,
-                holdout: KeyHoldout | None = None, text: bool = False) -> Iterable[dict]:
+                holdout: KeyHoldout | None = None, text: bool = False, pin_memory: bool = False,
+                prefetch_factor: int = 2, persistent_workers: bool = False) -> Iterable[dict]:
     """Batches {image (B, 3, H, W) in [-1, 1], caption, key, skipped, worker} from WebDataset shard URLs.
 
     ``skipped`` counts the bad samples skipped so far by the DataLoader worker ``worker`` that made the batch.
@@ -421,6 +374,8 @@ def make_loader(urls: list[str], *, batch_size: int, image_size: int, seed: int 
     With a ``holdout`` only the samples of its part (held-out keys for "val", the others for "train") come out.
     With ``text=True`` the shards hold cached text embeddings (``ldm.data.text_cache``): each sample's caption is
     one of its cached captions and the batch carries its ``context``, ``context_mask`` and ``pooled``.
+    ``pin_memory`` (only where CUDA is), ``prefetch_factor`` and ``persistent_workers``: see ``ShardLoader``; none of
+    them changes a batch.
     """
     if isinstance(urls, str):
         urls = resolve_shards(urls)
@@ -441,4 +396,4 @@ def make_loader(urls: list[str], *, batch_size: int, image_size: int, seed: int 
                          world_size=world_size, shuffle_buffer=shuffle_buffer,
                          batches_per_epoch=batches_per_epoch, caption=caption, flip=flip, epoch=epoch,
                          latents=latents, holdout=holdout, text=text)
-    return ShardLoader(stream, num_workers)
+    return ShardLoader(stream, num_workers, pin_memory, prefetch_factor, persistent_workers and num_workers > 0)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from ldm.diffusion.sde import GaussianProcess, _bcast, as_time, randn
+from ldm.diffusion.sde import GaussianProcess, _bcast, as_time, randn, to_device
 
 Tensor = torch.Tensor
 PREDICTIONS = ("eps", "x0", "v", "score", "velocity")
@@ -130,7 +130,7 @@ class Predictor:
         if self.prediction in ("eps", "score") and bool((alpha == 0).any()):
             raise ValueError(f"x0 is undefined from a {self.prediction} prediction at zero SNR (alpha = 0): "
                              "a zero-terminal-SNR chain needs prediction 'v' or 'x0' (Lin et al. 2023, Sec. 3.2)")
-        m = self.process.model_time(t).to(device=x_t.device, dtype=_time_dtype(x_t)).expand(x_t.shape[0])  # (B,)
+        m = to_device(self.process.model_time(t), x_t.device, _time_dtype(x_t)).expand(x_t.shape[0])  # (B,)
         out = self.denoiser(x_t, m, cond)
         return to_x0_eps(out, x_t, alpha, sigma, self.prediction)
 
@@ -169,8 +169,7 @@ def diffusion_loss(
     alpha, sigma = process.alpha(t), process.sigma(t)  # (B,)
     x_t = _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * eps
     target = from_x0_eps(x0, eps, alpha, sigma, prediction)
-    out = denoiser(x_t, process.model_time(t).to(device=x0.device, dtype=_time_dtype(x0)), cond)
+    out = denoiser(x_t, to_device(process.model_time(t), x0.device, _time_dtype(x0)), cond)
     per_sample = (out.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
-    weight = loss_weight(process.snr(t), prediction, weighting, min_snr_gamma, alpha**2 + sigma**2,
-                         sigma_data).to(per_sample)
-    return (weight * per_sample).mean()
+    weight = loss_weight(process.snr(t), prediction, weighting, min_snr_gamma, alpha**2 + sigma**2, sigma_data)
+    return (to_device(weight, per_sample.device, per_sample.dtype) * per_sample).mean()

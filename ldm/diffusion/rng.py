@@ -31,10 +31,20 @@ def randn(shape: tuple[int, ...], generator: Generators = None, device: torch.de
           dtype: torch.dtype = torch.float32) -> Tensor:
     """Standard normal noise from one generator, or one generator per batch element (per-image seeds)."""
     def draw(k: int, g: torch.Generator | None) -> Tensor:
-        return torch.randn((k, *shape[1:]), generator=g, device=g.device if g is not None else device,
-                           dtype=dtype).to(device)
+        return torch.randn((k, *shape[1:]), generator=g, device=g.device if g is not None else device, dtype=dtype)
 
-    return per_sample(draw, shape[0], generator)
+    return to_device(per_sample(draw, shape[0], generator), device)  # one copy for the batch
+
+
+def to_device(x: Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> Tensor:
+    """``x.to(device, dtype)`` without making the host wait for the GPU: a CPU tensor bound for CUDA is copied through
+    page-locked memory with a non-blocking copy (a plain copy from pageable memory waits for every kernel queued
+    before it). The values are the same; the pinned buffer stays reserved until the copy has run. (An ``x`` already
+    pinned is the buffer itself: do not change it in place afterwards.)"""
+    x = x if dtype is None else x.to(dtype)
+    if x.device.type == "cpu" and torch.device(device).type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def rand(n: int, generator: Generators = None) -> Tensor:

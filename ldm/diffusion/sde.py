@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from ldm.diffusion.rng import per_sample, rand, randn  # noqa: F401 - re-exported: the math's randomness
+from ldm.diffusion.rng import per_sample, rand, randn, to_device  # noqa: F401 - re-exported: the math's randomness
 from ldm.diffusion.grids import KARRAS_SIGMA_CAP, karras_sigmas
 
 Tensor = torch.Tensor
@@ -225,7 +225,7 @@ class GaussianProcess:
 
 def _bcast(coef: Tensor, x: Tensor) -> Tensor:
     """Broadcast a scalar or per-sample (B,) coefficient against x (B, ...) in x's dtype."""
-    coef = coef.to(device=x.device, dtype=x.dtype)
+    coef = to_device(coef, x.device, x.dtype)
     return coef.reshape(coef.shape + (1,) * (x.dim() - coef.dim())) if coef.dim() else coef
 
 

@@ -3,7 +3,9 @@
 The image features attend to themselves and then to the text tokens ``context``; the layout
 (norm, proj_in, transformer_blocks.{k}.{norm1, attn1, norm2, attn2, norm3, ff}, proj_out) and the
 parameter names follow diffusers' ``Transformer2DModel``, so its state dicts load unchanged.
-Attention is ``torch.nn.functional.scaled_dot_product_attention`` throughout.
+Attention is ``torch.nn.functional.scaled_dot_product_attention`` throughout. The text mask reaches it as a
+(B, 1, 1, L) boolean view broadcast over heads and queries (never expanded to (B, h, N, L)), a form its
+memory-efficient CUDA kernel takes; unmasked self-attention can take the flash kernel.
 
 Two layers compute diffusers' maps with the same parameters in a faster form: the GEGLU projection as two
 matmuls (GatedProjection), SD 1.x's 1x1-convolution projections as matmuls on the tokens (TokenConv1x1).

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.models.blocks import DownBlock, MidBlock, UpBlock
+from ldm.models.attention import TransformerBlock
+from ldm.models.blocks import DownBlock, MidBlock, ResnetBlock, UpBlock
 from ldm.models.embeddings import SinusoidalTimesteps, TimestepEmbedding
 
 DEFAULT_NUM_HEADS = 8
@@ -35,9 +36,12 @@ def drop_padding(
 
     A masked key gets zero attention weight, so dropping the columns masked in every row is exact;
     with text padded to a fixed length this shortens cross-attention to the batch's longest prompt.
+    Only where reading the mask is free: on the CPU, outside torch.compile. A GPU mask would have to be read by
+    the host (waiting for the GPU every forward), and under compile its data-dependent shapes break the graph;
+    there the mask is passed on as it is, which gives the same result (the padded keys get zero weight).
     """
-    if context_mask is None:
-        return context, None
+    if context_mask is None or context_mask.device.type != "cpu" or torch.compiler.is_compiling():
+        return context, context_mask
     keep = context_mask.bool().any(dim=0)  # (L,)
     if bool(keep.any()) and not bool(keep.all()):
         context, context_mask = context[:, keep], context_mask[:, keep]  # (B, L', D), (B, L')
@@ -158,6 +162,14 @@ class UNet(nn.Module):
         self.config["gradient_checkpointing"] = enabled
         for block in [*self.down_blocks, self.mid_block, *self.up_blocks]:
             block.gradient_checkpointing = enabled
+
+    def compile_blocks(self, **options: Any) -> int:
+        """Regional compilation: ``torch.compile(**options)`` each ResNet block and transformer block in place (blocks
+        of one class and shape share one compiled graph); names and state dicts stay the same. Returns how many."""
+        blocks = [m for m in self.modules() if isinstance(m, (ResnetBlock, TransformerBlock))]
+        for block in blocks:
+            block.compile(**options)
+        return len(blocks)
 
     def forward(
         self,

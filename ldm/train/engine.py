@@ -1,5 +1,6 @@
-"""The DeepSpeed engine of a run: its JSON config and LR schedule from the typed training section, the full
-weights under any ZeRO stage, and a fused finiteness check of the parameters."""
+"""The DeepSpeed engine of a run: its JSON config and LR schedule from the typed training section, the fast-path
+settings of the network it trains (TF32, channels-last, torch.compile), the full weights under any ZeRO stage, and a
+fused finiteness check of the parameters."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from typing import Any
 
 import torch
 
-from ldm.config import TrainConfig
+from ldm.config import ConfigError, TrainConfig
+from ldm.precision import use_tf32
 from ldm.train.distributed import any_across_ranks
+
+COMPILE_KEYWORDS = ("backend", "mode", "dynamic", "fullgraph", "options", "disable")  # torch.compile's
 
 
 def deepspeed_config(cfg: TrainConfig, micro_batch: int) -> dict[str, Any]:
@@ -54,16 +58,67 @@ def lr_lambda(cfg: TrainConfig):
     return fn
 
 
-def build_engine(unet: torch.nn.Module, cfg: TrainConfig, micro_batch: int):
-    """The DeepSpeed engine over ``unet``'s trainable parameters, AdamW and the warm-up/decay schedule."""
+def build_engine(unet: torch.nn.Module, cfg: TrainConfig, micro_batch: int, device: torch.device | str = "cpu"):
+    """The DeepSpeed engine over ``unet``'s trainable parameters, AdamW and the warm-up/decay schedule, with the
+    fast-path settings of ``cfg``: TF32 (fp32 runs on CUDA), channels-last, torch.compile."""
     import deepspeed
 
+    tf32_for(cfg, device)
+    if cfg.channels_last:
+        use_channels_last(unet)
     engine, *_ = deepspeed.initialize(
         model=unet, model_parameters=[p for p in unet.parameters() if p.requires_grad],
         config=deepspeed_config(cfg, micro_batch),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
     )
+    compile_network(engine, cfg)
     return engine
+
+
+def tf32_for(cfg: TrainConfig, device: torch.device | str) -> bool:
+    """Turn TF32 on (once per process, before the first matmul) when the run is fp32 on CUDA and ``train.tf32``; bf16
+    and fp16 runs have no fp32 matmuls worth it. Returns whether it was turned on."""
+    on = torch.device(device).type == "cuda" and cfg.precision == "fp32" and cfg.tf32
+    if on:
+        use_tf32()
+    return on
+
+
+def use_channels_last(module: torch.nn.Module) -> None:
+    """Channels-last (NHWC) 4-D inputs for ``module``, its output back in the default layout.
+
+    Only the activations: DeepSpeed keeps weights in the default layout (it broadcasts each parameter as bytes at
+    start, and ZeRO and bf16 move them into flat buffers). A convolution follows its input's layout when either
+    input or weight is channels-last (cuDNN, oneDNN), so the activations stay NHWC through the network.
+    """
+    module.register_forward_pre_hook(_channels_last_inputs)
+    module.register_forward_hook(lambda m, args, out: out.contiguous() if isinstance(out, torch.Tensor) else out)
+
+
+def _channels_last_inputs(module: torch.nn.Module, args: tuple) -> tuple:
+    return tuple(a.contiguous(memory_format=torch.channels_last) if isinstance(a, torch.Tensor) and a.dim() == 4
+                 else a for a in args)
+
+
+def compile_network(engine, cfg: TrainConfig) -> None:
+    """``train.compile``: "model" compiles the whole network in place (DeepSpeed's ``engine.compile``; under ZeRO-3
+    its parameter-gathering hooks split the graph at every module with parameters), "regional" each ResNet and
+    transformer block (the network's ``compile_blocks``); ``train.compile_options`` go to torch.compile."""
+    if cfg.compile == "off":
+        return
+    options = dict(cfg.compile_options)
+    unknown = sorted(set(options) - set(COMPILE_KEYWORDS))
+    if unknown:
+        raise ConfigError(f"train.compile_options: {unknown} are not torch.compile keywords "
+                          f"({', '.join(COMPILE_KEYWORDS)})")
+    if cfg.compile == "model":
+        backend = options.pop("backend", None)
+        engine.compile(**({"backend": backend} if backend else {}), compile_kwargs=options)
+    elif hasattr(engine.module, "compile_blocks"):
+        engine.module.compile_blocks(**options)
+    else:
+        raise ConfigError(f"train.compile: 'regional' needs a network with compile_blocks, not "
+                          f"{type(engine.module).__name__}")
 
 
 def full_state(engine, zero_stage: int) -> dict[str, torch.Tensor]:

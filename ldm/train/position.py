@@ -59,16 +59,21 @@ class DataPosition:
                 f"is re-split, continuing epoch {self.epoch} after {self.consumed} micro-batches per process")
 
 
-def batch_stream(data: DataConfig, seed: int, rank: int, world_size: int, position: DataPosition) -> Iterator[dict]:
-    """Endless per-rank stream of micro-batches from the position on, advancing it; equal counts on every rank."""
+def batch_stream(data: DataConfig, seed: int, rank: int, world_size: int, position: DataPosition,
+                 pin_memory: bool = False) -> Iterator[dict]:
+    """Endless per-rank stream of micro-batches from the position on, advancing it; equal counts on every rank.
+    One loader serves every epoch (its workers persist with data.persistent_workers); ``pin_memory``: page-locked
+    batches, for a run on CUDA."""
     from ldm.data import make_loader, resolve_shards
 
     urls = resolve_shards(data.latents or data.train, "train")
+    loader = make_loader(urls, batch_size=data.batch_size, image_size=data.image_size, seed=seed, rank=rank,
+                         world_size=world_size, num_workers=data.num_workers, shuffle_buffer=data.shuffle_buffer,
+                         batches_per_epoch=position.per_epoch, caption=data.caption, flip=data.flip,
+                         epoch=position.epoch, latents=data.latents is not None, pin_memory=pin_memory,
+                         prefetch_factor=data.prefetch_factor, persistent_workers=data.persistent_workers)
     while True:
-        loader = make_loader(urls, batch_size=data.batch_size, image_size=data.image_size, seed=seed, rank=rank,
-                             world_size=world_size, num_workers=data.num_workers, shuffle_buffer=data.shuffle_buffer,
-                             batches_per_epoch=position.per_epoch, caption=data.caption, flip=data.flip,
-                             epoch=position.epoch, latents=data.latents is not None)
+        loader.set_epoch(position.epoch)
         for i, batch in enumerate(loader):
             if i < position.consumed:
                 continue  # consumed before the checkpoint we resumed from

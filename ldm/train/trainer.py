@@ -9,7 +9,6 @@ Everything a run needs is assembled and checked in ``__init__``, before the firs
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -44,7 +43,7 @@ class Trainer:
         self.out = Path(cfg.run.output_dir)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         self.parts = assemble(cfg, self.dist.device)
-        self.engine = build_engine(self.parts.unet(), t, cfg.data.batch_size)
+        self.engine = build_engine(self.parts.unet(), t, cfg.data.batch_size, self.dist.device)
         self.ema = EMA(self.engine.module, t.ema_decay, t.power_ema)  # with EDM2's power EMAs when configured
         self.checkpointer = Checkpointer(self.out / "checkpoints", self.dist.rank, t.keep_last, t.power_snapshot_every)
         self.position = DataPosition(batches_per_epoch(cfg.data, self.dist.world_size))
@@ -81,33 +80,35 @@ class Trainer:
 
     def _batches(self) -> Iterator[dict]:
         """This rank's endless stream of micro-batches from the current data position on."""
-        return batch_stream(self.cfg.data, self.cfg.run.seed, self.dist.rank, self.dist.world_size, self.position)
+        pin = self.cfg.data.pin_memory and self.dist.device.type == "cuda"  # then copies to the GPU need not wait
+        return batch_stream(self.cfg.data, self.cfg.run.seed, self.dist.rank, self.dist.world_size, self.position, pin)
 
     def _trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "run_id": self.tracker.run_id or self.run_id, "samples_seen": self.samples_seen,
                 "zero_stage": self.cfg.train.zero_stage, "world_size": self.dist.world_size,
                 "micro_batch": self.cfg.data.batch_size, **self.position.state()}
 
-    def micro_step(self, batch: dict) -> float:
-        """One forward/backward on a micro-batch; DeepSpeed steps the optimizer at accumulation boundaries."""
+    def micro_step(self, batch: dict) -> torch.Tensor | None:
+        """One forward/backward on a micro-batch; DeepSpeed steps the optimizer at accumulation boundaries. Returns the
+        loss on the device (read by the host only when logged), None for a micro-batch skipped as non-finite."""
         p = self.parts
         with torch.no_grad():
             if "latent" in batch:  # pre-encoded by the same (hash-checked) autoencoder
-                z = batch["latent"].to(p.device)  # (B, C, h, w) scaled latents
+                z = batch["latent"].to(p.device, non_blocking=True)  # (B, C, h, w) scaled latents
             else:
-                z = p.autoencoder.encode(batch["image"].to(p.device))  # (B, C, h, w) scaled latents
+                z = p.autoencoder.encode(batch["image"].to(p.device, non_blocking=True))  # (B, C, h, w) scaled latents
             cond = {k: v.to(p.device) for k, v in p.text_encoder(batch["caption"]).items()}  # (B, L, D) + (B, L)
         # every random draw of a sample comes from its own generator: the same on any number of ranks
         generators = sample_generators(batch["key"], self.cfg.run.seed, self.guard.rollbacks, self.step)
         cond = conditioning_dropout(cond, p.null_cond, self.cfg.diffusion.cond_dropout, generators)
         denoiser = p.denoiser(self.engine)
         loss = p.objective(denoiser, z, cond, generators)
-        if any_across_ranks(not bool(torch.isfinite(loss.detach()))):
+        if any_across_ranks(~torch.isfinite(loss.detach())):  # a micro-step's one host sync: after the collective
             skip_micro_batch(self.engine, denoiser, z, cond)  # on every rank, so accumulation stays in step
-            return float("nan")
+            return None
         self.engine.backward(loss)
         self.engine.step()
-        return float(loss.detach())
+        return loss.detach()
 
     def save_checkpoint(self) -> None:
         """A checkpoint of this step on every rank; never from non-finite weights (those roll back instead)."""
@@ -127,12 +128,11 @@ class Trainer:
     # --- the loop ------------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         """Train to train.max_steps (resuming where a checkpoint left off), then the final hooks and the export."""
-        cfg = self.cfg
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out / "config.yaml")
+            save_config(self.cfg, self.out / "config.yaml")
             save_tensors(self.parts.null_cond, self.out / "null_condition.safetensors")
-        self.run_id = self.tracker.start(to_dict(cfg), run_id=self.run_id,
+        self.run_id = self.tracker.start(to_dict(self.cfg), run_id=self.run_id,
                                          tags={"world_size": str(self.dist.world_size)}) or self.run_id
         try:
             return self._loop()
@@ -151,7 +151,7 @@ class Trainer:
                 batch = next(self._stream)
                 self.skipped[batch.get("worker", 0)] = batch.get("skipped", 0)
                 batch_losses.append(self.micro_step(batch))
-            finite = [v for v in batch_losses if math.isfinite(v)]
+            finite = [v for v in batch_losses if v is not None]
             window += finite
             self.step += 1
             self.samples_seen += global_batch
@@ -194,9 +194,9 @@ class Trainer:
                 "eval": None, **final, "run_id": self.tracker.run_id, "step": self.step, "preempted": preempted,
                 "exit_code": exit_code}
 
-    def _log(self, window: list[float], elapsed: float, global_batch: int) -> float:
+    def _log(self, window: list[torch.Tensor], elapsed: float, global_batch: int) -> float:
         t = self.cfg.train
-        loss = mean_across_ranks(sum(window) / len(window))
+        loss = float(mean_across_ranks(torch.stack(window).double().mean()))  # the window's losses reach the host here
         skipped = mean_across_ranks(float(sum(self.skipped.values()))) * self.dist.world_size  # all workers, ranks
         metrics = {"train/loss": loss, "train/lr": self.engine.get_lr()[0],
                    "train/samples_per_s": global_batch * len(window) / t.grad_accum / max(elapsed, 1e-9),

@@ -66,7 +66,7 @@ def exported(assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("sample_run") / "run"
     rc = main(["--config", CONFIG, *training_overrides(assets["shards"], assets["autoencoder"], assets["text_encoder"],
                                                        out, IMAGE_SIZE, f"run.device={DEVICE}", "train.max_steps=8",
-                                                       "train.ckpt_every=8")])
+                                                       "train.ckpt_every=8", "train.frozen_dtype=fp32")])
     assert rc == 0
     return out / "export"
 
@@ -85,14 +85,32 @@ def no_tf32():
 def test_sampling_on_the_gpu_equals_the_cpu(exported, sampler, no_tf32):
     """Same exported weights, prompts and seeds (noise drawn on the CPU): images within 2e-3 on average and
     3e-2 per pixel (reduction order on the GPU; values in [0, 1])."""
-    from ldm.export import load_pipeline
+    from ldm.assemble import load_exported
 
     prompts, seeds = ["red circle", "blue square", "green triangle"], [0, 1, 2]
     images = {}
     for device in ("cpu", DEVICE):
-        pipe, _ = load_pipeline(exported, device=device)
+        pipe, _ = load_exported(exported, device=device)
         images[device] = pipe(prompts, seeds=seeds, sampler=sampler, steps=10, guidance=3.0).cpu()
     diff = (images["cpu"] - images[DEVICE]).abs()
     assert images["cpu"].shape == (3, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert float(diff.mean()) < 2e-3 and float(diff.max()) < 3e-2, (float(diff.mean()), float(diff.max()))
     assert float(images["cpu"].std()) > 0.01  # not a blank image compared with a blank image
+
+
+def test_sampling_with_bf16_frozen_parts_stays_close(exported, no_tf32):
+    """The export above samples with fp32 frozen parts (train.frozen_dtype=fp32, so the GPU-CPU comparison is of code
+    paths); the default on CUDA runs the text encoder and the decoder under bf16 autocast: images within 2e-2 on
+    average of the fp32 ones."""
+    from ldm.assemble import load_exported
+    from ldm.precision import autocast_frozen
+
+    prompts, seeds = ["red circle", "blue square", "green triangle"], [0, 1, 2]
+    pipe, _ = load_exported(exported, device=DEVICE)
+    full = pipe(prompts, seeds=seeds, sampler="ddim", steps=10, guidance=3.0).cpu()
+    autocast_frozen(pipe.autoencoder, torch.bfloat16, ("decode",))
+    autocast_frozen(pipe.text_encoder.encoder, torch.bfloat16)
+    pipe.text_encoder._memo.clear()
+    fast = pipe(prompts, seeds=seeds, sampler="ddim", steps=10, guidance=3.0).cpu()
+    diff = (fast - full).abs()
+    assert 0 < float(diff.mean()) < 2e-2, float(diff.mean())

@@ -169,3 +169,34 @@ def test_upsample_conv_equals_nearest_upsampling_then_conv(size):
     bf16 = UpsampleConv(6).to(torch.bfloat16)
     bf16.load_state_dict(conv.state_dict())
     torch.testing.assert_close(bf16(x.detach().bfloat16(), size).double(), expected.detach(), atol=0.1, rtol=0.03)
+
+
+def test_padding_kept_where_reading_the_mask_would_sync_gives_the_same_output(monkeypatch):
+    """On a GPU and under torch.compile drop_padding passes the mask on without reading it: the padded keys then get
+    zero weight, the output is the dropped one. SDPA gets the mask as a (B, 1, 1, L) boolean (no (B, h, N, L) copy)."""
+    import torch.nn.functional as F
+
+    from ldm.models.unet import drop_padding
+
+    torch.manual_seed(0)
+    model = UNet(**TINY).eval()
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([5.0, 600.0])
+    context = torch.randn(2, 7, TINY["context_dim"])
+    mask = torch.tensor([[1, 1, 0, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    full = torch.ones(2, 7, dtype=torch.bool)
+    masks, sdpa = [], F.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, **kwargs):
+        masks.append(None if attn_mask is None else (tuple(attn_mask.shape), attn_mask.dtype))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    with torch.no_grad():
+        dropped, unmasked = model(x, t, context, mask), model(x, t, context, full)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the path a GPU mask takes
+        masks.clear()
+        assert drop_padding(context, mask) == (context, mask)
+        kept = model(x, t, context, mask)
+        torch.testing.assert_close(kept, dropped, atol=1e-6, rtol=0)
+        assert set(masks) == {None, ((2, 1, 1, 7), torch.bool)}  # self-attention unmasked, cross-attention masked
+        torch.testing.assert_close(model(x, t, context, full), unmasked, atol=1e-6, rtol=0)

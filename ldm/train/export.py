@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ldm.assemble import Components, autoencoder_config, unet_kwargs
+from ldm.assemble import Components, autoencoder_config, plain_state, state_dims, trained_unet, unet_kwargs
 from ldm.config import LDMConfig, load_config
 from ldm.export import check_target, save_export
 from ldm.io import load_tensors
@@ -19,8 +19,11 @@ from ldm.train.checkpoint import read_weights
 def export_trained(parts: Components, out: Path, tracker, raw: dict, ema: dict, info: dict[str, Any]) -> str:
     """Rank 0 at the end of training: write <output_dir>/export, log it and register a model version."""
     cfg: LDMConfig = parts.cfg
-    folder = save_export(out / "export", cfg, raw, ema, parts.null_cond, cfg.autoencoder.path,
-                         unet_kwargs(cfg.model, parts.latent_shape[0], parts.context_dim), info)
+    adapters = {"raw": parts.unet(raw), "ema": parts.unet(ema)} if cfg.model.lora is not None else None
+    if adapters:  # the export holds merged full weights, and the adapters as LoRA files
+        raw, ema = plain_state(adapters["raw"]), plain_state(adapters["ema"])
+    folder = save_export(out / "export", cfg, raw, ema, parts.null_cond, cfg.autoencoder.path, parts.unet_kwargs(),
+                         info, adapters)
     tracker.log_artifact(folder, "export")
     version = tracker.register_model(cfg.run.name, "export")
     if version:
@@ -39,9 +42,13 @@ def export_checkpoint(run_dir: str | Path, out: str | Path | None = None, tag: s
     cfg = load_config(LDMConfig, run_dir / "config.yaml")
     raw, ema, tag = read_weights(run_dir / "checkpoints", tag)
     null = load_tensors(run_dir / "null_condition.safetensors")
-    # the middle block always has cross-attention: its key projection reads the text width
-    context_dim = int(next(v.shape[1] for k, v in ema.items() if k.endswith("attn2.to_k.weight")))
+    context_dim, pooled_dim = state_dims(cfg.model, ema)  # the text widths the weights read
     latent_channels = int(autoencoder_config(cfg.autoencoder.path)["latent_channels"])
+    adapters = None
+    if cfg.model.lora is not None:  # adapters over model.init_from's weights: merged for the full weights
+        adapters = {k: trained_unet(cfg.model, latent_channels, context_dim, pooled_dim, s, f"{tag} {k}")
+                    for k, s in (("raw", raw), ("ema", ema))}
+        raw, ema = plain_state(adapters["raw"]), plain_state(adapters["ema"])
     return save_export(out, cfg, raw, ema, null, cfg.autoencoder.path,
-                       unet_kwargs(cfg.model, latent_channels, context_dim),
-                       {"step": int(tag.removeprefix("step")), "source": str(run_dir.resolve()), "tag": tag})
+                       unet_kwargs(cfg.model, latent_channels, context_dim, pooled_dim),
+                       {"step": int(tag.removeprefix("step")), "source": str(run_dir.resolve()), "tag": tag}, adapters)

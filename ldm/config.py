@@ -333,7 +333,11 @@ class LDMConfig:
 
     def _check_model(self) -> None:
         m, lora = self.model, self.model.lora
-        if m.addition_time_embed_dim is None and (m.num_time_ids is not None or m.pooled_dim is not None):
+        from ldm.models.presets import UNET_PRESETS
+
+        preset = UNET_PRESETS.get(m.preset, {}) if m.preset else {}
+        added = m.addition_time_embed_dim or preset.get("addition_time_embed_dim")
+        if added is None and (m.num_time_ids is not None or m.pooled_dim is not None):
             raise ConfigError("model.addition_time_embed_dim: needed for SDXL conditioning (model.num_time_ids / "
                               "model.pooled_dim are set)")
         if lora is None:

@@ -104,3 +104,13 @@ def test_sample_cli_width_height_and_micro_flags(tiny_ldm_run, tmp_path, capsys)
             main([*common, *extra, "--out", str(tmp_path / "bad")])
         assert e.value.code == 2 and flag in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_shipped_sdxl_lora_config_loads():
+    cfg = load_config(LDMConfig, ROOT / "configs/ldm/sdxl-lora.yaml")
+    assert cfg.model.preset == "sdxl" and cfg.model.lora.rank == 16 and cfg.text_encoder.kind == "sdxl"
+    from ldm.data.buckets import bucket_sizes
+
+    sizes = bucket_sizes(cfg.data.buckets.sizes, cfg.data.image_size, cfg.data.buckets.multiple,
+                         cfg.data.buckets.max_ratio)
+    assert {(1024, 1024), (1152, 896), (1216, 832), (1344, 768), (1536, 640)} <= set(sizes)

@@ -14,6 +14,7 @@ together the same way wherever it is used. Modules take plain keyword arguments;
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,7 +102,7 @@ def text_fingerprint(cfg: TextEncoderConfig) -> str:
     from ldm.conditioning import files_fingerprint
 
     try:
-        return files_fingerprint(text_encoder_specs(cfg), cfg.null, cfg.pooled_index())
+        return files_fingerprint(text_encoder_specs(cfg), cfg.null_condition, cfg.pooled_index())
     except (OSError, ValueError) as e:
         raise ConfigError(f"text_encoder.path: cannot fingerprint the text encoder: {e}") from None
 
@@ -287,7 +288,7 @@ class Components:
     context_dim: int  # D, the text features' width
     pooled_dim: int | None  # P, the pooled text vector's width (None: the encoder gives none)
 
-    @property
+    @functools.cached_property
     def micro_conditioned(self) -> bool:
         """True when the UNet takes SDXL's pooled text and size/crop ids (``time_ids``)."""
         return self.unet_kwargs().get("addition_time_embed_dim") is not None
@@ -352,7 +353,7 @@ def assemble(cfg: LDMConfig, device: torch.device | str = "cpu", *, autoencoder_
     """Load the frozen parts of ``cfg`` and build its process and objective.
 
     ``autoencoder_path`` overrides ``cfg.autoencoder.path`` (an export carries its own copy); ``null_cond`` is the
-    stored null condition of a trained model (default: the text encoder's, kind ``text_encoder.null``). ``training``
+    stored null condition of a trained model (default: the text encoder's, kind ``text_encoder.null_condition``). ``training``
     with ``data.text_cache``: the text widths and the null condition come from the cache, and the text encoder is
     built only if something asks it to encode prompts (a sample grid, an evaluation).
     """
@@ -373,7 +374,7 @@ def assemble(cfg: LDMConfig, device: torch.device | str = "cpu", *, autoencoder_
         text_encoder = CachedTextEncoder(build_text_encoder(cfg.text_encoder, device))
         encoder = text_encoder.encoder
         context_dim, pooled_dim = int(encoder.dim), (int(encoder.pooled_dim) if encoder.pooled else None)
-        null = null_cond if null_cond is not None else null_condition(encoder, cfg.text_encoder.null)
+        null = null_cond if null_cond is not None else null_condition(encoder, cfg.text_encoder.null_condition)
     null = {k: v.to(device) for k, v in null.items()}
     process = build_process(cfg.diffusion)
     size = cfg.data.image_size // autoencoder.downsample_factor

@@ -417,7 +417,7 @@ class AutoencoderConfig:
 MODEL_DEFINING = ("model", "text_encoder.kind", "text_encoder.max_length", "text_encoder.layer",
                   "text_encoder.model_name", "text_encoder.final_norm", "text_encoder.projection",
                   "text_encoder.subfolder", "text_encoder.pooled", "text_encoder.encoders", "text_encoder.pooled_from",
-                  "text_encoder.null", "data.image_size", "diffusion.process", "diffusion.schedule",
+                  "text_encoder.null_condition", "data.image_size", "diffusion.process", "diffusion.schedule",
                   "diffusion.num_timesteps", "diffusion.beta_start", "diffusion.beta_end", "diffusion.zero_terminal_snr",
                   "diffusion.prediction", "diffusion.objective", "diffusion.precondition", "diffusion.sigma_data")
 NOT_MODEL_DEFINING = ("model.gradient_checkpointing",)

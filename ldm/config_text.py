@@ -9,7 +9,7 @@
         - {kind: openclip, path: bigG.safetensors, model_name: ViT-bigG-14, final_norm: false, pooled: true}
 
 Every encoder of a list shares ``max_length`` (their token positions line up); the pooled vector comes from the
-encoder ``pooled_from`` names (default: the one with ``pooled: true``). ``null`` is the null condition the model is
+encoder ``pooled_from`` names (default: the one with ``pooled: true``). ``null_condition`` is the one the model is
 trained and sampled with: the encoding of the empty prompt (SD) or zeros (SDXL's empty negative prompt).
 """
 
@@ -70,7 +70,7 @@ class TextEncoderConfig(TextEncoderSpec):
     max_length: int = 32  # 77 for SD / SDXL
     encoders: list[TextEncoderSpec] | None = None  # several encoders (the per-encoder keys above stay unset)
     pooled_from: int | None = None  # with encoders: whose pooled vector (default: the one with pooled: true)
-    null: Literal["empty", "zeros"] = "empty"  # null condition: the empty prompt's encoding, or zeros (SDXL)
+    null_condition: Literal["empty", "zeros"] = "empty"  # the empty prompt's encoding, or zeros (SDXL)
 
     def check(self) -> None:
         if self.kind == "sdxl":

@@ -36,7 +36,7 @@ def test_sdxl_kind_builds_the_sdxl_layout_and_samples_any_size(sdxl_folder, tiny
                                                                tmp_path):
     folder, _ = sdxl_folder
     cfg = _cfg(tiny_shards, tiny_autoencoder, tmp_path, "text_encoder.kind=sdxl", f"text_encoder.path={folder}",
-               f"text_encoder.max_length={LENGTH}", "text_encoder.null=zeros")
+               f"text_encoder.max_length={LENGTH}", "text_encoder.null_condition=zeros")
     parts = assemble(cfg)
     assert (parts.context_dim, parts.pooled_dim) == (sum(DIMS), POOLED) and parts.micro_conditioned
     assert parts.null_cond["pooled"].shape == (1, POOLED) and not parts.null_cond["context"].any()
@@ -82,7 +82,7 @@ def test_encoder_lists_give_context_and_pooled_widths(tiny_shards, tiny_autoenco
     (["text_encoder.encoders=[{kind: hf, subfolder: x}]"], r"text_encoder.encoders\[0\].subfolder"),
     (["text_encoder.kind=sdxl"], "text_encoder.path"),
     (["text_encoder.kind=sdxl", "text_encoder.path=x", "text_encoder.pooled=true"], "text_encoder.pooled"),
-    (["text_encoder.null=nothing"], "text_encoder.null"),
+    (["text_encoder.null_condition=nothing"], "text_encoder.null_condition"),
     (["model.num_time_ids=5"], "model.addition_time_embed_dim"),
 ])
 def test_text_encoder_sections_name_the_key(overrides, key):

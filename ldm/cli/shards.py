@@ -133,7 +133,7 @@ def encode_text(args: argparse.Namespace) -> int:
         print(f"ldm-shards: error: text_encoder: {exn}", file=sys.stderr)
         return 2
     index = encode_text_shards(data, args.out, encoder, fingerprint=fingerprint,
-                               null_cond=null_condition(encoder, cfg.text_encoder.null), dtype=args.dtype,
+                               null_cond=null_condition(encoder, cfg.text_encoder.null_condition), dtype=args.dtype,
                                batch_size=args.batch_size, caption=cfg.data.caption,
                                val_fraction=cfg.data.val_fraction, val_seed=cfg.data.val_seed)
     info = index["text"]

@@ -60,10 +60,11 @@ class HeldOutLoss:
         if self.total == 0:
             raise ValueError(f"data.val: the val split of {src.spec if src else cache} has no samples for the "
                              "held-out loss")
-        self.rows = rows  # per sample: what its condition is made of
         with torch.no_grad():
             self.latents = torch.cat([self._latents(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
                                      ) if rows else None
+        # per sample: what its condition is made of (caption or cached embeddings, size and crop)
+        self.rows = [{k: v for k, v in r.items() if k not in ("image", "latent")} for r in rows]
         self.forwards = math.ceil(math.ceil(self.total / dist.world_size) / batch_size)  # the same on every rank
 
     def _latents(self, rows: list[dict]) -> torch.Tensor:
@@ -75,9 +76,8 @@ class HeldOutLoss:
         """The condition of some held-out samples (as a training batch of theirs gets it)."""
         batch = {"latent": x0}
         for k in rows[0]:
-            if k not in ("image", "latent"):
-                values = [r[k] for r in rows]
-                batch[k] = values if k == "caption" else torch.stack(values)
+            values = [r[k] for r in rows]
+            batch[k] = values if k == "caption" else torch.stack(values)
         return self.parts.condition(batch)
 
     @torch.no_grad()

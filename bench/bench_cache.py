@@ -11,11 +11,12 @@ the same UNet three ways in this process:
 
 Every caption is new to the trainer (one epoch, unique captions), so its per-process memo never helps the on-the-fly
 runs. A step's time is the interval between consecutive `micro_step` starts (data loading, encoding, forward,
-backward, optimizer and EMA included; grad_accum 1); the first step is left out. Wall and CPU time are both given:
+backward, optimizer and EMA included; grad_accum 1); the first --warmup steps are left out (a fresh process's first
+steps fault their memory in). glibc keeps freed memory, as every `ldm-*` command sets it. Wall and CPU time are given:
 on a shared machine the wall time grows with other people's load. The UNet is small (--unet, default emoji-cpu) so
 the benchmark runs in minutes on 2 CPU cores; a bigger UNet lowers the ratio, as the encoders' share falls.
 
-    .venv/bin/python -m bench.bench_cache --images 12 --steps 4 --batch-size 2
+    .venv/bin/python -m bench.bench_cache --images 16 --steps 5 --warmup 2 --batch-size 2
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def write_images(folder: Path, n: int, size: int) -> None:
     (folder / "index.json").write_text(json.dumps(index))
 
 
-def train(overrides: list[str]) -> dict:
+def train(overrides: list[str], warmup: int) -> dict:
     """Train with the real Trainer; (wall, CPU) seconds per step from consecutive micro_step starts."""
     import contextlib
 
@@ -117,8 +118,8 @@ def train(overrides: list[str]) -> dict:
             trainer.train()
     finally:
         trainer_mod.Trainer.micro_step = real
-    walls = [b[0] - a[0] for a, b in zip(marks[1:], marks[2:])]
-    cpus = [b[1] - a[1] for a, b in zip(marks[1:], marks[2:])]
+    walls = [b[0] - a[0] for a, b in zip(marks[warmup:], marks[warmup + 1:])]
+    cpus = [b[1] - a[1] for a, b in zip(marks[warmup:], marks[warmup + 1:])]
     return {"wall": statistics.median(walls), "cpu": statistics.median(cpus), "steps": len(walls),
             "text_encoder_built_for_training": built}
 
@@ -126,21 +127,26 @@ def train(overrides: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--images", type=int, default=12, help="training images (each caption seen once per epoch)")
-    p.add_argument("--steps", type=int, default=4, help="steps timed per way (after one warm-up step)")
+    p.add_argument("--images", type=int, default=16, help="training images (each caption seen once per epoch)")
+    p.add_argument("--steps", type=int, default=5, help="steps timed per way (after the warm-up steps)")
+    p.add_argument("--warmup", type=int, default=2, help="steps left out at the start of each way")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--unet", default="emoji-cpu", help="UNet preset (its context width becomes CLIP's 768)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
-    if (args.steps + 2) * args.batch_size > args.images:
-        p.error("--images must cover (--steps + 2) x --batch-size samples: every caption is new to the trainer")
+    if (args.steps + args.warmup + 1) * args.batch_size > args.images:
+        p.error("--images must cover (--steps + --warmup + 1) x --batch-size samples: every caption is new to the "
+                "trainer")
     from ldm.assemble import build_text_encoder, text_fingerprint
     from ldm.conditioning import null_condition
     from ldm.config import LDMConfig, load_config
     from ldm.data.latents import encode_latent_shards, folder_hash
     from ldm.data.text_cache import encode_text_shards
 
+    from ldm.cli._common import retain_freed_memory
+
+    retain_freed_memory()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -149,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         base = [f"autoencoder.path={autoencoder}", "text_encoder.kind=clip", f"text_encoder.path={clip}",
                 "text_encoder.max_length=77", f"data.train={tmp / 'images'}", "data.val=null",
                 f"data.image_size={args.image_size}", f"data.batch_size={args.batch_size}", "data.shuffle_buffer=0",
-                f"model.preset={args.unet}", f"train.max_steps={args.steps + 2}", "train.warmup_steps=1",
-                f"train.ckpt_every={args.steps + 2}", "train.log_every=1000", "sampling.steps=1",
-                "sampling.prompts=[x]", "sampling.images_per_prompt=1", "tracking.enabled=false"]
+                f"model.preset={args.unet}", f"train.max_steps={args.steps + args.warmup + 1}",
+                "train.warmup_steps=1", f"train.ckpt_every={args.steps + args.warmup + 1}", "train.log_every=1000",
+                "sampling.steps=1", "sampling.prompts=[x]", "sampling.images_per_prompt=1", "tracking.enabled=false"]
         cfg = load_config(LDMConfig, ROOT / "configs/ldm/emoji.yaml", base)
         from autoencoder import load_pretrained
 
@@ -169,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         for name, extra in (("on the fly", []), ("latents", [f"data.latents={tmp / 'latents'}"]),
                             ("latents + text", [f"data.text_cache={tmp / 'text'}"])):
-            results[name] = train([*base, f"run.output_dir={tmp / name.replace(' ', '_')}", *extra])
+            results[name] = train([*base, f"run.output_dir={tmp / name.replace(' ', '_')}", *extra], args.warmup)
             print(f"{name:15s} {results[name]['wall']:7.3f} s/step wall  {results[name]['cpu']:7.3f} s/step CPU  "
                   f"({results[name]['steps']} steps; text encoder built for training: "
                   f"{results[name]['text_encoder_built_for_training']})", flush=True)

@@ -61,8 +61,13 @@ def batches_per_epoch(data: DataConfig, world_size: int, grad_accum: int = 1) ->
     from ldm.data.source import train_source
 
     if data.buckets is not None:
-        total = len(buckets_of(data).bucket_of)
-        return max(1, total // (data.batch_size * world_size * grad_accum)) * grad_accum
+        from ldm.data.stream import NoUsableData
+
+        total, global_batch = len(buckets_of(data).bucket_of), data.batch_size * world_size * grad_accum
+        if total < global_batch:
+            raise NoUsableData(f"data.buckets: {total} training images with a readable image header, fewer than one "
+                               f"global batch of {global_batch} (processes x train.grad_accum x data.batch_size)")
+        return total // global_batch * grad_accum
     if data.batches_per_epoch:
         return data.batches_per_epoch
     src = train_source(data)

@@ -188,3 +188,15 @@ def test_bucket_config_is_checked():
                            (["data.buckets.multiple=8", "data.batches_per_epoch=3"], "data.batches_per_epoch")):
         with pytest.raises(ConfigError, match=key):
             load(*overrides)
+
+
+def test_fewer_images_than_a_global_batch_is_refused(tmp_path, monkeypatch):
+    from ldm.data.stream import NoUsableData
+    from ldm.train.position import DataPosition
+
+    monkeypatch.setenv("LDM_CACHE", str(tmp_path / "cache"))
+    write_mixed_folder(tmp_path / "data", train=5, bad=3)
+    data = DataConfig(train=str(tmp_path / "data"), val=None, image_size=BASE, batch_size=2,
+                      buckets=BucketConfig(multiple=MULTIPLE))
+    with pytest.raises(NoUsableData, match="data.buckets: 5 training images .* fewer than one global batch of 8"):
+        DataPosition.of(data, 2, 2)

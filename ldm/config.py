@@ -345,8 +345,9 @@ class LDMConfig:
         if m.init_from is None:
             raise ConfigError("model.lora: LoRA fine-tunes loaded weights: set model.init_from")
         if self.train.zero_stage == 3:
-            raise ConfigError("model.lora: LoRA trains under ZeRO stages 0-2 (the adapters are small; stage 3 would "
-                              "partition the frozen base weights, which is not supported): set train.zero_stage <= 2")
+            raise ConfigError("model.lora: LoRA is supported under ZeRO stages 0-2 (the adapters are small; stage 3 "
+                              "would partition the frozen base weights, and its checkpoints and resume are untested "
+                              "with adapters): set train.zero_stage <= 2")
         if lora.rank < 1 or not 0 <= lora.dropout < 1 or (lora.alpha is not None and lora.alpha <= 0):
             raise ConfigError(f"model.lora: rank must be >= 1, alpha > 0 and dropout in [0, 1), got rank "
                               f"{lora.rank}, alpha {lora.alpha}, dropout {lora.dropout}")

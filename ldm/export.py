@@ -8,6 +8,9 @@
                                 (UNet2DConditionModel / AutoencoderKL.from_pretrained load them)
     null_condition.safetensors  the empty-prompt embedding the model was trained with
     autoencoder/                the frozen first stage (model.safetensors + config.json with scale and shift)
+    lora/                       LoRA runs: the adapters in diffusers' format (``pipe.load_lora_weights(export/lora)``
+                                reads pytorch_lora_weights.safetensors, the EMA's; pytorch_lora_weights_raw is the
+                                raw one); the unet files above then hold the merged weights W + (alpha / r) B A
 
 This module knows the folder, not where weights come from: the trainer and ``ldm-export`` hand it state dicts
 (``ldm.train.checkpoint.read_weights`` reads them from a checkpoint), ``ldm.assemble.load_exported`` reads it back.
@@ -29,7 +32,8 @@ from ldm.io import load_tensors, save_tensors, write_folder_atomically, write_js
 MARKER = "export.json"
 FORMAT = "ldm-export"
 ENTRIES = {MARKER, "config.yaml", "unet.safetensors", "unet_ema.safetensors", "null_condition.safetensors",
-           "autoencoder", "diffusers"}
+           "autoencoder", "diffusers", "lora"}
+LORA_FILES = {"ema": "pytorch_lora_weights.safetensors", "raw": "pytorch_lora_weights_raw.safetensors"}
 
 
 class ExportTargetError(ValueError):
@@ -71,10 +75,12 @@ def check_target(folder: str | Path) -> None:
 
 
 def save_export(folder: str | Path, cfg: LDMConfig, unet_state: dict, ema_state: dict, null_cond: dict,
-                autoencoder_dir: str | Path, unet_kwargs: dict[str, Any], info: dict[str, Any] | None = None) -> Path:
+                autoencoder_dir: str | Path, unet_kwargs: dict[str, Any], info: dict[str, Any] | None = None,
+                adapters: dict[str, torch.nn.Module] | None = None) -> Path:
     """Write the folder atomically (built beside it, then renamed into place); replaces only a previous export.
 
-    ``unet_kwargs`` are the UNet's constructor arguments (``ldm.assemble.unet_kwargs``), for the diffusers copy.
+    ``unet_kwargs`` are the UNet's constructor arguments (``ldm.assemble.unet_kwargs``), for the diffusers copy;
+    ``adapters`` ("raw" and "ema" UNets with LoRA adapters) are written as diffusers LoRA files under lora/.
     """
     check_target(folder)
 
@@ -85,6 +91,11 @@ def save_export(folder: str | Path, cfg: LDMConfig, unet_state: dict, ema_state:
         save_tensors(null_cond, tmp / "null_condition.safetensors")
         shutil.copytree(autoencoder_dir, tmp / "autoencoder")
         _write_diffusers(tmp, ema_state, unet_kwargs)
+        if adapters:
+            from ldm.models.lora import export_diffusers_lora
+
+            for kind, unet in adapters.items():
+                export_diffusers_lora(unet, tmp / "lora" / LORA_FILES[kind])
         write_json(tmp / MARKER, {"format": FORMAT, **(info or {})})
 
     return write_folder_atomically(folder, fill)

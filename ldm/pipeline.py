@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ldm.conditioning import Cond, expand_cond
+from ldm.conditioning import Cond, expand_cond, micro_conditions
 from ldm.diffusion import GaussianProcess, Predictor
 from ldm.sampling import Guided, guide, sample
 
@@ -17,11 +17,15 @@ Tensor = torch.Tensor
 
 
 def unet_denoiser(unet: torch.nn.Module):
-    """Adapt a UNet (x, t, context, context_mask) to the denoiser interface (x_t, t, cond)."""
+    """Adapt a UNet (x, t, context, context_mask, pooled, time_ids) to the denoiser interface (x_t, t, cond); the
+    pooled text vector and SDXL's size/crop ids pass when the condition has them (time_ids stay float32)."""
     dtype = next(unet.parameters()).dtype
 
     def denoiser(x: Tensor, t: Tensor, cond: Cond) -> Tensor:
-        out = unet(x.to(dtype), t, cond["context"].to(dtype), cond.get("context_mask"))
+        extra = {k: cond[k] for k in ("pooled", "time_ids") if k in cond}
+        if "pooled" in extra:
+            extra["pooled"] = extra["pooled"].to(dtype)
+        out = unet(x.to(dtype), t, cond["context"].to(dtype), cond.get("context_mask"), **extra)
         return out.float()
 
     return denoiser
@@ -34,12 +38,26 @@ class TextToImage:
                  null_cond: Cond, latent_shape: tuple[int, int, int], denoiser=None, defaults: dict | None = None):
         """``denoiser``: what the network is sampled as (default: its plain output; e.g. EDM-preconditioned);
         ``defaults``: sampling options used when a call does not give them (guidance_rescale, guidance_interval,
-        time_shift)."""
+        time_shift). ``latent_shape`` is the default size; a call may ask for any height and width."""
         self.unet, self.autoencoder, self.text_encoder = unet, autoencoder, text_encoder
         self.process, self.prediction = process, prediction
         self.null_cond, self.latent_shape = null_cond, tuple(latent_shape)
         self.denoiser = denoiser if denoiser is not None else unet_denoiser(unet)
         self.defaults = dict(defaults or {})
+        self.factor = int(getattr(autoencoder, "downsample_factor", 8))
+        # SDXL's size/crop micro-conditioning: the UNet embeds (original size, crop corner, target size)
+        self.micro_conditioned = getattr(unet, "config", {}).get("addition_time_embed_dim") is not None
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The default (height, width) in pixels."""
+        return self.latent_shape[1] * self.factor, self.latent_shape[2] * self.factor
+
+    def check_size(self, height: int, width: int) -> None:
+        """ValueError unless the autoencoder's downsampling divides both sides."""
+        if height < 1 or width < 1 or height % self.factor or width % self.factor:
+            raise ValueError(f"height and width must be positive multiples of the autoencoder's downsampling factor "
+                             f"{self.factor}, got {height} x {width}")
 
     @property
     def device(self) -> torch.device:
@@ -53,27 +71,38 @@ class TextToImage:
     def __call__(self, prompts: Sequence[str], *, seeds: Sequence[int], negative_prompt: str = "",
                  sampler: str = "ddpm", steps: int = 50, guidance: float = 4.0, guidance_rescale: float | None = None,
                  guidance_interval: Sequence[float] | None = None, time_shift: float | None = None,
+                 height: int | None = None, width: int | None = None, original_size: Sequence[int] | None = None,
+                 crop_top_left: Sequence[int] = (0, 0), target_size: Sequence[int] | None = None,
                  **options) -> Tensor:
         """Images (B, 3, H, W) in [0, 1]; image i depends only on (prompt i, seed i) and the settings.
 
         Classifier-free guidance with scale ``guidance``, rescaled by phi = ``guidance_rescale`` (Lin et al. 2023) and
         applied only inside ``guidance_interval`` = (sigma_lo, sigma_hi) when given (Kynkaanniemi et al. 2024);
-        ``time_shift`` warps the time grid (SD3). Options not given take the model's configured defaults."""
+        ``time_shift`` warps the time grid (SD3). Options not given take the model's configured defaults.
+        ``height`` x ``width`` (default: the trained image size) is the image size; a micro-conditioned (SDXL) model
+        is also told ``original_size`` and ``target_size`` (h, w; default: the image size) and ``crop_top_left``
+        (top, left; default (0, 0): uncropped), both guidance halves alike, as SDXL's pipelines do."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         if not math.isfinite(guidance):
             raise ValueError(f"guidance must be a finite number, got {guidance}")
+        H, W = height or self.image_size[0], width or self.image_size[1]
+        self.check_size(H, W)
         B, device = len(prompts), self.device
         cond = self.text_encoder(list(prompts))
         uncond = self.text_encoder([negative_prompt] * B) if negative_prompt else expand_cond(self.null_cond, B)
         cond, uncond = _to(cond, device), _to(uncond, device)
+        if self.micro_conditioned:
+            ids = micro_conditions(original_size or (H, W), crop_top_left, target_size or (H, W), B).to(device)
+            cond, uncond = {**cond, "time_ids": ids}, {**uncond, "time_ids": ids}  # (B, 6)
         rescale = self.defaults.get("guidance_rescale", 0.0) if guidance_rescale is None else guidance_rescale
         interval = self.defaults.get("guidance_interval") if guidance_interval is None else guidance_interval
         shift = self.defaults.get("time_shift", 1.0) if time_shift is None else time_shift
         denoiser = guide(self.denoiser, guidance, rescale=rescale, interval=interval, process=self.process)
         model = Predictor(denoiser, self.process, self.prediction)
         generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
-        z = sample(model, (B, *self.latent_shape), sampler=sampler, steps=steps, cond=Guided(cond, uncond),
+        shape = (B, self.latent_shape[0], H // self.factor, W // self.factor)  # (B, C, h, w)
+        z = sample(model, shape, sampler=sampler, steps=steps, cond=Guided(cond, uncond),
                    generator=generators, device=device, time_shift=shift, **options)  # (B, C, h, w)
         images = self.autoencoder.decode(z.to(next(self.autoencoder.parameters()).dtype)).float()  # (B, 3, H, W)
         return ((images + 1) / 2).clamp(0, 1)

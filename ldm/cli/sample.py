@@ -12,6 +12,11 @@ Examples:
 Image i uses seed (--seed + i), so any single image can be regenerated alone. Writes a grid (one row per
 prompt) and one PNG per image whose text metadata records prompt, seed, sampler, steps and the guidance settings
 (the model's configured guidance rescale, interval and time shift unless the flags set them).
+
+
+Sizes: --width/--height (default: the trained image size; multiples of the autoencoder's downsampling). A model
+with SDXL's micro-conditioning is also told --original-size and --target-size (HEIGHT WIDTH; default: the image
+size) and --crop-top-left (TOP LEFT; default 0 0, an uncropped image), as SDXL's pipelines default them.
 """
 
 from __future__ import annotations
@@ -53,6 +58,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="samples", help="output folder (default: samples/)")
     p.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:N")
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the trained size)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the trained size)")
+    for flag, names, what in (("--original-size", ("HEIGHT", "WIDTH"), "original image size"),
+                              ("--crop-top-left", ("TOP", "LEFT"), "crop corner"),
+                              ("--target-size", ("HEIGHT", "WIDTH"), "target size")):
+        p.add_argument(flag, type=int, nargs=2, metavar=names, default=None,
+                       help=f"SDXL micro-conditioning: the {what} the model is told")
     args = p.parse_args(argv)
     if args.prompts_file:
         try:
@@ -63,6 +75,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         usage_error("give at least one --prompt or a --prompts-file")
     if args.steps < 1 or args.images_per_prompt < 1 or args.batch_size < 1:
         usage_error("--steps, --images-per-prompt and --batch-size must be positive")
+    for flag in ("width", "height"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            usage_error(f"--{flag} must be positive, got {getattr(args, flag)}")
+    for flag in ("original_size", "target_size", "crop_top_left"):
+        value = getattr(args, flag)
+        if value is not None and (min(value) < 0 or (flag != "crop_top_left" and min(value) < 1)):
+            usage_error(f"--{flag.replace('_', '-')}: expected {'non-negative' if 'crop' in flag else 'positive'} "
+                        f"pixels, got {value}")
     check_guidance(args.guidance)
     args.guidance_options = check_guidance_options(args)
     check_output_folder(args.out)
@@ -70,6 +90,24 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if not args.model.startswith(("runs:/", "models:/")) and not Path(args.model).is_dir():
         usage_error(f"--model: no such folder {args.model}")
     return args
+
+
+def sample_size(pipe, args: argparse.Namespace) -> dict:
+    """The size and micro-conditioning settings of a sampling call (usage errors name the flag)."""
+    height, width = args.height or pipe.image_size[0], args.width or pipe.image_size[1]
+    try:
+        pipe.check_size(height, width)
+    except ValueError as e:
+        usage_error(f"--width/--height: {e}")
+    size = {"height": height, "width": width}
+    micro = {k: tuple(getattr(args, k)) for k in ("original_size", "crop_top_left", "target_size")
+             if getattr(args, k) is not None}
+    if micro and not pipe.micro_conditioned:
+        usage_error(f"--{next(iter(micro)).replace('_', '-')}: this model has no size/crop micro-conditioning "
+                    "(trained without model.addition_time_embed_dim)")
+    if pipe.micro_conditioned:
+        size.update(original_size=(height, width), crop_top_left=(0, 0), target_size=(height, width), **micro)
+    return size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,12 +120,13 @@ def main(argv: list[str] | None = None) -> int:
 
         pipe, cfg = load_model(args.model, args.device, args.tracking_uri, args.raw_weights,
                                [(args.sampler, args.spacing, args.steps)])
+        size = sample_size(pipe, args)
         prompts = [p for p in args.prompt for _ in range(args.images_per_prompt)]
         seeds = [args.seed + i for i in range(len(prompts))]
         options = {**pipe.defaults, **args.guidance_options}  # what this sampling uses: the flags over the model's
         images = pipe.generate(prompts, seeds, batch_size=args.batch_size, negative_prompt=args.negative_prompt,
                                sampler=args.sampler, steps=args.steps, guidance=args.guidance, spacing=args.spacing,
-                               **options)
+                               **options, **size)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         for i, im in enumerate(to_pil(images)):
@@ -96,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                     "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance, **options,
                     "spacing": args.spacing,
                     "model": args.model if ":/" in args.model else str(Path(args.model).resolve()),
-                    "weights": "raw" if args.raw_weights else "ema"}
+                    "weights": "raw" if args.raw_weights else "ema", **size}
             for k, v in meta.items():
                 info.add_text(k, str(v))
             info.add_text("parameters", json.dumps(meta))

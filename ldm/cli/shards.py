@@ -3,6 +3,8 @@
     ldm-shards folder --images photos/ --out data/photos --image-size 256            # sidecar <stem>.txt captions
     ldm-shards folder --images photos/ --captions captions.csv --out data/photos     # or a CSV / JSONL file
     ldm-shards reshard 'laion/{00000..00099}.tar' --out data/laion --samples-per-shard 5000 --image-size 256
+    ldm-shards latents --data data/emoji --autoencoder runs/autoencoder --out data/emoji-latents --image-size 32
+    ldm-shards text --config configs/ldm/emoji.yaml --data data/emoji-latents --out data/emoji-text   # + key=value
 """
 
 from __future__ import annotations
@@ -93,7 +95,54 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--batch-size", type=_positive, default=64)
     lat.add_argument("--samples-per-shard", type=_positive, default=1000)
     lat.add_argument("--caption", default="label", choices=("label", "label_tags"))
+    text = sub.add_parser("text", help="cache each caption's text embeddings (the config's text encoder) in shards")
+    text.add_argument("--config", required=True, help="LDM config: its text_encoder section is the encoder, its "
+                                                     "data.caption / data.val_fraction / data.val_seed apply")
+    text.add_argument("--data", default=None, help="image or latent shards (default: the config's data.latents, "
+                                                   "else data.train)")
+    text.add_argument("--out", required=True, help="output folder for the cache (shards + index.json + null condition)")
+    text.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                      help="stored dtype of the embeddings (default float32)")
+    text.add_argument("--batch-size", type=_positive, default=64, help="captions per encoder forward (default 64)")
+    text.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. text_encoder.path=...")
     return parser
+
+
+def encode_text(args: argparse.Namespace) -> int:
+    """`ldm-shards text`: the cache carries the encoder's fingerprint (from its files) and its null condition."""
+    import torch
+
+    from ldm.assemble import build_text_encoder, text_fingerprint
+    from ldm.conditioning import null_condition
+    from ldm.config import ConfigError, LDMConfig, load_config
+    from ldm.data import resolve_shards
+    from ldm.data.text_cache import encode_text_shards
+
+    try:
+        cfg = load_config(LDMConfig, args.config, args.overrides)
+        data = args.data or cfg.data.latents or cfg.data.train
+        resolve_shards(data, "train")
+        fingerprint = text_fingerprint(cfg.text_encoder)
+    except (ConfigError, ValueError) as exn:
+        print(f"ldm-shards: error: {exn}", file=sys.stderr)
+        return 2
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        encoder = build_text_encoder(cfg.text_encoder, device)
+    except (OSError, ValueError) as exn:
+        print(f"ldm-shards: error: text_encoder: {exn}", file=sys.stderr)
+        return 2
+    index = encode_text_shards(data, args.out, encoder, fingerprint=fingerprint,
+                               null_cond=null_condition(encoder, cfg.text_encoder.null_condition), dtype=args.dtype,
+                               batch_size=args.batch_size, caption=cfg.data.caption,
+                               val_fraction=cfg.data.val_fraction, val_seed=cfg.data.val_seed)
+    info = index["text"]
+    print(f"wrote {args.out}/index.json  text {info.get('max_length')} x {info.get('dim')} {info['dtype']}"
+          f"{' + pooled ' + str(info['pooled_dim']) if info.get('pooled_dim') else ''}  encoder {fingerprint[:12]}"
+          f"  skipped {info['skipped']}")
+    for split, entry in index["splits"].items():
+        print(f"  {split:5s} {entry['total']:6d} samples in {len(entry['shards'])} shards")
+    return 0
 
 
 def encode_latents(args: argparse.Namespace) -> int:
@@ -148,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--out: {args.out} exists and is not a folder")
     if args.dataset == "latents":
         return encode_latents(args)
+    if args.dataset == "text":
+        return encode_text(args)
     if args.dataset in ("folder", "reshard"):
         return build_dataset(args)
     styles = tuple(s.strip() for s in args.styles.split(",") if s.strip())

@@ -29,7 +29,7 @@ from ldm.conditioning.base import (
 )
 from ldm.conditioning.clip import CLIPTextEncoder
 from ldm.conditioning.composite import CompositeTextEncoder, sdxl_text_encoders
-from ldm.conditioning.fingerprint import text_encoder_fingerprint
+from ldm.conditioning.fingerprint import files_fingerprint, text_encoder_fingerprint
 from ldm.conditioning.hf import HFTextEncoder, default_text_encoder_path
 from ldm.conditioning.micro import NUM_TIME_IDS, micro_conditions
 from ldm.conditioning.openclip import OpenCLIPTextEncoder, quiet_random_init_warning
@@ -82,5 +82,5 @@ def build_text_encoders(specs: Sequence[Mapping[str, Any]], device: torch.device
 __all__ = ["CLIPTextEncoder", "CompositeTextEncoder", "Cond", "FrozenTextEncoder", "HFTextEncoder", "LAYERS",
            "NULL_KINDS", "NUM_TIME_IDS", "OpenCLIPTextEncoder", "TEXT_ENCODERS", "TEXT_ENCODER_KINDS",
            "build_text_encoder", "build_text_encoders", "conditioning_dropout", "default_text_encoder_path",
-           "expand_cond", "masked_mean", "micro_conditions", "null_condition", "quiet_random_init_warning",
+           "expand_cond", "files_fingerprint", "masked_mean", "micro_conditions", "null_condition", "quiet_random_init_warning",
            "sdxl_text_encoders", "text_encoder_fingerprint"]

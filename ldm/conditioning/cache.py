@@ -1,10 +1,14 @@
 """A memo in front of a frozen text encoder: each caption is encoded once per process.
 
 The encoder is frozen and deterministic, so a cached embedding equals a fresh one exactly; the trainer sees the
-same captions every epoch, so after the first epoch no caption is encoded again.
+same captions every epoch, so after the first epoch no caption is encoded again. Given a builder instead of an
+encoder, the encoder is built on the first call only (a run training from cached embeddings never loads it unless
+a sample grid or an evaluation needs prompts encoded).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -17,10 +21,25 @@ Tensor = torch.Tensor
 class CachedTextEncoder(nn.Module):
     """Wraps a text encoder (prompts -> Cond) with a per-caption memo of at most ``capacity`` captions."""
 
-    def __init__(self, encoder: nn.Module, capacity: int = 200_000):
+    def __init__(self, encoder: nn.Module | Callable[[], nn.Module], capacity: int = 200_000):
         super().__init__()
-        self.encoder, self.capacity = encoder, capacity
+        if isinstance(encoder, nn.Module):
+            self._encoder, self._build = encoder, None
+        else:
+            self._encoder, self._build = None, encoder
+        self.capacity = capacity
         self._memo: dict[str, dict[str, Tensor]] = {}
+
+    @property
+    def loaded(self) -> bool:
+        return self._encoder is not None
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The wrapped encoder (built now when it was given as a builder)."""
+        if self._encoder is None:
+            self._encoder = self._build()
+        return self._encoder
 
     @property
     def dim(self) -> int:

@@ -1,8 +1,9 @@
 """Pre-encoded latent shards: the frozen autoencoder's (scaled) latents computed once, read by training.
 
-A latent shard sample holds ``npy`` (float32 latent (C, h, w)), ``txt`` (the caption) and ``json``. The
-folder's index.json records the hash of the encoder weights and config that made the latents; training refuses
-a cache whose hash does not match the autoencoder it is configured with (stale latents train silently wrong).
+A latent shard sample holds ``npy`` (float32 latent (C, h, w)), ``txt`` (the caption) and ``json`` (with the image's
+original size and crop corner, SDXL's micro-conditions). The folder's index.json records the hash of the encoder
+weights and config that made the latents; training refuses a cache whose hash does not match the autoencoder it is
+configured with (stale latents train silently wrong).
 """
 
 from __future__ import annotations
@@ -54,10 +55,12 @@ def encode_latent_shards(data: str, out_dir: str | Path, encode: Callable[[torch
                                      caption=caption):
                 with torch.no_grad():
                     z = encode(batch["image"]).float().cpu().numpy()  # (B, C, h, w)
-                for key, cap, latent in zip(batch["key"], batch["caption"], z):
+                for i, (key, cap, latent) in enumerate(zip(batch["key"], batch["caption"], z)):
                     buf = io.BytesIO()
                     np.save(buf, latent.astype(np.float32))
-                    yield {"__key__": key, "npy": buf.getvalue(), "txt": cap, "json": json.dumps({"key": key})}
+                    meta = {"key": key, "original_size": batch["original_size"][i].int().tolist(),
+                            "crop_top_left": batch["crop_top_left"][i].int().tolist()}  # SDXL's micro-conditions
+                    yield {"__key__": key, "npy": buf.getvalue(), "txt": cap, "json": json.dumps(meta)}
                 bar.update(len(batch["key"]))
                 index["latents"]["latent_shape"] = list(z.shape[1:])
 

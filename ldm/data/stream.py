@@ -16,7 +16,6 @@ keeps its part with a ``KeyHoldout``).
 from __future__ import annotations
 
 import glob
-import io
 import itertools
 import json
 import random
@@ -24,19 +23,18 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import braceexpand
-import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
+from ldm.data.decode import (  # noqa: F401 - re-exported: the stream's decoding, used as ldm.data.stream.*
+    CAPTION_MODES, IMAGE_EXTENSIONS, MAX_TAGS, Decoded, collate, decode_sample, from_npy, pick_cached_text, pick_caption,
+    resize_center_crop, resize_crop, to_rgb,
+)
 from ldm.data.skips import NoUsableData, SkipCounter, open_shards  # noqa: F401 - re-exported
 from ldm.data.split import SPLITS, KeyHoldout
 
-CAPTION_MODES = ("label", "label_tags")
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
-MAX_TAGS = 3
 
 
 def _local(spec: str) -> Path | None:
@@ -152,60 +150,6 @@ def resolve_split(spec: str, split: str = "train", val_fraction: float = 0.0,
     return resolve_shards(spec, "train"), holdout
 
 
-def from_npy(data: bytes, dtype: str = "float32") -> torch.Tensor:
-    """A tensor stored as .npy bytes in a recorded dtype (bfloat16 is stored as its uint16 bits)."""
-    t = torch.from_numpy(np.load(io.BytesIO(data)))
-    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
-
-
-def pick_cached_text(sample: dict, rng: random.Random) -> tuple[str, dict[str, torch.Tensor]]:
-    """One of a text-cache sample's captions (seeded choice) and its cached embeddings, as float32 and bool."""
-    info = json.loads(sample["text.json"])
-    captions, dtype = info["captions"], info["dtype"]
-    i = rng.randrange(len(captions)) if len(captions) > 1 else 0
-    out = {"context": from_npy(sample["text_context.npy"], dtype)[i].float(),  # (L, D)
-           "context_mask": from_npy(sample["text_mask.npy"])[i].bool()}  # (L,)
-    if "text_pooled.npy" in sample:
-        out["pooled"] = from_npy(sample["text_pooled.npy"], dtype)[i].float()  # (P,)
-    return captions[i], out
-
-
-def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Composite any transparency onto a solid background (white by default); returns RGB."""
-    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):  # 16-bit grey: keep the high byte (convert clips)
-        grey = np.asarray(image).astype(np.int64).clip(0, 65535) >> 8  # (H, W)
-        image = Image.fromarray(grey.astype(np.uint8), "L")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa"):
-        image = image.convert("RGBA")
-        canvas = Image.new("RGBA", image.size, background + (255,))
-        return Image.alpha_composite(canvas, image).convert("RGB")
-    return image.convert("RGB")
-
-
-def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
-    """Resize the short side to size (Lanczos, antialiased when shrinking) and crop the centre square."""
-    w, h = image.size
-    if (w, h) != (size, size):
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        image = image.resize((nw, nh), Image.Resampling.LANCZOS)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        image = image.crop((left, top, left + size, top + size))
-    return image
-
-
-def pick_caption(sample: dict, mode: str) -> str:
-    """Caption text of a raw sample: its `txt`, plus up to 3 tags from `json` in "label_tags" mode."""
-    label = sample["txt"].decode("utf-8").strip() if "txt" in sample else ""
-    if not label:
-        raise ValueError("missing or empty caption")
-    if mode == "label_tags" and "json" in sample:
-        words = set(label.lower().replace(":", " ").replace(",", " ").split())
-        tags = [t for t in json.loads(sample["json"]).get("tags", []) if t.lower() not in words]
-        label = ", ".join([label] + tags[:MAX_TAGS])
-    return label
 
 
 class ShardStream(IterableDataset):
@@ -237,56 +181,27 @@ class ShardStream(IterableDataset):
             while True:
                 yield {"url": rng.choice(pool)}
 
-    def _decode(self, sample: dict, rng: random.Random) -> tuple[torch.Tensor, str | tuple[str, dict]]:
-        """Raw sample -> (image (3, H, W) in [-1, 1] or cached latent (C, h, w), caption or (caption, cached
-        embeddings)); raises on a bad sample."""
-        if self.text:
-            if "text.json" not in sample:
-                raise ValueError("no cached text embeddings (text.json) in sample")
-            caption = pick_cached_text(sample, rng)
-        else:
-            caption = pick_caption(sample, self.caption)
-        if self.latents:
-            if "npy" not in sample:
-                raise ValueError("no latent (npy) in sample")
-            return torch.from_numpy(np.load(io.BytesIO(sample["npy"]))), caption  # (C, h, w)
-        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-        if ext is None:
-            raise ValueError("no image in sample")
-        with Image.open(io.BytesIO(sample[ext])) as image:
-            image.load()
-            image = resize_center_crop(to_rgb(image), self.image_size)
-        if self.flip and rng.random() < 0.5:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (H, W, 3)
-        return pixels.permute(2, 0, 1).float().div(127.5).sub(1.0), caption  # (3, H, W)
+    def _decode(self, sample: dict, rng: random.Random) -> Decoded:
+        return decode_sample(sample, rng, width=self.image_size, height=self.image_size, caption=self.caption,
+                             text=self.text, latents=self.latents, flip=self.flip)
 
     def _batches(self, samples: Iterable[dict], rng: random.Random) -> Iterator[dict]:
         """Decode samples into batches of batch_size; a final partial batch only in one-pass mode."""
-        images, captions, keys = [], [], []
+        decoded: list[Decoded] = []
         for sample in samples:
             try:
-                image, caption = self._decode(sample, rng)
+                decoded.append(self._decode(sample, rng))
             except Exception as exn:  # a bad sample must never kill the stream
                 self.skips.skip(f"sample {sample.get('__key__')!r} in {sample.get('__url__')}", exn)
                 continue
-            images.append(image)
-            captions.append(caption)
-            keys.append(sample["__key__"])
-            if len(images) == self.batch_size:
-                yield self._collate(images, captions, keys)
-                images, captions, keys = [], [], []
-        if images and self.batches_per_epoch is None:
-            yield self._collate(images, captions, keys)
+            if len(decoded) == self.batch_size:
+                yield self._collate(decoded)
+                decoded = []
+        if decoded and self.batches_per_epoch is None:
+            yield self._collate(decoded)
 
-    def _collate(self, images: list[torch.Tensor], captions: list, keys: list[str]) -> dict:
-        """One batch dict (with cached text: context (B, L, D), context_mask (B, L)[, pooled (B, P)] too)."""
-        batch = {"latent" if self.latents else "image": torch.stack(images),  # (B, 3, H, W) or (B, C, h, w)
-                 "caption": captions, "key": keys, "skipped": self.skips.count, "worker": self.worker}
-        if self.text:
-            batch["caption"] = [c for c, _ in captions]
-            batch.update({k: torch.stack([e[k] for _, e in captions]) for k in captions[0][1]})  # (B, ...)
-        return batch
+    def _collate(self, decoded: list[Decoded]) -> dict:
+        return collate(decoded, latents=self.latents, skipped=self.skips.count, worker=self.worker)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ldm.data.shards import INDEX_NAME, check_cache_index
-from ldm.data.stream import SkipCounter, from_npy, open_shards, pick_caption, resolve_shards
+from ldm.data.stream import SkipCounter, from_npy, has_splits, open_shards, pick_caption, resolve_split
 from ldm.io import atomic_write_bytes
 
 NULL_NAME = "null_condition.safetensors"
@@ -83,13 +83,16 @@ def _write_shard(samples: Iterable[dict], path: Path) -> int:
 def encode_text_shards(data: str, out_dir: str | Path, encode: Encode, *, fingerprint: str,
                        null_cond: dict[str, torch.Tensor], dtype: str = "float32", batch_size: int = 64,
                        splits: tuple[str, ...] = ("train", "val"), caption: str = "label",
-                       captions: Callable[[dict], list[str]] | None = None, progress: bool = True) -> dict:
+                       captions: Callable[[dict], list[str]] | None = None, progress: bool = True,
+                       val_fraction: float = 0.0, val_seed: int = 0) -> dict:
     """Copy the samples of data's splits into out_dir with each caption's embeddings added; returns the index.
 
     Each input shard becomes one output shard with the same samples in the same order, so a stream over the
     cache sees exactly the sequence (shuffles included) of a stream over the input. ``captions(raw_sample)``
     lists a sample's captions (default: the one ``pick_caption(sample, caption)`` gives); samples without a
-    caption are dropped and counted in the index's ``text.skipped``.
+    caption are dropped and counted in the index's ``text.skipped``. A data set without splits (a plain shard
+    folder) is one split: all of it is the cache's train split, or, with ``val_fraction``, the part a key hash
+    keeps (``resolve_split``), the held-out part its val split.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -132,15 +135,19 @@ def encode_text_shards(data: str, out_dir: str | Path, encode: Encode, *, finger
                 out_sample["text_pooled.npy"] = to_npy(cond["pooled"][part], dtype)  # (K, P)
             yield out_sample
 
+    one_split = not has_splits(data) and not val_fraction
     for split in splits:
         try:
-            urls = resolve_shards(data, split)
+            urls, holdout = resolve_split(data, split, val_fraction, val_seed)
         except ValueError:
             continue  # e.g. no validation split
+        if one_split and split != splits[0]:
+            continue  # a plain folder is one split: it is not copied twice
         names, counts = [], []
         for url in tqdm(urls, desc=f"text {split}", unit="shard", disable=not progress):
             names.append(f"{split}-{len(names):06d}.tar")
-            samples = (s for batch in _batched(_raw_samples([url]), batch_size) for s in with_text(batch))
+            raw = (s for s in _raw_samples([url]) if holdout is None or holdout.keeps(s["__key__"]))
+            samples = (s for batch in _batched(raw, batch_size) for s in with_text(batch))
             counts.append(_write_shard(samples, out / names[-1]))
         index["splits"][split] = {"shards": names, "counts": counts, "total": sum(counts)}
     null = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()

@@ -10,6 +10,8 @@ which rank 0 writes once every rank has written its file.
 This module is the only one that knows the layout: ``read_weights`` gives the full raw and EMA weights of any
 checkpoint (any ZeRO stage and world size) to exporters and loaders without a DeepSpeed engine, and
 ``read_power_snapshots`` the power EMA snapshots a post-hoc reconstruction combines.
+A module with frozen parameters (LoRA adapters over frozen base weights) is checkpointed without them: the
+checkpoint holds the trained tensors (the adapters), and a resumed run has the frozen ones from where it got them.
 """
 
 from __future__ import annotations
@@ -56,6 +58,11 @@ def param_digest(module: torch.nn.Module) -> str | None:
     return h.hexdigest()
 
 
+def has_frozen(engine) -> bool:
+    """True when some parameters are frozen (LoRA): checkpoints then hold only the trained ones."""
+    return any(not p.requires_grad for p in engine.module.parameters())
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
@@ -85,7 +92,8 @@ class Checkpointer:
     def save(self, engine, ema: EMA, step: int, trainer_state: dict[str, Any]) -> Path:
         """Collective: every rank calls it (DeepSpeed's save has barriers inside)."""
         tag = tag_for(step)
-        engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step}, save_latest=False)
+        engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step}, save_latest=False,
+                               exclude_frozen_parameters=has_frozen(engine))
         folder = self.root / tag
         save_tensors(ema.state_dict(), folder / f"ema_rank{self.rank}.safetensors")
         digest = param_digest(engine.module)
@@ -165,7 +173,7 @@ class Checkpointer:
             self._load_universal(engine, folder)
         else:
             try:
-                path, _ = engine.load_checkpoint(str(self.root), tag=tag)
+                path, _ = engine.load_checkpoint(str(self.root), tag=tag, load_module_strict=not has_frozen(engine))
             except (OSError, RuntimeError, EOFError) as e:
                 raise WeightsError(f"checkpoint {folder} is truncated or corrupt: {str(e).splitlines()[0]}") from None
             if path is None:
@@ -216,7 +224,7 @@ class Checkpointer:
         # (rollbacks to checkpoints this run writes) take the ordinary path
         engine._config.load_universal_checkpoint = True
         try:
-            path, _ = engine.load_checkpoint(str(folder), tag="universal")
+            path, _ = engine.load_checkpoint(str(folder), tag="universal", load_module_strict=not has_frozen(engine))
         finally:
             engine._config.load_universal_checkpoint = False
         if path is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ldm.assemble import Components, autoencoder_config, unet_kwargs
+from ldm.assemble import Components, autoencoder_config, plain_state, state_dims, trained_unet, unet_kwargs
 from ldm.config import LDMConfig, load_config
 from ldm.export import check_target, save_export
 from ldm.io import load_tensors
@@ -21,9 +21,11 @@ from ldm.train.power_ema import fit_error, gamma_to_sigma_rel, posthoc_coefficie
 def export_trained(parts: Components, out: Path, tracker, raw: dict, ema: dict, info: dict[str, Any]) -> str:
     """Rank 0 at the end of training: write <output_dir>/export, log it and register a model version."""
     cfg: LDMConfig = parts.cfg
-    folder = save_export(out / "export", cfg, raw, ema, parts.null_cond, cfg.autoencoder.path,
-                         unet_kwargs(cfg.model, parts.latent_shape[0], parts.context_dim),
-                         {"ema": {"kind": "ema", "decay": cfg.train.ema_decay}, **info})
+    adapters = {"raw": parts.unet(raw), "ema": parts.unet(ema)} if cfg.model.lora is not None else None
+    if adapters:  # the export holds merged full weights, and the adapters as LoRA files
+        raw, ema = plain_state(adapters["raw"]), plain_state(adapters["ema"])
+    folder = save_export(out / "export", cfg, raw, ema, parts.null_cond, cfg.autoencoder.path, parts.unet_kwargs(),
+                         {"ema": {"kind": "ema", "decay": cfg.train.ema_decay}, **info}, adapters)
     tracker.log_artifact(folder, "export")
     version = tracker.register_model(cfg.run.name, "export")
     if version:
@@ -64,10 +66,14 @@ def export_checkpoint(run_dir: str | Path, out: str | Path | None = None, tag: s
     if ema_sigma_rel is not None:
         ema, record = posthoc_ema(run_dir / "checkpoints", tag, ema_sigma_rel)
     null = load_tensors(run_dir / "null_condition.safetensors")
-    # the middle block always has cross-attention: its key projection reads the text width
-    context_dim = int(next(v.shape[1] for k, v in ema.items() if k.endswith("attn2.to_k.weight")))
+    context_dim, pooled_dim = state_dims(cfg.model, ema)  # the text widths the weights read
     latent_channels = int(autoencoder_config(cfg.autoencoder.path)["latent_channels"])
+    adapters = None
+    if cfg.model.lora is not None:  # adapters over model.init_from's weights: merged for the full weights
+        adapters = {k: trained_unet(cfg.model, latent_channels, context_dim, pooled_dim, s, f"{tag} {k}")
+                    for k, s in (("raw", raw), ("ema", ema))}
+        raw, ema = plain_state(adapters["raw"]), plain_state(adapters["ema"])
     return save_export(out, cfg, raw, ema, null, cfg.autoencoder.path,
-                       unet_kwargs(cfg.model, latent_channels, context_dim),
+                       unet_kwargs(cfg.model, latent_channels, context_dim, pooled_dim),
                        {"step": int(tag.removeprefix("step")), "source": str(run_dir.resolve()), "tag": tag,
-                        "ema": record})
+                        "ema": record}, adapters)

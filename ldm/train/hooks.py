@@ -12,7 +12,6 @@ from typing import Callable
 import torch
 
 from ldm.assemble import Components
-from ldm.conditioning import expand_cond
 from ldm.diffusion import band_times, eps_mse
 from ldm.pipeline import make_grid
 from ldm.diffusion.rng import sample_generators
@@ -36,27 +35,50 @@ class HeldOutLoss:
 
     def __init__(self, parts: Components, dist: DistInfo, bands: int, max_samples: int, batch_size: int):
         from ldm.data import make_loader, resolve_shards
+        from ldm.data.source import cache_holds_latents, val_source
 
         cfg = parts.cfg
         self.parts, self.batch_size = parts, batch_size
         self.times = band_times(parts.process, bands)  # (bands,) float64
-        loader = make_loader(resolve_shards(cfg.data.val, "val"), batch_size=batch_size,
-                             image_size=cfg.data.image_size, shuffle_buffer=0,
-                             caption=cfg.data.caption)  # one pass in shard order, identical on every rank
-        self.total, self.keys, self.captions, images = 0, [], [], []
+        src, cache = val_source(cfg.data), cfg.data.text_cache
+        try:  # a text cache's own val split: the held-out captions' cached embeddings (no text encoder needed)
+            urls, holdout, text = resolve_shards(cache, "val"), None, True
+            latents = cache_holds_latents(cache)
+        except (TypeError, ValueError):
+            urls, holdout, text, latents = resolve_shards(src.spec, "val"), src.holdout, False, False
+        loader = make_loader(urls, batch_size=batch_size, image_size=cfg.data.image_size, shuffle_buffer=0,
+                             caption=cfg.data.caption, holdout=holdout, text=text,
+                             latents=latents)  # one pass in shard order, identical on every rank
+        self.total, self.keys, rows = 0, [], []
+        fields = ("caption", "original_size", "crop_top_left", "context", "context_mask", "pooled")
         for batch in loader:
-            for image, caption, key in zip(batch["image"], batch["caption"], batch["key"]):
+            for i, key in enumerate(batch["key"]):
                 if self.total < max_samples and self.total % dist.world_size == dist.rank:
-                    images.append(image)
-                    self.captions.append(caption)
+                    rows.append({k: batch[k][i] for k in ("image", "latent", *fields) if k in batch})
                     self.keys.append(key)
                 self.total += self.total < max_samples
         if self.total == 0:
-            raise ValueError(f"data.val: the val split of {cfg.data.val} has no samples for the held-out loss")
+            raise ValueError(f"data.val: the val split of {src.spec if src else cache} has no samples for the "
+                             "held-out loss")
         with torch.no_grad():
-            self.latents = torch.cat([parts.autoencoder.encode(torch.stack(images[i:i + batch_size]).to(parts.device))
-                                      .float() for i in range(0, len(images), batch_size)]) if images else None
+            self.latents = torch.cat([self._latents(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+                                     ) if rows else None
+        # per sample: what its condition is made of (caption or cached embeddings, size and crop)
+        self.rows = [{k: v for k, v in r.items() if k not in ("image", "latent")} for r in rows]
         self.forwards = math.ceil(math.ceil(self.total / dist.world_size) / batch_size)  # the same on every rank
+
+    def _latents(self, rows: list[dict]) -> torch.Tensor:
+        if "latent" in rows[0]:
+            return torch.stack([r["latent"] for r in rows]).float().to(self.parts.device)
+        return self.parts.autoencoder.encode(torch.stack([r["image"] for r in rows]).to(self.parts.device)).float()
+
+    def _cond(self, rows: list[dict], x0: torch.Tensor):
+        """The condition of some held-out samples (as a training batch of theirs gets it)."""
+        batch = {"latent": x0}
+        for k in rows[0]:
+            values = [r[k] for r in rows]
+            batch[k] = values if k == "caption" else torch.stack(values)
+        return self.parts.condition(batch)
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
@@ -68,11 +90,11 @@ class HeldOutLoss:
                 rows = slice(j * self.batch_size, (j + 1) * self.batch_size)
                 keys = self.keys[rows]
                 if keys:
-                    x0, cond, weight = self.latents[rows], p.text_encoder(self.captions[rows]), 1.0
+                    x0, weight = self.latents[rows], 1.0
+                    cond = self._cond(self.rows[rows], x0)
                 else:  # this rank has run out: a forward on a padding sample keeps ZeRO-3's collectives in step
                     x0 = torch.zeros(1, *p.latent_shape, device=p.device)
-                    keys, cond, weight = ["padding"], expand_cond(p.null_cond, 1), 0.0
-                cond = {k: v.to(p.device) for k, v in cond.items()}
+                    keys, cond, weight = ["padding"], p.condition({"latent": x0, **p.null_cond}), 0.0
                 mse = eps_mse(denoiser, x0, cond, p.process, t, p.cfg.diffusion.prediction,
                               sample_generators(keys, "val", band))  # (B,)
                 sums[band] += weight * float(mse.double().sum())

@@ -1,9 +1,8 @@
 """The LDM training loop: where data, the assembled model parts, DeepSpeed and MLflow meet.
 
-Per step: images -> frozen autoencoder latents (x scale factor), captions -> frozen text-encoder tokens with
-conditioning dropout -> the objective on the UNet (a DeepSpeed engine: ZeRO, bf16, accumulation, clipping) -> EMAs
-(and power EMA snapshots); then the interval hooks: logging, checkpoints, held-out loss, grid, evaluation; export.
-Everything a run needs is assembled and checked in ``__init__``, before the first step.
+Per step: images -> frozen autoencoder latents (or cached ones), captions -> frozen text-encoder tokens (or cached)
+with conditioning dropout -> the objective on the UNet (a DeepSpeed engine: ZeRO, bf16, accumulation, clipping) -> EMAs;
+then the hooks (log, checkpoint, held-out loss, grid, evaluation); the export. All is built and checked in __init__.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from ldm.train.ema import EMA
 from ldm.train.engine import build_engine, full_state, weights_finite
 from ldm.train.export import export_trained
 from ldm.train.guards import NonFiniteGuard, TrainingDiverged, skip_micro_batch  # noqa: F401 - re-exported
-from ldm.train.position import DataPosition, batch_stream, batches_per_epoch
+from ldm.train.position import DataPosition, batch_stream
 from ldm.train.preemption import StopRequest, agreed_action, exit_code, run_requeue
 
 log = logging.getLogger(__name__)
@@ -42,11 +41,12 @@ class Trainer:
         self.dist = dist or init_distributed(cfg.run.device)
         self.out = Path(cfg.run.output_dir)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-        self.parts = assemble(cfg, self.dist.device)
+        self.parts = assemble(cfg, self.dist.device, training=True)  # with a text cache: no text encoder loads
         self.engine = build_engine(self.parts.unet(), t, cfg.data.batch_size, self.dist.device)
         self.ema = EMA(self.engine.module, t.ema_decay, t.power_ema)  # with EDM2's power EMAs when configured
         self.checkpointer = Checkpointer(self.out / "checkpoints", self.dist.rank, t.keep_last, t.power_snapshot_every)
-        self.position = DataPosition(batches_per_epoch(cfg.data, self.dist.world_size))
+        self.position = DataPosition.of(cfg.data, self.dist.world_size, t.grad_accum)
+        self._print("\n".join(self.position.report))  # the bucket plan: what happens to every image
         self.guard = NonFiniteGuard(t.max_bad_steps, t.max_rollbacks)
         self.step, self.samples_seen, self.run_id = 0, 0, None
         state = self.checkpointer.load(self.engine, self.ema)
@@ -97,7 +97,7 @@ class Trainer:
                 z = batch["latent"].to(p.device, non_blocking=True)  # (B, C, h, w) scaled latents
             else:
                 z = p.autoencoder.encode(batch["image"].to(p.device, non_blocking=True))  # (B, C, h, w) scaled latents
-            cond = {k: v.to(p.device) for k, v in p.text_encoder(batch["caption"]).items()}  # (B, L, D) + (B, L)
+            cond = p.condition(batch)  # cached or encoded text (B, L, D), (B, L)[, pooled (B, P), time_ids (B, 6)]
         # every random draw of a sample comes from its own generator: the same on any number of ranks
         generators = sample_generators(batch["key"], self.cfg.run.seed, self.guard.rollbacks, self.step)
         cond = conditioning_dropout(cond, p.null_cond, self.cfg.diffusion.cond_dropout, generators)

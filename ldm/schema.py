@@ -1,10 +1,14 @@
-"""Typed configs from YAML: loading with ``key.sub=value`` overrides, building dataclasses with every unknown key and
-wrong type an error naming the dotted key, saving, flattening. Knows no schema: ``ldm.config`` is the schema (and
-re-exports these names)."""
+"""Typed configs from YAML: dataclasses are the schema; unknown keys and wrong types raise ``ConfigError`` naming the
+dotted key; ``key.sub=value`` overrides (values parsed as YAML) are applied before validation.
+
+The schema itself (the LDM and autoencoder sections) is ``ldm.config``; this module is the machinery that reads,
+checks, writes and flattens any such dataclass.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -124,6 +128,7 @@ def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dict to dotted keys (for MLflow params)."""
     out: dict[str, Any] = {}
@@ -133,3 +138,26 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def _get(cfg: Any, key: str) -> Any:
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _positive(cfg: Any, *keys: str) -> None:
+    """Each key's value is a finite number > 0."""
+    for key in keys:
+        value = _get(cfg, key)
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{key}: must be a positive number, got {value}")
+
+
+def _non_negative(cfg: Any, *keys: str) -> None:
+    """Each key's value is a finite number >= 0."""
+    for key in keys:
+        value = _get(cfg, key)
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{key}: must be a finite number >= 0, got {value}")

@@ -13,7 +13,7 @@ from tests.conftest import ROOT
 def test_shipped_configs_load(path):
     cfg = load_config(LDMConfig, ROOT / path)
     assert cfg.model.preset == "emoji-cpu"
-    assert load_config(AutoencoderConfig, ROOT / "configs/autoencoder/emoji.yaml").model.latent_channels == 4
+    assert load_config(AutoencoderConfig, ROOT / "configs/autoencoder/emoji.yaml").model.latent_channels == 8
 
 
 @pytest.mark.parametrize("override, key", [

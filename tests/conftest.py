@@ -51,7 +51,7 @@ def tiny_autoencoder(tmp_path_factory, tiny_shards) -> Path:
     base = tmp_path_factory.mktemp("tiny_ae")
     rc = main(["--config", str(ROOT / "configs/autoencoder/emoji.yaml"), f"data.train={tiny_shards}",
                f"data.val={tiny_shards}", "data.image_size=16", "data.batch_size=4", "model.block_out_channels=[8,16]",
-               "model.norm_num_groups=8", "train.steps=3", "train.scale_batches=2", "train.log_every=1",
+               "model.norm_num_groups=8", "model.latent_channels=4", "train.steps=3", "train.scale_batches=2", "train.log_every=1",
                f"run.output_dir={base / 'autoencoder'}", f"tracking.uri=sqlite:///{base / 'mlflow.db'}"])
     assert rc == 0
     return base / "autoencoder"

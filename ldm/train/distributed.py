@@ -8,6 +8,7 @@ signs of a multi-process launch it cannot map is refused, never turned into one 
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import socket
@@ -143,12 +144,20 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False,
                                    verbose=False)
+        # torn down before the interpreter exits (local, no collective): a group left to the interpreter's teardown can
+        # abort the process in gloo's threads ("terminate called without an active exception") after a clean run
+        atexit.register(_destroy_group)
     if use_cuda:
         dev = torch.device(device if device.startswith("cuda:") else f"cuda:{local_rank}")
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
     return DistInfo(rank, world, local_rank, dev)
+
+
+def _destroy_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def barrier() -> None:

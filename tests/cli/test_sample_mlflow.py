@@ -49,7 +49,8 @@ def test_sample_from_mlflow_server(tmp_path, tiny_shards, tiny_autoencoder, mlfl
         assert np.array_equal(np.asarray(a), np.asarray(b))  # same model, same seed: the identical image
     meta = json.loads(Image.open(tmp_path / "a" / "00001.png").text["parameters"])
     assert meta == {"prompt": "red apple", "negative_prompt": "", "seed": 12, "sampler": "ddim", "steps": 3,
-                    "guidance": 2.5, "model": f"runs:/{run.info.run_id}/export", "weights": "ema", "height": 16,
+                    "guidance": 2.5, "guidance_rescale": 0.0, "guidance_interval": None, "time_shift": 1.0,
+                    "spacing": None, "model": f"runs:/{run.info.run_id}/export", "weights": "ema", "height": 16,
                     "width": 16}
     # image 1 regenerated alone with its own seed is the same image
     alone = _sample(["--model", str(out / "export"), "--prompt", "red apple", "--steps", "3", "--guidance", "2.5",

@@ -1,7 +1,9 @@
 """A memo in front of a frozen text encoder: each caption is encoded once per process.
 
-The encoder is frozen and deterministic, so a cached embedding equals a fresh one exactly; the trainer sees the
-same captions every epoch, so after the first epoch no caption is encoded again. Given a builder instead of an
+The encoder is frozen, and each caption is encoded alone: a batched matmul's rounding depends on the batch's size,
+so encoding in whatever batch a caption first appears in would make a resumed run (whose memo fills in other
+batches) differ from the uninterrupted one in the last bits. The trainer sees the same captions every epoch, so after
+the first epoch no caption is encoded again. Given a builder instead of an
 encoder, the encoder is built on the first call only (a run training from cached embeddings never loads it unless
 a sample grid or an evaluation needs prompts encoded).
 """
@@ -59,8 +61,7 @@ class CachedTextEncoder(nn.Module):
         if missing:
             if len(self._memo) + len(missing) > self.capacity:
                 self._memo.clear()
-            out = self.encoder(missing)
-            for i, prompt in enumerate(missing):
-                self._memo[prompt] = {k: v[i] for k, v in out.items()}
+            for prompt in missing:  # one at a time: a caption's embedding must not depend on the batch it first came in
+                self._memo[prompt] = {k: v[0] for k, v in self.encoder([prompt]).items()}
         keys = self._memo[prompts[0]].keys()
         return {k: torch.stack([self._memo[p][k] for p in prompts]) for k in keys}  # (B, L, D), (B, L), ...

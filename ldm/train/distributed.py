@@ -141,17 +141,19 @@ def init_distributed(device: str = "auto") -> DistInfo:
         torch.set_num_threads(max(1, cores // max(local_world, 1)))
     import deepspeed
 
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False,
-                                   verbose=False)
-        # torn down before the interpreter exits (local, no collective): a group left to the interpreter's teardown can
-        # abort the process in gloo's threads ("terminate called without an active exception") after a clean run
-        atexit.register(_destroy_group)
     if use_cuda:
         dev = torch.device(device if device.startswith("cuda:") else f"cuda:{local_rank}")
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        if world == 1:  # an in-memory store: no rendezvous port to lose to another process between picking and binding
+            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)  # wraps a group
+        # torn down before the interpreter exits (local, no collective): a group left to the interpreter's teardown can
+        # abort the process in gloo's threads ("terminate called without an active exception") after a clean run
+        atexit.register(_destroy_group)
     return DistInfo(rank, world, local_rank, dev)
 
 

@@ -167,3 +167,21 @@ def test_openclip_short_context_sd2_checkpoint_and_mismatch(openclip_model, tmp_
     with pytest.raises(ValueError) as err:
         _openclip_encoder(tmp_path / "broken.safetensors")
     assert "missing keys ['ln_final.weight']" in str(err.value) and "positional_embedding" in str(err.value)
+
+
+def test_memo_encodes_each_caption_alone():
+    """Before: a caption was memoised from the batch it first came in, and a batched matmul rounds by batch size, so a
+    resumed run (whose memo filled in other batches) drifted from the uninterrupted one in the last bits."""
+    from ldm.conditioning.cache import CachedTextEncoder
+
+    class BatchSensitive(torch.nn.Module):  # an encoder whose rounding depends on the batch, as BLAS's does
+        def forward(self, prompts):
+            base = torch.tensor([[float(len(p))] for p in prompts]).expand(-1, 3)
+            return {"context": (base + 1e-3 * len(prompts)).unsqueeze(1)}
+
+    encoder = BatchSensitive()
+    first, later = CachedTextEncoder(encoder), CachedTextEncoder(encoder)
+    a = first(["red apple", "dog", "red heart", "dog"])["context"]
+    b = later(["red heart"])["context"]
+    assert torch.equal(a[2], b[0]) and torch.equal(a[1], a[3])
+    assert torch.equal(a[0], encoder(["red apple"])["context"][0])

@@ -102,4 +102,4 @@ def training_overrides(shards: Path, autoencoder: Path, text_encoder: Path, out:
             "data.shuffle_buffer=8", f"autoencoder.path={autoencoder}", f"text_encoder.path={text_encoder}",
             "text_encoder.max_length=8", "model.preset=tiny", "train.warmup_steps=1", "train.log_every=1",
             "sampling.steps=3", "sampling.images_per_prompt=1", "sampling.prompts=[red circle, blue square]",
-            f"run.output_dir={out}", "tracking.enabled=false", *extra]
+            "train.val_every=0", "eval.final=false", f"run.output_dir={out}", "tracking.enabled=false", *extra]

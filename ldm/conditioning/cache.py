@@ -1,8 +1,9 @@
 """A memo in front of a frozen text encoder: each caption is encoded once per process.
 
-The encoder is frozen, and each caption is encoded alone: a batched matmul's rounding depends on the batch's size,
-so encoding in whatever batch a caption first appears in would make a resumed run (whose memo fills in other
-batches) differ from the uninterrupted one in the last bits. The trainer sees the same captions every epoch, so after
+The encoder is frozen, and captions are always encoded in batches of the same size (``CHUNK``, padded with empty
+prompts; the tokenizers pad every prompt to max_length): a matmul's rounding depends on its shape, so encoding in
+whatever batch a caption first appears in would make a resumed run (whose memo fills in other batches) differ from
+the uninterrupted one in the last bits. One shape gives a caption the same embedding whatever its neighbours. The trainer sees the same captions every epoch, so after
 the first epoch no caption is encoded again. Given a builder instead of an
 encoder, the encoder is built on the first call only (a run training from cached embeddings never loads it unless
 a sample grid or an evaluation needs prompts encoded).
@@ -18,6 +19,7 @@ from torch import nn
 from ldm.conditioning.base import Cond
 
 Tensor = torch.Tensor
+CHUNK = 32  # prompts per encoder call
 
 
 class CachedTextEncoder(nn.Module):
@@ -61,7 +63,10 @@ class CachedTextEncoder(nn.Module):
         if missing:
             if len(self._memo) + len(missing) > self.capacity:
                 self._memo.clear()
-            for prompt in missing:  # one at a time: a caption's embedding must not depend on the batch it first came in
-                self._memo[prompt] = {k: v[0] for k, v in self.encoder([prompt]).items()}
+            for start in range(0, len(missing), CHUNK):  # always CHUNK prompts: one shape, so one rounding
+                chunk = missing[start:start + CHUNK]
+                out = self.encoder(chunk + [""] * (CHUNK - len(chunk)))
+                for i, prompt in enumerate(chunk):
+                    self._memo[prompt] = {k: v[i] for k, v in out.items()}
         keys = self._memo[prompts[0]].keys()
         return {k: torch.stack([self._memo[p][k] for p in prompts]) for k in keys}  # (B, L, D), (B, L), ...

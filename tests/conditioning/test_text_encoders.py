@@ -169,13 +169,16 @@ def test_openclip_short_context_sd2_checkpoint_and_mismatch(openclip_model, tmp_
     assert "missing keys ['ln_final.weight']" in str(err.value) and "positional_embedding" in str(err.value)
 
 
-def test_memo_encodes_each_caption_alone():
-    """Before: a caption was memoised from the batch it first came in, and a batched matmul rounds by batch size, so a
-    resumed run (whose memo filled in other batches) drifted from the uninterrupted one in the last bits."""
-    from ldm.conditioning.cache import CachedTextEncoder
+def test_memo_embedding_does_not_depend_on_the_batch_it_came_in(minilm):
+    """Before: a caption was memoised from the batch it first came in, and a matmul rounds by its shape, so a resumed
+    run (whose memo filled in other batches) drifted from the uninterrupted one in the last bits."""
+    from ldm.conditioning.cache import CHUNK, CachedTextEncoder
 
-    class BatchSensitive(torch.nn.Module):  # an encoder whose rounding depends on the batch, as BLAS's does
+    class BatchSensitive(torch.nn.Module):  # an encoder whose rounding depends on the batch size, as BLAS's does
+        calls: list[int] = []
+
         def forward(self, prompts):
+            self.calls.append(len(prompts))
             base = torch.tensor([[float(len(p))] for p in prompts]).expand(-1, 3)
             return {"context": (base + 1e-3 * len(prompts)).unsqueeze(1)}
 
@@ -184,4 +187,10 @@ def test_memo_encodes_each_caption_alone():
     a = first(["red apple", "dog", "red heart", "dog"])["context"]
     b = later(["red heart"])["context"]
     assert torch.equal(a[2], b[0]) and torch.equal(a[1], a[3])
-    assert torch.equal(a[0], encoder(["red apple"])["context"][0])
+    assert encoder.calls == [CHUNK, CHUNK]
+    first([f"caption {i}" for i in range(CHUNK + 1)])
+    assert encoder.calls[2:] == [CHUNK, CHUNK]
+    # the real encoder: a caption's memoised embedding is bit-identical whatever its neighbours were
+    x = CachedTextEncoder(minilm)(["red heart", "a dog face with a hat", "grinning face"])["context"][2]
+    y = CachedTextEncoder(minilm)(["grinning face"] + [f"thing {i}" for i in range(CHUNK + 3)])["context"][0]
+    assert torch.equal(x, y)

@@ -53,13 +53,17 @@ class FrozenTextEncoder(nn.Module):
 
     def tokenize(self, prompts: list[str]) -> dict[str, Tensor]:
         """Token ids and attention mask, padded/truncated to max_length, on the encoder's device; prompts that had
-        to be cut are reported (a log warning naming how many and the first)."""
+        to be cut are counted (``prompts_cut``) and the first cut is reported once (a log warning naming the prompt):
+        a training run sees the same long captions every epoch and would repeat the warning every step."""
         lengths = [len(ids) for ids in self.tokenizer(list(prompts), truncation=False)["input_ids"]]
         cut = [p for p, n in zip(prompts, lengths) if n > self.max_length]
         if cut:
-            log.warning("%d prompt(s) longer than text_encoder.max_length=%d tokens were cut to that length, e.g. "
-                        "%r (%d tokens); raise text_encoder.max_length to keep them", len(cut), self.max_length,
-                        cut[0][:80] + ("..." if len(cut[0]) > 80 else ""), max(lengths))
+            if not getattr(self, "prompts_cut", 0):
+                log.warning("%d prompt(s) longer than text_encoder.max_length=%d tokens were cut to that length, e.g. "
+                            "%r (%d tokens); raise text_encoder.max_length to keep them (further cuts are counted, "
+                            "not reported)", len(cut), self.max_length,
+                            cut[0][:80] + ("..." if len(cut[0]) > 80 else ""), max(lengths))
+            self.prompts_cut = getattr(self, "prompts_cut", 0) + len(cut)
         return self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
                               return_tensors="pt").to(self.device)
 

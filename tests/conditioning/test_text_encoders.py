@@ -194,3 +194,14 @@ def test_memo_embedding_does_not_depend_on_the_batch_it_came_in(minilm):
     x = CachedTextEncoder(minilm)(["red heart", "a dog face with a hat", "grinning face"])["context"][2]
     y = CachedTextEncoder(minilm)(["grinning face"] + [f"thing {i}" for i in range(CHUNK + 3)])["context"][0]
     assert torch.equal(x, y)
+
+
+def test_cut_prompts_are_reported_once_and_counted(caplog):
+    """A training run sees the same long captions every epoch: the first cut is named, later ones only counted."""
+    encoder = build_text_encoder("hf", None, max_length=4)
+    with caplog.at_level("WARNING", logger="ldm.conditioning.base"):
+        encoder(["red apple", "a dog face with a hat"])
+        encoder(["a dog face with a hat", "a grinning face with big eyes"])
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "'a dog face with a hat'" in warnings[0] and "max_length=4" in warnings[0]
+    assert encoder.prompts_cut == 3

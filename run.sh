@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point that sets everything up on a fresh machine (Python 3.11 + pip, npm) and then runs:
-#   ./run.sh demo [key=value ...]   the whole pipeline on the embedded emoji default (~25 min on 2 CPU cores)
+#   ./run.sh demo [key=value ...]   the whole pipeline on the embedded emoji default (26 min on 2 CPU cores)
 #   ./run.sh test [pytest args]     the test suite (what CI runs)
 # The virtual environment (.venv) is (re)installed only when pyproject.toml, the lock (constraints.txt:
 # the exact versions tested) or the extras change. LDM_EXTRAS picks the extras (default "test"; "" for

@@ -3,10 +3,10 @@
 The encoder is frozen, and captions are always encoded in batches of the same size (``CHUNK``, padded with empty
 prompts; the tokenizers pad every prompt to max_length): a matmul's rounding depends on its shape, so encoding in
 whatever batch a caption first appears in would make a resumed run (whose memo fills in other batches) differ from
-the uninterrupted one in the last bits. One shape gives a caption the same embedding whatever its neighbours. The trainer sees the same captions every epoch, so after
-the first epoch no caption is encoded again. Given a builder instead of an
-encoder, the encoder is built on the first call only (a run training from cached embeddings never loads it unless
-a sample grid or an evaluation needs prompts encoded).
+the uninterrupted one in the last bits. One shape gives a caption the same embedding whatever its neighbours. The
+trainer sees the same captions every epoch, so after the first epoch no caption is encoded again. Given a builder
+instead of an encoder, the encoder is built on the first call only (a run training from cached embeddings never loads
+it unless a sample grid or an evaluation needs prompts encoded).
 """
 
 from __future__ import annotations

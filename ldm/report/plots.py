@@ -197,7 +197,7 @@ def nfe_curves(rows: Sequence[Mapping], path: Path, reference: tuple[str, float]
     """FID against the number of function evaluations, one line per sampler (and guidance scale when several);
     ``reference`` (label, FID) draws that FID dashed and 10% above it dotted.
 
-    rows: dicts with sampler, nfe, guidance, fid.
+    rows: dicts with sampler, nfe, guidance, fid[, fid_lo/hi: the interval bars].
     """
     fig = _figure(7.5, 4.5)
     ax = fig.add_subplot()
@@ -205,8 +205,8 @@ def nfe_curves(rows: Sequence[Mapping], path: Path, reference: tuple[str, float]
     groups = _by(rows, "sampler", "guidance")
     for i, ((sampler, guidance), pts) in enumerate(sorted(groups.items())):
         pts = sorted(pts, key=lambda r: r["nfe"])
-        ax.plot([r["nfe"] for r in pts], [r["fid"] for r in pts], marker="o", color=f"C{i % 10}",
-                label=f"{sampler}, guidance {guidance:g}" if several else sampler)
+        _errorbar(ax, [r["nfe"] for r in pts], pts, "fid", marker="o", color=f"C{i % 10}",
+                  label=f"{sampler}, guidance {guidance:g}" if several else sampler)
     if reference is not None:
         label, value = reference
         ax.axhline(value, color="0.3", linestyle="--", linewidth=1, label=f"{label} ({value:.3g})")

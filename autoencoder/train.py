@@ -1,7 +1,9 @@
 """Plain-torch training loop for the KL autoencoder (stage 1 of Rombach et al. 2022).
 
 One optimiser (AdamW, fused where torch has it), reconstruction + KL loss, a linear warm-up and a cosine (or
-constant) learning rate, no discriminator. The network is convolutional, so it can train on random crops of the
+constant) learning rate; with ``disc_weight`` > 0 the patch-adversarial term of the LDM first stage from step
+``disc_start`` on (``autoencoder.adversarial``: a PatchGAN discriminator with its own optimiser, hinge loss,
+adaptive weight). The network is convolutional, so it can train on random crops of the
 images (``crop``) and still encode whole images: at a fixed budget, crops buy more steps. Runs on the model's
 device. Metrics go to the caller through `on_log`; this module does no tracking or file I/O.
 """
@@ -14,6 +16,7 @@ from typing import Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from autoencoder.adversarial import PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss
 from autoencoder.loss import autoencoder_loss
 from autoencoder.model import AutoencoderKL
 
@@ -31,6 +34,9 @@ def train_autoencoder(
     warmup_steps: int = 0,
     crop: int | None = None,
     log_every: int = 50,
+    disc_weight: float = 0.0,
+    disc_start: int = 0,
+    disc_layers: int = 2,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
 ) -> dict[str, float]:
@@ -44,6 +50,8 @@ def train_autoencoder(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if log_every < 1:
         raise ValueError(f"log_every must be >= 1, got {log_every}")
+    if disc_weight < 0 or disc_start < 0:
+        raise ValueError(f"disc_weight and disc_start must be >= 0, got {disc_weight} and {disc_start}")
     if lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
     device = next(model.parameters()).device
@@ -51,6 +59,8 @@ def train_autoencoder(
     model.train()
     fused = device.type in ("cpu", "cuda")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, fused=fused)
+    disc = PatchDiscriminator(model.out_channels, layers=disc_layers).to(device) if disc_weight > 0 else None
+    disc_optimizer = torch.optim.AdamW(disc.parameters(), lr=lr, betas=(0.5, 0.9), fused=fused) if disc else None
 
     def lr_at(step: int) -> float:  # step counts from 1
         if step <= warmup_steps:
@@ -64,7 +74,7 @@ def train_autoencoder(
     crops = torch.Generator().manual_seed(seed + 1)
 
     window: dict[str, float] = {}
-    window_steps = 0
+    counts: dict[str, int] = {}  # steps each key was logged in this window (the adversarial ones start later)
     metrics: dict[str, float] = {}
     batch_iter = iter(batches)
     bar = tqdm(total=steps, desc="autoencoder", disable=not progress, dynamic_ncols=True)
@@ -78,27 +88,41 @@ def train_autoencoder(
             if crop is not None and crop < min(images.shape[-2:]):
                 top, left = (int(torch.randint(0, n - crop + 1, (1,), generator=crops)) for n in images.shape[-2:])
                 images = images[..., top:top + crop, left:left + crop]  # (B, C, crop, crop)
-            for group in optimizer.param_groups:
+            for group in [*optimizer.param_groups, *(disc_optimizer.param_groups if disc else [])]:
                 group["lr"] = lr_at(step)
             recon, posterior = model(images, generator=generator)  # (B, C, H, W)
             total, parts = autoencoder_loss(recon, images, posterior, kl_weight=kl_weight, kind=loss)
+            adversarial = disc is not None and step > disc_start
+            if adversarial:
+                disc.requires_grad_(False)  # the autoencoder's step: no gradients for the discriminator
+                g_loss = generator_loss(disc(recon))
+                weight = disc_weight * adaptive_weight(total, g_loss, model.decoder.conv_out.weight)
+                total = total + weight * g_loss
+                parts.update(g_loss=g_loss.item(), disc_lambda=weight.item(), loss=total.item())
             if not math.isfinite(parts["loss"]):
                 raise FloatingPointError(f"non-finite autoencoder loss at step {step}: {parts}")
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
+            if adversarial:
+                disc.requires_grad_(True)
+                d_loss = hinge_d_loss(disc(images), disc(recon.detach()))
+                disc_optimizer.zero_grad(set_to_none=True)
+                d_loss.backward()
+                disc_optimizer.step()
+                parts["d_loss"] = d_loss.item()
 
             for key, value in parts.items():
                 window[key] = window.get(key, 0.0) + value
-            window_steps += 1
+                counts[key] = counts.get(key, 0) + 1
             bar.update(1)
             if step % log_every == 0 or step == steps:
-                metrics = {key: value / window_steps for key, value in window.items()}
+                metrics = {key: value / counts[key] for key, value in window.items()}
                 metrics["lr"] = lr_at(step)
                 bar.set_postfix(loss=f"{metrics['loss']:.4g}", rec=f"{metrics['rec_per_pixel']:.4g}")
                 if on_log is not None:
                     on_log(step, dict(metrics))
-                window, window_steps = {}, 0
+                window, counts = {}, {}
     finally:
         bar.close()
     return {**metrics, "steps": float(steps)}

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Iterable, Iterator
 
 import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 log = logging.getLogger("ldm.data.stream")  # the stream's logger, as before the move
 
@@ -82,3 +83,11 @@ def open_shards(shards: Iterable[dict], skips: SkipCounter) -> Iterator[dict]:
             stream.close()  # for `pipe:` this also checks the command's exit status
         except Exception as exn:
             skips.handler(exn)
+
+
+def raw_samples(urls: list[str], skips: SkipCounter | None = None) -> Iterator[dict]:
+    """Raw samples (bytes per field, ``__key__``, ``__url__``) of shards in order, each read once; bad shards and
+    samples are skipped and counted in ``skips`` as the training stream does (a stream of only bad shards stops)."""
+    skips = skips if skips is not None else SkipCounter(max_empty_shards=len(urls) + 1, shards=len(set(urls)))
+    files = tar_file_expander(open_shards(({"url": u} for u in urls), skips), handler=skips.handler)
+    yield from skips.got_samples(group_by_keys(files, handler=skips.handler))

@@ -27,10 +27,10 @@ import torch
 import webdataset as wds
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ldm.data.shards import INDEX_NAME, check_cache_index
-from ldm.data.stream import SkipCounter, from_npy, has_splits, open_shards, pick_caption, resolve_split
+from ldm.data.skips import raw_samples
+from ldm.data.stream import from_npy, has_splits, pick_caption, resolve_split
 from ldm.io import atomic_write_bytes
 
 NULL_NAME = "null_condition.safetensors"
@@ -47,13 +47,6 @@ def to_npy(tensor: torch.Tensor, dtype: str) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array)
     return buf.getvalue()
-
-
-def _raw_samples(urls: list[str]) -> Iterator[dict]:
-    """Raw samples (bytes per field) of shards, bad shards skipped and counted like the stream does."""
-    skips = SkipCounter(max_empty_shards=len(urls) + 1)
-    files = tar_file_expander(open_shards(({"url": u} for u in urls), skips), handler=skips.handler)
-    yield from group_by_keys(files, handler=skips.handler)
 
 
 def _batched(samples: Iterable[dict], size: int) -> Iterator[list[dict]]:
@@ -146,7 +139,7 @@ def encode_text_shards(data: str, out_dir: str | Path, encode: Encode, *, finger
         names, counts = [], []
         for url in tqdm(urls, desc=f"text {split}", unit="shard", disable=not progress):
             names.append(f"{split}-{len(names):06d}.tar")
-            raw = (s for s in _raw_samples([url]) if holdout is None or holdout.keeps(s["__key__"]))
+            raw = (s for s in raw_samples([url]) if holdout is None or holdout.keeps(s["__key__"]))
             samples = (s for batch in _batched(raw, batch_size) for s in with_text(batch))
             counts.append(_write_shard(samples, out / names[-1]))
         index["splits"][split] = {"shards": names, "counts": counts, "total": sum(counts)}

@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ldm.data.skips import SkipCounter, raw_samples
 from ldm.data.stream import pick_caption, resize_center_crop, resolve_shards, to_rgb
 from ldm.eval.inception import file_hash
 from ldm.io import atomic_write_bytes, load_tensors, save_tensors
@@ -90,12 +91,10 @@ def cache_key(**parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def iter_samples(urls: list[str]) -> Iterator[tuple[dict, dict]]:
-    """(raw sample, parsed json metadata) of every sample of the shards, in shard order."""
-    import webdataset as wds
-
-    dataset = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
-    for sample in dataset:
+def iter_samples(urls: list[str], skips: SkipCounter | None = None) -> Iterator[tuple[dict, dict]]:
+    """(raw sample, parsed json metadata) of every sample of the shards, in shard order; unreadable shards are
+    skipped and counted in ``skips`` as training skips them (only when none can be read does it stop)."""
+    for sample in raw_samples(urls, skips):
         meta = json.loads(sample["json"]) if "json" in sample else {}
         yield sample, meta
 
@@ -104,8 +103,9 @@ def read_split(spec: str, split: str, image_size: int, caption: str = "label", l
                limit: int | None = None, progress: bool = True) -> RealSet:
     """Decode up to ``limit`` samples of a split (in shard order) to uint8 images, with captions and labels."""
     urls = resolve_shards(spec, split)
+    skips = SkipCounter(max_empty_shards=len(urls) + 1, shards=len(set(urls)))
     images, captions, labels, keys = [], [], [], []
-    for sample, meta in tqdm(iter_samples(urls), desc=f"reading {split}", unit="img", disable=not progress,
+    for sample, meta in tqdm(iter_samples(urls, skips), desc=f"reading {split}", unit="img", disable=not progress,
                              leave=False):
         if limit is not None and len(keys) >= limit:
             break
@@ -125,6 +125,9 @@ def read_split(spec: str, split: str, image_size: int, caption: str = "label", l
         captions.append(text)
         labels.append(str(meta.get(label_key, "")))
         keys.append(sample["__key__"])
+    if skips.bad:
+        log.warning("%s: %d of %d shards of split %r are unreadable and were skipped, e.g. %s", spec, len(skips.bad),
+                    len(urls), split, next(iter(skips.bad)))
     if not keys:
         raise ValueError(f"{spec}: split {split!r} has no usable samples")
     return RealSet(captions, labels, keys, images=torch.stack(images))

@@ -127,6 +127,15 @@ def launch_environment(env: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def cpu_threads(env: Mapping[str, str], cores: int) -> int | None:
+    """Threads for a CPU process: its share of the node's cores (several processes with more than their share
+    oversubscribe badly: spin-waiting threads, 10-100x slower steps); None (keep) when OMP_NUM_THREADS is set, by
+    the user (a run beside other work) or by torchrun (1)."""
+    if env.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, cores // max(int(env.get("LOCAL_WORLD_SIZE", "1")), 1))
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join (or create, for a single process) the process group and pick this rank's device."""
     os.environ.update(launch_environment(os.environ))
@@ -135,10 +144,10 @@ def init_distributed(device: str = "auto") -> DistInfo:
     use_cuda = torch.cuda.is_available() and device in ("auto", "cuda") or device.startswith("cuda:")
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        # several processes on one machine's cores oversubscribe badly with more than their share of threads
-        local_world = int(os.environ["LOCAL_WORLD_SIZE"])
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores // max(local_world, 1)))
+        threads = cpu_threads(os.environ, cores)
+        if threads is not None:
+            torch.set_num_threads(threads)
     import deepspeed
 
     if use_cuda:

@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-from ldm.train.distributed import LaunchError, free_port, init_distributed, launch_environment
+from ldm.train.distributed import LaunchError, cpu_threads, free_port, init_distributed, launch_environment
 from tests.conftest import ROOT
 
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -156,3 +156,17 @@ def test_reductions_run_on_a_device_the_backend_serves():
     both = sorted(run_pair(lambda r: {**pair, "RANK": str(r), "BACKEND": "cpu:gloo,cuda:gloo"}, DISPATCH))
     assert both[0] == "dispatch cpu:gloo,cuda:gloo: ['cpu', 'cuda'] -> cpu; preferring cpu -> cpu; cpu tensor ok"
     assert both[2:] == ["rank 0: any True mean 1.5", "rank 1: any True mean 1.5"]
+
+
+
+@pytest.mark.parametrize("env, cores, expected", [
+    ({"LOCAL_WORLD_SIZE": "1"}, 2, 2),  # alone on the node: every core
+    ({"LOCAL_WORLD_SIZE": "2"}, 2, 1),  # two processes: a core each
+    ({"LOCAL_WORLD_SIZE": "4"}, 2, 1),
+    ({"LOCAL_WORLD_SIZE": "1", "OMP_NUM_THREADS": "1"}, 2, None),  # the user's (or torchrun's) count is kept
+])
+def test_thread_count_is_the_users_else_a_share_of_the_cores(env, cores, expected):
+    """A run beside other work that asks for one thread gets one: with more threads than cores every process
+    spin-waits (a 1-thread step of the emoji UNet took 12-35 s instead of 0.3 s with 2 threads forced on 2 busy
+    cores)."""
+    assert cpu_threads(env, cores) == expected

@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from bench.gpu_runner import Part, Results, plan, read_record, run_parts, run_process, write_atomic
+from bench.gpu_step import (Step, channels_last_forward, diffusers_forward, fill_batch, make_inputs, matmul_peak,
+                            memory, ours_forward, peak_setting, sync)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs/ldm/emoji.yaml"
@@ -52,7 +52,8 @@ TESTS = "gpu-tests"
 # until a run measures them: the JSON records each part's wall time).
 PARTS = [
     Part("peak", "bf16 matmul peak, 8192^3 (the MFU denominator)", 15, 60),
-    Part("unet-256", "UNet train step, ours vs diffusers, eager, bf16 autocast, 256 px, batch filling the GPU", 75, 180),
+    Part("unet-256", "UNet train step, ours vs diffusers, eager, bf16 autocast, 256 px, batch filling the GPU",
+         75, 180),
     Part("trainer-zero2-256", "the trainer from cached latents, ZeRO-2 bf16, SD-1.5 UNet, 256 px: img/s, peak memory",
          100, 240),
     Part(TESTS, "pytest -m gpu tests/gpu (only with --gpu-tests)", 180, 270),
@@ -113,118 +114,6 @@ class Context:
 
 
 # --- the UNet's train step -------------------------------------------------------------------------------------------
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def memory(device: str) -> dict[str, float]:
-    if device != "cuda":
-        return {}
-    return {"peak_gib": torch.cuda.max_memory_allocated() / 2**30, "reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
-
-
-def peak_setting(cuda: bool) -> tuple[torch.dtype, int]:
-    return (torch.bfloat16, 8192) if cuda else (torch.float32, 512)
-
-
-def matmul_peak(device: str, dtype: torch.dtype, n: int, repeats: int = 10) -> tuple[float, str]:
-    """FLOP/s of back-to-back n^3 matmuls (the best of 3 rounds), and what was measured."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(3):
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            torch.mm(a, b)
-        sync(device)
-        best = min(best, (time.perf_counter() - start) / repeats)
-    return 2 * n**3 / best, f"{str(dtype).removeprefix('torch.')} matmul {n}^3 ({device})"
-
-
-def make_inputs(batch: int, size: int, tokens: int, dim: int, device: str) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(3, tokens + 1, (batch,), generator=g)
-    return {"x": torch.randn(batch, 4, size, size, generator=g).to(device),  # (B, 4, h, w)
-            "t": torch.randint(0, 1000, (batch,), generator=g).float().to(device),  # (B,)
-            "context": torch.randn(batch, tokens, dim, generator=g).to(device),  # (B, L, D)
-            "mask": (torch.arange(tokens)[None, :] < lengths[:, None]).to(device),  # (B, L) True = token
-            "target": torch.randn(batch, 4, size, size, generator=g).to(device)}
-
-
-def ours_forward(model, inp):
-    return model(inp["x"], inp["t"], inp["context"], inp["mask"])
-
-
-def channels_last_forward(model, inp):
-    """What train.channels_last does: NHWC activations (weights stay NCHW, as DeepSpeed keeps them)."""
-    return ours_forward(model, {**inp, "x": inp["x"].contiguous(memory_format=torch.channels_last)})
-
-
-def diffusers_forward(model, inp):
-    return model(inp["x"], inp["t"], inp["context"], encoder_attention_mask=inp["mask"]).sample
-
-
-class Step:
-    """One training step of a model (eager or compiled forward) on fixed inputs; the optimizer is the model's."""
-
-    def __init__(self, model: torch.nn.Module, forward: Callable, device: str, opt: torch.optim.Optimizer):
-        self.model, self.forward, self.device, self.opt = model, forward, device, opt
-
-    def __call__(self, inp: dict[str, torch.Tensor]) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.device == "cuda"):
-            out = self.forward(self.model, inp)
-        F.mse_loss(out.float(), inp["target"]).backward()
-        self.opt.step()
-
-    def time(self, inp, warmup: int, steps: int) -> list[float]:
-        for _ in range(warmup):
-            self(inp)
-        times = []
-        for _ in range(steps):
-            sync(self.device)
-            start = time.perf_counter()
-            self(inp)
-            sync(self.device)
-            times.append(time.perf_counter() - start)
-        return times
-
-    def flops(self, inp) -> int:
-        with FlopCounterMode(display=False) as counter:
-            with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.device == "cuda"):
-                out = self.forward(self.model, inp)
-            F.mse_loss(out.float(), inp["target"]).backward()
-        self.model.zero_grad(set_to_none=True)
-        return counter.get_total_flops()
-
-
-def fits(steps: list[Step], batch: int, size: int, tokens: int, dim: int) -> bool:
-    """One step of every model at this batch runs in 85 % of the GPU's memory."""
-    try:
-        for step in steps:
-            torch.cuda.reset_peak_memory_stats()
-            step(make_inputs(batch, size, tokens, dim, "cuda"))
-            torch.cuda.synchronize()
-            if torch.cuda.max_memory_allocated() > 0.85 * torch.cuda.get_device_properties(0).total_memory:
-                return False
-        return True
-    except torch.cuda.OutOfMemoryError:
-        return False
-    finally:
-        for step in steps:
-            step.opt.zero_grad(set_to_none=True)
-        torch.cuda.empty_cache()
-
-
-def fill_batch(steps: list[Step], size: int, tokens: int, dim: int, start: int = 8, cap: int = 1024) -> int:
-    batch = start
-    while batch * 2 <= cap and fits(steps, batch * 2, size, tokens, dim):
-        batch *= 2
-    return batch
 
 
 def measure_unet(ctx: Context, level: int, models: tuple[str, ...], compiled: bool = False,
@@ -327,9 +216,10 @@ def trainer_config(ctx: Context, batch: int, run: str, *extra: str, zero_stage: 
     assets = trainer_assets(ctx, batch)
     overrides = training_overrides(
         assets["shards"], assets["autoencoder"], assets["text_encoder"], ctx.work / run, ctx.image,
-        f"data.latents={assets['latents']}", f"data.batch_size={batch}", f"model.preset={'tiny' if ctx.tiny else 'sd15'}",
-        f"run.device={ctx.device}", f"train.zero_stage={zero_stage}", f"train.precision={precision}", "train.lr=1e-4",
-        "train.ckpt_every=1000000", "text_encoder.max_length=77", *extra, *ctx.args.trainer_set)
+        f"data.latents={assets['latents']}", f"data.batch_size={batch}",
+        f"model.preset={'tiny' if ctx.tiny else 'sd15'}", f"run.device={ctx.device}", f"train.zero_stage={zero_stage}",
+        f"train.precision={precision}", "train.lr=1e-4", "train.ckpt_every=1000000", "text_encoder.max_length=77",
+        *extra, *ctx.args.trainer_set)
     return load_config(LDMConfig, CONFIG, overrides)
 
 
@@ -337,6 +227,8 @@ def run_trainer(ctx: Context, cfg, stop_at: int):
     """Train until the metrics of step ``stop_at`` are logged; (trainer, {step: metrics + memory at that step})."""
     from ldm.train.trainer import Trainer
 
+    if ctx.cuda:
+        torch.cuda.reset_peak_memory_stats()  # the trainer's own peak, not the assets' made before it
     trainer, logged = Trainer(cfg), {}
 
     def capture(metrics: dict[str, float], step: int) -> None:
@@ -365,8 +257,8 @@ def measure_trainer(ctx: Context, zero_stage: int) -> dict[str, Any]:
     note = ""
     for batch in dict.fromkeys((first, max(first // 2, 1))):
         try:
-            cfg = trainer_config(ctx, batch, f"run-zero{zero_stage}", f"train.max_steps={2 * n}", f"train.log_every={n}",
-                                 zero_stage=zero_stage)
+            cfg = trainer_config(ctx, batch, f"run-zero{zero_stage}", f"train.max_steps={2 * n}",
+                                 f"train.log_every={n}", zero_stage=zero_stage)
             _, logged = run_trainer(ctx, cfg, 2 * n)
             break
         except torch.cuda.OutOfMemoryError:
@@ -551,8 +443,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         help="also run pytest -m gpu tests/gpu as a part (after the first measurements), output to LOG")
     parser.add_argument("--budget-s", type=float, default=330.0, help="time for all parts; one that cannot finish in "
                         "what is left is skipped")
-    parser.add_argument("--json", default="gpu-check-out/bench_gpu.json", help="the results (and the table beside it, .md)")
-    parser.add_argument("--plan", action="store_true", help="print the parts, their expected and longest times; run none")
+    parser.add_argument("--json", default="gpu-check-out/bench_gpu.json",
+                        help="the results (and the table beside it, .md)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the parts, their expected and longest times; run none")
     parser.add_argument("--batch", type=int, default=0, help="fixed UNet batch (default: fill the GPU)")
     parser.add_argument("--tokens", type=int, default=77)
     parser.add_argument("--steps", type=int, default=None, help="timed UNet steps per row (default 10; tiny 2)")
@@ -607,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         lines, total = plan(parts, args.budget_s)
         print("\n".join(lines))
-        print(f"expected {total:.0f} s for the parts within the budget ({sum(p.expected_s for p in parts):.0f} s for all)")
+        every = sum(p.expected_s for p in parts)
+        print(f"expected {total:.0f} s for the parts within the budget ({every:.0f} s for all)")
         return 0
     json_path = Path(args.json).resolve()
     json_path.parent.mkdir(parents=True, exist_ok=True)

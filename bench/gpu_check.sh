@@ -41,6 +41,10 @@ left() { echo $((budget - (SECONDS - start))); }
 step() {
   local name="$1" limit="$2" rc=0 t0=$SECONDS
   shift 2
+  if ((limit < 1)); then  # `timeout 0` would mean no limit at all
+    failed+=("$name (not started: the budget is spent)")
+    return 0
+  fi
   limits+=(" $name by $((t0 - start + limit + STOP_GRACE_S)) s")
   timeout --signal=INT --kill-after="$STOP_GRACE_S" "$limit" "$@" >>"$out/$name.log" 2>&1 || rc=$?
   if [[ "$rc" != 0 ]]; then
@@ -186,7 +190,7 @@ EOF
 
   local parts_s before
   parts_s="$(bench_budget "$(left)")"
-  step bench "$((parts_s + STOP_GRACE_S))" "$python" -m bench.bench_gpu --budget-s "$parts_s" \
+  step bench "$((parts_s > 0 ? parts_s + STOP_GRACE_S : 0))" "$python" -m bench.bench_gpu --budget-s "$parts_s" \
     --gpu-tests "$out/gpu_tests.log" --json "$out/bench_gpu.json"
 
   section "GPU tests (pytest -m gpu tests/gpu, gpu_tests.log)"

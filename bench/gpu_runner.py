@@ -74,8 +74,8 @@ def run_parts(parts: list[Part], launch: Callable[[Part, float], dict[str, Any]]
         left = budget_s - (time.monotonic() - start)
         need = 1.0 if tiny else part.expected_s
         if need > left:
-            results.set(part.name, {**base_record(part), "status": "skipped",
-                                    "note": f"needs ~{need:.0f} s, {max(left, 0):.0f} s left of the {budget_s:.0f} s budget"})
+            note = f"needs ~{need:.0f} s, {max(left, 0):.0f} s left of the {budget_s:.0f} s budget"
+            results.set(part.name, {**base_record(part), "status": "skipped", "note": note})
             continue
         limit = min(part.limit_s, left)
         results.set(part.name, {**base_record(part), "status": "running", "run_limit_s": round(limit)})

@@ -483,7 +483,7 @@ def run_part(args: argparse.Namespace) -> int:
     except Exception as error:  # KeyboardInterrupt (the runner stopping it) is not caught: its traceback is the news
         traceback.print_exc()
         record = {"status": "failed", "note": f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"}
-    write_atomic(Path(args.result), json.dumps(record, indent=2))
+    write_atomic(Path(args.result), json.dumps({**record, "pid": os.getpid()}, indent=2))
     return 1 if record.get("status") == "failed" else 0
 
 

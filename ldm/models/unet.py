@@ -22,30 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.models.attention import TransformerBlock
+from ldm.models.attention import TransformerBlock, drop_padding
 from ldm.models.blocks import DownBlock, MidBlock, ResnetBlock, UpBlock
 from ldm.models.embeddings import SinusoidalTimesteps, TimestepEmbedding
 
 DEFAULT_NUM_HEADS = 8
-
-
-def drop_padding(
-    context: torch.Tensor, context_mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Remove context positions no sample attends to, and a mask that masks nothing (same result, less work).
-
-    A masked key gets zero attention weight, so dropping the columns masked in every row is exact;
-    with text padded to a fixed length this shortens cross-attention to the batch's longest prompt.
-    Only where reading the mask is free: on the CPU, outside torch.compile. A GPU mask would have to be read by
-    the host (waiting for the GPU every forward), and under compile its data-dependent shapes break the graph;
-    there the mask is passed on as it is, which gives the same result (the padded keys get zero weight).
-    """
-    if context_mask is None or context_mask.device.type != "cpu" or torch.compiler.is_compiling():
-        return context, context_mask
-    keep = context_mask.bool().any(dim=0)  # (L,)
-    if bool(keep.any()) and not bool(keep.all()):
-        context, context_mask = context[:, keep], context_mask[:, keep]  # (B, L', D), (B, L')
-    return context, (None if bool(context_mask.all()) else context_mask)
 
 
 def _per_level(value: int | Sequence[int], levels: int, name: str) -> tuple[int, ...]:

@@ -31,8 +31,9 @@ def _inputs(batch: int, size: tuple[int, int], dim: int, tokens: int = 6, channe
     """Latents, fractional timesteps, a context with a padding mask (one row full), micro-conditions."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.tensor([tokens] + torch.randint(1, tokens, (batch - 1,), generator=g).tolist())
-    time_ids = torch.tensor([[512.0, 768.0, 0.0, 0.0, 256.0, 384.0], [1024.0, 1024.0, 16.0, 0.0, 512.0, 512.0],
-                             [300.0, 200.0, 0.0, 8.0, 384.0, 256.0]])[:batch]
+    # (original h, w, crop top, left, target h, w): original and target aspect ratios differ (PixArt reads the target's)
+    time_ids = torch.tensor([[512.0, 768.0, 0.0, 0.0, 384.0, 256.0], [1024.0, 1024.0, 16.0, 0.0, 512.0, 768.0],
+                             [300.0, 200.0, 0.0, 8.0, 256.0, 256.0]])[:batch]
     return dict(x=torch.randn(batch, channels, *size, generator=g, dtype=dtype),
                 t=torch.tensor([0.37, 812.625, 999.0][:batch], dtype=dtype),
                 context=torch.randn(batch, tokens, dim, generator=g, dtype=dtype),

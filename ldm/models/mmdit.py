@@ -77,13 +77,15 @@ class JointAttention(nn.Module):
         h = self.num_heads
 
         def split(y: torch.Tensor) -> torch.Tensor:
-            return y.view(b, y.shape[1], h, dim // h).transpose(1, 2)  # (B, h, T, d)
+            return y.view(b, y.shape[1], h, dim // h).transpose(1, 2)  # (B, h, T, d), a view
 
-        k = torch.cat([split(self.to_k(x)), split(self.add_k_proj(c))], dim=2)  # (B, h, N + L, d)
-        v = torch.cat([split(self.to_v(x)), split(self.add_v_proj(c))], dim=2)  # (B, h, N + L, d)
-        q = split(self.to_q(x))  # (B, h, N, d)
-        if not self.context_pre_only:
-            q = torch.cat([q, split(self.add_q_proj(c))], dim=2)  # (B, h, N + L, d)
+        # the streams are joined along the tokens before the heads are split: whole rows are copied, not strided heads
+        k = split(torch.cat([self.to_k(x), self.add_k_proj(c)], dim=1))  # (B, h, N + L, d)
+        v = split(torch.cat([self.to_v(x), self.add_v_proj(c)], dim=1))  # (B, h, N + L, d)
+        if self.context_pre_only:
+            q = split(self.to_q(x))  # (B, h, N, d)
+        else:
+            q = split(torch.cat([self.to_q(x), self.add_q_proj(c)], dim=1))  # (B, h, N + L, d)
         mask = None
         if context_mask is not None:
             image = torch.ones(b, n, dtype=torch.bool, device=context_mask.device)  # (B, N)

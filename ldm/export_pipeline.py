@@ -4,7 +4,7 @@
     diffusers/unet/                 the EMA UNet (UNet2DConditionModel)
     diffusers/vae/                  the autoencoder (AutoencoderKL), its latent shift folded into its 1x1 convolutions
                                     (diffusers' Stable Diffusion pipelines ignore ``shift_factor``)
-    diffusers/text_encoder/, tokenizer/   the frozen text encoder (transformers), the tokenizer cut at the trained length
+    diffusers/text_encoder/, tokenizer/   the frozen text encoder (transformers), tokenizer cut at the trained length
     diffusers/scheduler/            the trained process as a scheduler: the discrete chain as DDIMScheduler (sampler
                                     ddim) or DDPMScheduler (the others; small variance) with the betas, prediction,
                                     zero-terminal-SNR rescale and our samplers' grid (trailing); the rectified flow as
@@ -61,7 +61,8 @@ def scheduler_config(cfg) -> tuple[dict[str, Any] | None, dict[str, Any], list[s
             return {"_class_name": "DDIMScheduler", **common, "set_alpha_to_one": True}, {}, [], unsupported
         if s.sampler != "ddpm":
             unsupported.append(f"sampling.sampler={s.sampler!r}: the exported scheduler is DDPM's (ancestral, small "
-                               "variance); swap it, e.g. DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)")
+                               "variance); swap it, e.g. DPMSolverMultistepScheduler.from_config("
+                               "pipe.scheduler.config)")
         return {"_class_name": "DDPMScheduler", **common, "variance_type": "fixed_small"}, {}, [], unsupported
     if d.process == "flow" and d.prediction == "velocity":
         if s.sampler not in FLOW_SAMPLERS:

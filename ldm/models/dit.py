@@ -197,6 +197,11 @@ class DiT(nn.Module):
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
+    @property
+    def micro_conditioned(self) -> bool:
+        """True when forward needs the size/crop ``time_ids`` (PixArt's size conditioning)."""
+        return self.config["size_conditioning"]
+
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block's activations in backward instead of storing them."""
         self.gradient_checkpointing = enabled

@@ -194,6 +194,8 @@ class MMDiT(nn.Module):
                 nn.init.zeros_(module.linear.weight)
         nn.init.zeros_(self.proj_out.weight)
 
+    micro_conditioned = False  # no size/crop time ids (the pooled text vector is always needed)
+
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each block's activations in backward instead of storing them."""
         self.gradient_checkpointing = enabled

@@ -137,6 +137,11 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(channels[0], out_channels, 3, padding=1)
         self.set_gradient_checkpointing(gradient_checkpointing)
 
+    @property
+    def micro_conditioned(self) -> bool:
+        """True when forward needs SDXL's size/crop ``time_ids`` (and the pooled text vector)."""
+        return self.config["addition_time_embed_dim"] is not None
+
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute resnet and transformer activations in backward instead of storing them."""
         self.gradient_checkpointing = enabled

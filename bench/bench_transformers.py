@@ -6,7 +6,10 @@ emoji-cpu: batch 32, 8x8x8 latents, 16 MiniLM-width tokens with padding masked a
 same weights and runs in the same process on the same threads; repeats are interleaved (the order alternates) and
 medians are compared, of wall-clock time and of process CPU time. diffusers' SD3 transformer takes no text mask, so
 the MMDiT pair runs unmasked unless ``--mmdit-mask`` (ours then masks the padding, diffusers attends to it: not the
-same arithmetic). On a busy machine the ratios move by several percent from run to run: repeat, prefer more repeats.
+same arithmetic). Both compute the same operations, so with full-length captions the ratio is about 1 (dispatch
+overhead aside); with ``--longest`` below ``--tokens`` (short captions, as emoji labels are) ours drops the text
+positions no caption of the batch uses, which diffusers cannot. On a busy machine the ratios move by several percent
+from run to run: repeat, prefer more repeats.
 
     .venv/bin/python -m bench.bench_transformers --repeats 20 --threads 2
 """
@@ -28,10 +31,12 @@ from ldm.models import DiT, MMDiT, UNet, model_preset
 Step = tuple[Callable[[], torch.Tensor], torch.optim.Optimizer]
 
 
-def make_inputs(batch: int, tokens: int, channels: int, side: int, dim: int, pooled: int, seed: int = 0):
-    """Latents, timesteps, a padded context with its mask, a pooled vector and the target."""
+def make_inputs(batch: int, tokens: int, channels: int, side: int, dim: int, pooled: int, seed: int = 0,
+                longest: int | None = None):
+    """Latents, timesteps, a context padded to ``tokens`` with its mask (caption lengths uniform in 3..longest), a
+    pooled vector and the target."""
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(3, tokens + 1, (batch,), generator=g)  # caption lengths incl. special tokens
+    lengths = torch.randint(3, (longest or tokens) + 1, (batch,), generator=g)  # caption lengths incl. special tokens
     return {
         "x": torch.randn(batch, channels, side, side, generator=g),  # (B, C, h, w)
         "t": torch.randint(0, 1000, (batch,), generator=g).float(),  # (B,)
@@ -82,7 +87,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=16, help="text positions (the padded length)")
+    parser.add_argument("--longest", type=int, default=0,
+                        help="longest caption in tokens (default: --tokens); shorter batches let ours drop the padding")
     parser.add_argument("--channels", type=int, default=8, help="latent channels (the emoji autoencoder's 8)")
     parser.add_argument("--side", type=int, default=8, help="latent height and width")
     parser.add_argument("--mmdit-mask", action="store_true", help="ours masks the padding (diffusers cannot)")
@@ -95,8 +102,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     kinds = [k.strip() for k in args.models.split(",") if k.strip()]
     dims = [model_preset(k, args.preset) for k in kinds]
     inp = make_inputs(args.batch, args.tokens, args.channels, args.side, dims[0].get("context_dim", 384),
-                      next((d["pooled_dim"] for d in dims if "pooled_dim" in d), 384))
-    runs = pairs(kinds, args.preset, args.channels, inp, args.mmdit_mask, not args.no_unet and args.preset == "emoji-cpu")
+                      next((d["pooled_dim"] for d in dims if "pooled_dim" in d), 384), longest=args.longest or None)
+    unet = not args.no_unet and args.preset == "emoji-cpu"
+    runs = pairs(kinds, args.preset, args.channels, inp, args.mmdit_mask, unet)
     with torch.no_grad():
         diffs = {k: (runs[f"{k} ours"][0]() - runs[f"{k} diffusers"][0]()).abs().max().item() for k in kinds}
 
@@ -112,7 +120,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 cpu[name].append(time.process_time() - start_cpu)
 
     print(f"preset {args.preset}: batch {args.batch}, {args.side}x{args.side}x{args.channels} latents, {args.tokens} "
-          f"tokens (mask: dit yes, mmdit {'ours only' if args.mmdit_mask else 'no'}); torch {torch.__version__}, "
+          f"tokens, captions of 3-{args.longest or args.tokens} (mask: dit yes, mmdit "
+          f"{'ours only' if args.mmdit_mask else 'no'}); torch {torch.__version__}, "
           f"diffusers {diffusers.__version__}, {torch.get_num_threads()} thread(s), fused AdamW, n={args.repeats}")
     med = {name: statistics.median(v) for name, v in wall.items()}
     med_cpu = {name: statistics.median(v) for name, v in cpu.items()}

@@ -139,10 +139,20 @@ def write_pipeline(folder: Path, cfg, ema_state: dict, unet_kwargs: dict[str, An
     if masks_text(cfg):
         stock.append("the text mask: our UNet ignores padded tokens; StableDiffusionPipeline passes no "
                      "encoder_attention_mask to the UNet")
+    penultimate = cfg.text_encoder.kind == "clip" and cfg.text_encoder.layer == "penultimate"
+    if penultimate:
+        stock.append("text_encoder.layer=penultimate: StableDiffusionPipeline's clip_skip reads the prompt's "
+                     "penultimate layer but the negative prompt's last one")
     info: dict[str, Any] = {"pipeline": None, "exact": False, "differences": stock + unsupported,
                             "unsupported": unsupported}
+    components = None
     if scheduler is not None and one_transformers_encoder(cfg):
-        components = write_text_encoder(folder, cfg)
+        try:  # the text encoder's files are read again: an export at the end of a run must not fail on them
+            components = write_text_encoder(folder, cfg)
+        except (OSError, ValueError) as err:
+            info["unsupported"].append(f"the text encoder could not be written: {err}")
+            info["differences"] = stock + info["unsupported"]
+    if components is not None:
         (folder / "scheduler").mkdir(parents=True, exist_ok=True)
         write_json(folder / "scheduler" / "scheduler_config.json", scheduler)
         write_json(folder / "model_index.json", {
@@ -151,8 +161,8 @@ def write_pipeline(folder: Path, cfg, ema_state: dict, unet_kwargs: dict[str, An
             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
             "scheduler": ["diffusers", scheduler["_class_name"]], **components})
         size, s = cfg.data.image_size, cfg.sampling
-        skip = {"clip_skip": 1} if cfg.text_encoder.kind == "clip" and cfg.text_encoder.layer == "penultimate" else {}
-        common = {"height": size, "width": size, "guidance_scale": s.guidance, **skip}
+        common = {"height": size, "width": size, "guidance_scale": s.guidance}
+        common.update({"clip_skip": 1} if penultimate else {})
         info.update(pipeline="StableDiffusionPipeline", scheduler=scheduler["_class_name"],
                     exact=not stock and not unsupported,
                     call=None if stock else {**common, "num_inference_steps": s.steps, **grid},
@@ -187,7 +197,8 @@ def sample_like_ldm(pipe, prompts: list[str], seeds: list[int], *, steps: int, g
 
     StableDiffusionPipeline's loop (text encoding, one latent per seed, classifier-free guidance over [empty prompt,
     prompt], scheduler steps, decoding latents / scaling_factor), plus what its call cannot do: the tokenizer's mask as
-    the UNet's ``encoder_attention_mask`` (``mask_text``, as our UNet was trained) and the flow's grid (``sigmas``).
+    the UNet's ``encoder_attention_mask`` (``mask_text``, as our UNet was trained), the flow's grid (``sigmas``) and
+    the penultimate CLIP layer for both prompts (``clip_skip``).
     """
     def encode(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         tok = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
@@ -195,8 +206,10 @@ def sample_like_ldm(pipe, prompts: list[str], seeds: list[int], *, steps: int, g
         masked = getattr(pipe.text_encoder.config, "use_attention_mask", False)
         out = pipe.text_encoder(tok.input_ids, attention_mask=tok.attention_mask if masked else None,
                                 output_hidden_states=clip_skip is not None)
-        hidden = out[0] if clip_skip is None else pipe.text_encoder.text_model.final_layer_norm(
-            out.hidden_states[-(clip_skip + 1)])
+        if clip_skip is None:
+            return out[0], tok.attention_mask.bool()
+        norm = getattr(pipe.text_encoder, "text_model", pipe.text_encoder).final_layer_norm  # transformers 4 / 5
+        hidden = norm(out.hidden_states[-(clip_skip + 1)])
         return hidden, tok.attention_mask.bool()
 
     (cond, cond_mask), (null, null_mask) = encode(list(prompts)), encode([""] * len(prompts))

@@ -134,6 +134,19 @@ def test_text_mask_is_recorded_and_sample_like_ldm_reproduces_it(tmp_path, tiny_
     assert float((stock - ours).abs().max()) > 1e-3  # the padding changes the stock pipeline's image
 
 
+def test_penultimate_clip_layer_is_reproduced_by_sample_like_ldm(tmp_path, tiny_autoencoder, clip_folder):
+    """clip_skip: the stock pipeline reads the negative prompt at the last layer (recorded); ours reads both prompts at
+    the penultimate one through the final norm, and so does sample_like_ldm."""
+    export = _export(tmp_path / "export", tiny_autoencoder, [*CLIP, f"text_encoder.path={clip_folder}",
+                                                             "text_encoder.layer=penultimate", "sampling.sampler=ddim"])
+    info = json.loads((export / "diffusers" / "ldm_pipeline.json").read_text())
+    assert info["call"] is None and info["reproduce"]["clip_skip"] == 1 and any("clip_skip" in d
+                                                                                  for d in info["differences"])
+    pipe = diffusers.DiffusionPipeline.from_pretrained(export / "diffusers")
+    err = float((_ours(export) - _like(pipe, info)).abs().max())
+    assert err < 1e-4, err
+
+
 def test_processes_without_a_scheduler_export_no_pipeline(tmp_path, tiny_autoencoder):
     export = _export(tmp_path / "export", tiny_autoencoder, ["diffusion.process=vp", "sampling.sampler=ddim"])
     info = json.loads((export / "diffusers" / "ldm_pipeline.json").read_text())

@@ -156,5 +156,7 @@ class PatchEmbed(nn.Module):
         """Map latents (B, C, H, W) to tokens (B, H/p * W/p, dim), positions added."""
         tokens = self.proj(x)  # (B, dim, H/p, W/p)
         rows, cols = tokens.shape[-2:]
-        tokens = tokens.flatten(2).transpose(1, 2)  # (B, N, dim)
+        # contiguous: a transposed view would pass its layout on to the whole residual stream (every residual add
+        # keeps it), and each layer reading the stream would copy it
+        tokens = tokens.flatten(2).transpose(1, 2).contiguous()  # (B, N, dim)
         return tokens + self.positions(rows, cols, x.device).to(tokens.dtype)  # (B, N, dim)

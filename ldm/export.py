@@ -4,8 +4,11 @@
     config.yaml                 resolved training config (UNet, process, text encoder, image size)
     unet.safetensors            raw trained weights
     unet_ema.safetensors        EMA weights (used for sampling by default)
-    diffusers/unet/, diffusers/vae/   the EMA UNet and the autoencoder in diffusers' folder layout
-                                (UNet2DConditionModel / AutoencoderKL.from_pretrained load them)
+    diffusers/                  a diffusers pipeline folder: the EMA UNet (unet/), the autoencoder (vae/), and where
+                                the settings allow, text_encoder/, tokenizer/, scheduler/ and model_index.json, so
+                                ``DiffusionPipeline.from_pretrained(export/diffusers)`` loads a StableDiffusionPipeline;
+                                diffusers/ldm_pipeline.json (and export.json's "diffusers") says whether it reproduces
+                                our sample and with which call arguments (``ldm.export_pipeline``)
     null_condition.safetensors  the empty-prompt embedding the model was trained with
     autoencoder/                the frozen first stage (model.safetensors + config.json with scale and shift)
     lora/                       LoRA runs: the adapters in diffusers' format (``pipe.load_lora_weights(export/lora)``
@@ -90,26 +93,23 @@ def save_export(folder: str | Path, cfg: LDMConfig, unet_state: dict, ema_state:
         save_tensors(ema_state, tmp / "unet_ema.safetensors", torch.float32)
         save_tensors(null_cond, tmp / "null_condition.safetensors")
         shutil.copytree(autoencoder_dir, tmp / "autoencoder")
-        _write_diffusers(tmp, ema_state, unet_kwargs)
+        pipeline = _write_diffusers(tmp, cfg, ema_state, unet_kwargs)
         if adapters:
             from ldm.models.lora import export_diffusers_lora
 
             for kind, unet in adapters.items():
                 export_diffusers_lora(unet, tmp / "lora" / LORA_FILES[kind])
-        write_json(tmp / MARKER, {"format": FORMAT, **(info or {})})
+        write_json(tmp / MARKER, {"format": FORMAT, **(info or {}), "diffusers": pipeline})
 
     return write_folder_atomically(folder, fill)
 
 
-def _write_diffusers(folder: Path, ema_state: dict, unet_kwargs: dict[str, Any]) -> None:
-    """diffusers/unet (EMA weights) and diffusers/vae beside our own files."""
-    import autoencoder
-    from ldm.models import UNet, save_diffusers
+def _write_diffusers(folder: Path, cfg: LDMConfig, ema_state: dict, unet_kwargs: dict[str, Any]) -> dict:
+    """diffusers/: the EMA UNet and the autoencoder in diffusers' layout, and where the settings allow a complete
+    StableDiffusionPipeline (``ldm.export_pipeline``); returns what diffusers/ldm_pipeline.json records."""
+    from ldm.export_pipeline import write_pipeline
 
-    unet = UNet(**unet_kwargs)
-    unet.load_state_dict({k: v.float() for k, v in ema_state.items()})
-    save_diffusers(unet, folder / "diffusers" / "unet")
-    autoencoder.save_diffusers(autoencoder.load_pretrained(folder / "autoencoder"), folder / "diffusers" / "vae")
+    return write_pipeline(folder / "diffusers", cfg, ema_state, unet_kwargs, folder / "autoencoder")
 
 
 def read_export(folder: str | Path, use_ema: bool = True) -> Export:

@@ -45,8 +45,8 @@ class TextToImage:
         self.denoiser = denoiser if denoiser is not None else unet_denoiser(unet)
         self.defaults = dict(defaults or {})
         self.factor = int(getattr(autoencoder, "downsample_factor", 8))
-        # SDXL's size/crop micro-conditioning: the UNet embeds (original size, crop corner, target size)
-        self.micro_conditioned = getattr(unet, "config", {}).get("addition_time_embed_dim") is not None
+        # size/crop micro-conditioning (SDXL's UNet, PixArt's 1024-px DiT): (original size, crop corner, target size)
+        self.micro_conditioned = bool(getattr(unet, "micro_conditioned", False))
 
     @property
     def image_size(self) -> tuple[int, int]:

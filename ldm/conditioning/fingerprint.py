@@ -84,7 +84,7 @@ def _folder_files(folder: Path) -> Iterator[Path]:
 
 
 def encoder_files(spec: Mapping[str, Any]) -> list[Path]:
-    """The files an encoder spec reads its weights and tokenizer from (the layouts ``hf``, ``clip`` and
+    """The files an encoder spec reads its weights and tokenizer from (the layouts ``hf``, ``clip``, ``t5`` and
     ``openclip`` load; openclip's tokenizer ships in its package, whose version the settings record)."""
     kind, path = spec["kind"], spec.get("path")
     if kind == "hf":
@@ -98,21 +98,30 @@ def encoder_files(spec: Mapping[str, Any]) -> list[Path]:
     if (model_dir / subfolder).is_dir():  # a diffusers pipeline folder: only this encoder's two folders
         model_dir = model_dir / subfolder
         tokenizer = tokenizer or str(model_dir.parent / subfolder.replace("text_encoder", "tokenizer"))
-    if tokenizer is None and not any((model_dir / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+    own_tokenizer = ("tokenizer.json", "vocab.json", "spiece.model")
+    if tokenizer is None and not any((model_dir / f).is_file() for f in own_tokenizer):
         tokenizer = str(model_dir.parent / model_dir.name.replace("text_encoder", "tokenizer"))
     folders = [model_dir] + ([Path(tokenizer)] if tokenizer and Path(tokenizer) != model_dir else [])
     return [f for folder in folders for f in _folder_files(folder)]
 
 
-def files_fingerprint(specs: Sequence[Mapping[str, Any]], null: str = "empty", pooled_from: int | None = None) -> str:
+def files_fingerprint(specs: Sequence[Mapping[str, Any]], null: str = "empty",
+                      pooled_from: int | Sequence[int] | None = None,
+                      appended: Sequence[Mapping[str, Any]] = ()) -> str:
     """SHA-256 of encoder specs from their files (no model is loaded): the settings of each (paths aside), the
-    null-condition kind, which encoder pools, the library versions that tokenize and run them, and every file's
-    bytes. Files are hashed once per process (keyed by path, size and modification time)."""
+    null-condition kind, which encoders pool, which follow along the tokens (``appended``), the library versions that
+    tokenize and run them, and every file's bytes. Files are hashed once per process (keyed by path, size and
+    modification time)."""
     versions = {name: _version(name) for name in ("transformers", "open_clip_torch", "tokenizers")}
     h = hashlib.sha256()
     settings = [{k: v for k, v in spec.items() if k not in ("path", "tokenizer_path")} for spec in specs]
-    h.update(json.dumps({"format": FILES_FORMAT, "settings": settings, "null": null, "pooled_from": pooled_from,
-                         "versions": versions}, sort_keys=True, default=str).encode())
+    record = {"format": FILES_FORMAT, "settings": settings, "null": null, "pooled_from": pooled_from,
+              "versions": versions}
+    if appended:  # absent otherwise: the fingerprints of caches written before appended encoders existed hold
+        record["appended"] = [{k: v for k, v in spec.items() if k not in ("path", "tokenizer_path")}
+                              for spec in appended]
+        specs = [*specs, *appended]
+    h.update(json.dumps(record, sort_keys=True, default=str).encode())
     for i, spec in enumerate(specs):
         files = encoder_files(spec)
         if not files:

@@ -19,17 +19,38 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def drop_padding(
+    context: torch.Tensor, context_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Remove context positions no sample attends to, and a mask that masks nothing (same result, less work).
+
+    A masked key gets zero attention weight, so dropping the columns masked in every row is exact;
+    with text padded to a fixed length this shortens cross-attention to the batch's longest prompt.
+    Only where reading the mask is free: on the CPU, outside torch.compile. A GPU mask would have to be read by
+    the host (waiting for the GPU every forward), and under compile its data-dependent shapes break the graph;
+    there the mask is passed on as it is, which gives the same result (the padded keys get zero weight).
+    """
+    if context_mask is None or context_mask.device.type != "cpu" or torch.compiler.is_compiling():
+        return context, context_mask
+    keep = context_mask.bool().any(dim=0)  # (L,)
+    if bool(keep.any()) and not bool(keep.all()):
+        context, context_mask = context[:, keep], context_mask[:, keep]  # (B, L', D), (B, L')
+    return context, (None if bool(context_mask.all()) else context_mask)
+
+
 class Attention(nn.Module):
     """Multi-head attention of queries on themselves (self) or on a context (cross)."""
 
-    def __init__(self, query_dim: int, num_heads: int, head_dim: int, context_dim: int | None = None):
+    def __init__(self, query_dim: int, num_heads: int, head_dim: int, context_dim: int | None = None,
+                 bias: bool = False):
+        """bias: biases on the query, key and value projections (the UNet has none, PixArt's DiT has them)."""
         super().__init__()
         inner_dim = num_heads * head_dim
         context_dim = query_dim if context_dim is None else context_dim
         self.num_heads = num_heads
-        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
-        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
-        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=bias)
+        self.to_k = nn.Linear(context_dim, inner_dim, bias=bias)
+        self.to_v = nn.Linear(context_dim, inner_dim, bias=bias)
         # A ModuleList so the output projection is named to_out.0 like diffusers'; index 1 would
         # be its (parameter-free) dropout, which latent diffusion UNets do not use.
         self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim)])
@@ -78,13 +99,29 @@ class GEGLU(nn.Module):
         return value * F.gelu(gate)
 
 
-class FeedForward(nn.Module):
-    """GEGLU feed-forward with 4x hidden width, named net.0.proj / net.2 like diffusers."""
+class TanhGELU(nn.Module):
+    """A linear layer followed by the tanh approximation of GELU (diffusers' ``GELU(approximate="tanh")``)."""
 
-    def __init__(self, dim: int, mult: int = 4):
+    def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map (..., dim_in) to (..., dim_out)."""
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    """Feed-forward with 4x hidden width, named net.0.proj / net.2 like diffusers: GEGLU (the UNet) or a tanh-GELU
+    MLP (``activation="gelu_tanh"``: the DiT and MMDiT blocks)."""
+
+    def __init__(self, dim: int, mult: int = 4, activation: str = "geglu"):
+        super().__init__()
+        if activation not in ("geglu", "gelu_tanh"):
+            raise ValueError(f"activation must be 'geglu' or 'gelu_tanh', got {activation!r}")
+        first = GEGLU(dim, dim * mult) if activation == "geglu" else TanhGELU(dim, dim * mult)
         # Index 1 is the dropout slot in diffusers; Identity keeps the indices without parameters.
-        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
+        self.net = nn.ModuleList([first, nn.Identity(), nn.Linear(dim * mult, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the feed-forward to x (..., dim)."""

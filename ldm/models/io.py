@@ -1,11 +1,14 @@
-"""Loading UNet weights from other projects' files, and exporting to the diffusers layout.
+"""Loading denoiser weights from other projects' files, and exporting to the diffusers layout.
 
 * ``load_unet_weights(unet, source)``: a diffusers/our state dict or a CompVis/Stability one (a whole
   Stable Diffusion ``.ckpt``/``.safetensors`` with ``model.diffusion_model.*``, optionally its EMA
   copy, or the bare UNet dict). Every key and shape is checked first; a mismatch raises one error
   that lists the missing, unexpected and mis-shaped keys in the checkpoint's own naming.
-* ``save_diffusers`` / ``load_diffusers_unet``: a folder with ``config.json`` and
-  ``diffusion_pytorch_model.safetensors`` that ``diffusers.UNet2DConditionModel.from_pretrained`` reads.
+* ``load_model_weights(model, source)``: the same for any backbone in the diffusers layout (UNet, DiT, MMDiT); the
+  position table diffusers stores for SD3 (``pos_embed.pos_embed``) is checked against the computed one, not loaded.
+* ``save_diffusers`` / ``load_diffusers_model``: a folder with ``config.json`` and
+  ``diffusion_pytorch_model.safetensors`` that diffusers' ``UNet2DConditionModel``, ``PixArtTransformer2DModel`` or
+  ``SD3Transformer2DModel.from_pretrained`` reads (``load_diffusers_unet``: the same, a UNet only).
 
 Files are read with safetensors or ``torch.load(weights_only=True)``; nothing else is unpickled.
 """
@@ -27,8 +30,13 @@ from ldm.models.convert import (
     detect_layout,
     diffusers_to_compvis,
 )
+from ldm.models.dit import DiT
+from ldm.models.mmdit import MMDiT
 from ldm.models.unet import UNet
 
+DIFFUSERS_CLASSES: dict[str, type[torch.nn.Module]] = {
+    "UNet2DConditionModel": UNet, "PixArtTransformer2DModel": DiT, "SD3Transformer2DModel": MMDiT}
+STORED_BUFFERS = ("pos_embed.pos_embed",)  # in diffusers' SD3 state dicts; computed here
 CONFIG_NAME = "config.json"
 DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 Source = str | os.PathLike | Mapping[str, torch.Tensor]
@@ -53,29 +61,66 @@ def load_unet_weights(unet: UNet, source: Source, layout: str = "auto", ema: boo
     return unet
 
 
-def save_diffusers(unet: UNet, folder: str | os.PathLike, state_dict: Mapping[str, torch.Tensor] | None = None) -> Path:
-    """Write unet (its config, and its weights or the given state_dict) as a diffusers UNet2DConditionModel folder,
-    atomically."""
+def load_model_weights(model: torch.nn.Module, source: Source) -> torch.nn.Module:
+    """Load diffusers-layout weights (file or state dict) into a UNet, DiT or MMDiT strictly; one error lists every
+    missing, unexpected and mis-shaped key."""
+    if isinstance(model, UNet):
+        return load_unet_weights(model, source, layout="diffusers")
+    name = "<state dict>" if isinstance(source, Mapping) else str(source)
+    state = dict(source) if isinstance(source, Mapping) else read_state_dict(source)
+    check_state_dict(model, {k: v for k, v in state.items() if k not in STORED_BUFFERS}, name)
+    model.load_state_dict(state, strict=True)  # PatchEmbed checks a stored SD3 position table
+    return model
+
+
+def diffusers_class(model: torch.nn.Module) -> str:
+    """The diffusers class whose folder layout and state dict the model has."""
+    for name, cls in DIFFUSERS_CLASSES.items():
+        if isinstance(model, cls):
+            return name
+    raise TypeError(f"{type(model).__name__} has no diffusers counterpart (UNet, DiT or MMDiT)")
+
+
+def save_diffusers(model: torch.nn.Module, folder: str | os.PathLike,
+                   state_dict: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write a UNet, DiT or MMDiT (its config, and its weights or the given state_dict) as a diffusers model folder
+    (UNet2DConditionModel, PixArtTransformer2DModel, SD3Transformer2DModel), atomically."""
+    kind = diffusers_class(model)
 
     def fill(tmp: Path) -> None:
-        save_tensors(unet.state_dict() if state_dict is None else state_dict, tmp / DIFFUSERS_WEIGHTS_NAME)
-        config = {"_class_name": "UNet2DConditionModel", **unet.to_diffusers_config()}
+        state = dict(model.state_dict() if state_dict is None else state_dict)
+        if isinstance(model, MMDiT):
+            state = model.diffusers_state_dict(state)
+        save_tensors(state, tmp / DIFFUSERS_WEIGHTS_NAME)
+        config = {"_class_name": kind, **model.to_diffusers_config()}
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     return write_folder_atomically(folder, fill)
+
+
+def load_diffusers_model(folder: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Build and load a UNet, DiT or MMDiT from a diffusers model folder (``_class_name`` in its config.json)."""
+    folder = Path(folder)
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder}: no {CONFIG_NAME}; not a diffusers model folder")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    kind = config.get("_class_name", "UNet2DConditionModel")
+    if kind not in DIFFUSERS_CLASSES:
+        raise ValueError(f"{folder}: _class_name is {kind!r}, expected one of {sorted(DIFFUSERS_CLASSES)}")
+    model = DIFFUSERS_CLASSES[kind].from_diffusers_config({k: v for k, v in config.items() if not k.startswith("_")})
+    weights = folder / DIFFUSERS_WEIGHTS_NAME
+    if not weights.is_file():
+        weights = folder / "diffusion_pytorch_model.bin"
+    return load_model_weights(model, weights).to(device)
 
 
 def load_diffusers_unet(folder: str | os.PathLike, device: str | torch.device = "cpu") -> UNet:
     """Build and load a UNet from a diffusers UNet2DConditionModel folder (e.g. an SD ``unet/`` folder)."""
     folder = Path(folder)
     config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{folder}: no {CONFIG_NAME}; not a diffusers UNet folder")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
-    if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
-        raise ValueError(f"{folder}: _class_name is {config['_class_name']!r}, expected 'UNet2DConditionModel'")
-    unet = UNet.from_diffusers_config({k: v for k, v in config.items() if not k.startswith("_")})
-    weights = folder / DIFFUSERS_WEIGHTS_NAME
-    if not weights.is_file():
-        weights = folder / "diffusion_pytorch_model.bin"
-    return load_unet_weights(unet, weights, layout="diffusers").to(device)
+    if config_path.is_file():
+        kind = json.loads(config_path.read_text(encoding="utf-8")).get("_class_name", "UNet2DConditionModel")
+        if kind != "UNet2DConditionModel":
+            raise ValueError(f"{folder}: _class_name is {kind!r}, expected 'UNet2DConditionModel'")
+    return load_diffusers_model(folder, device)

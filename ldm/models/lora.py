@@ -1,4 +1,5 @@
-"""LoRA fine-tuning of the UNet (Hu et al. 2021) with peft: W x + (alpha / r) B A x on chosen layers, A and B trained.
+"""LoRA fine-tuning of the UNet, DiT or MMDiT (Hu et al. 2021) with peft: W x + (alpha / r) B A x on chosen layers,
+A and B trained.
 
 ``add_lora`` injects peft adapters (named ``<module>.lora_A.default`` / ``.lora_B.default``, the base layer under
 ``<module>.base_layer``) into the attention projections and, optionally, the ResNet and resampling convolutions;
@@ -36,7 +37,8 @@ from ldm.models.blocks import UpsampleConv
 from ldm.models.io import save_diffusers
 
 ADAPTER = "default"
-ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # self- and cross-attention of every transformer block
+# self- and cross-attention of every transformer block (UNet, DiT); the MMDiT's text-stream projections too
+ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 CONVOLUTION_TARGETS = ("conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv")
 METADATA_KEY = "ldm_lora"  # our settings in the adapter file (rank, alpha, targets)
 

@@ -22,30 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.models.attention import TransformerBlock
+from ldm.models.attention import TransformerBlock, drop_padding
 from ldm.models.blocks import DownBlock, MidBlock, ResnetBlock, UpBlock
 from ldm.models.embeddings import SinusoidalTimesteps, TimestepEmbedding
 
 DEFAULT_NUM_HEADS = 8
-
-
-def drop_padding(
-    context: torch.Tensor, context_mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Remove context positions no sample attends to, and a mask that masks nothing (same result, less work).
-
-    A masked key gets zero attention weight, so dropping the columns masked in every row is exact;
-    with text padded to a fixed length this shortens cross-attention to the batch's longest prompt.
-    Only where reading the mask is free: on the CPU, outside torch.compile. A GPU mask would have to be read by
-    the host (waiting for the GPU every forward), and under compile its data-dependent shapes break the graph;
-    there the mask is passed on as it is, which gives the same result (the padded keys get zero weight).
-    """
-    if context_mask is None or context_mask.device.type != "cpu" or torch.compiler.is_compiling():
-        return context, context_mask
-    keep = context_mask.bool().any(dim=0)  # (L,)
-    if bool(keep.any()) and not bool(keep.all()):
-        context, context_mask = context[:, keep], context_mask[:, keep]  # (B, L', D), (B, L')
-    return context, (None if bool(context_mask.all()) else context_mask)
 
 
 def _per_level(value: int | Sequence[int], levels: int, name: str) -> tuple[int, ...]:
@@ -155,6 +136,11 @@ class UNet(nn.Module):
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, channels[0], eps=1e-5)
         self.conv_out = nn.Conv2d(channels[0], out_channels, 3, padding=1)
         self.set_gradient_checkpointing(gradient_checkpointing)
+
+    @property
+    def micro_conditioned(self) -> bool:
+        """True when forward needs SDXL's size/crop ``time_ids`` (and the pooled text vector)."""
+        return self.config["addition_time_embed_dim"] is not None
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute resnet and transformer activations in backward instead of storing them."""

@@ -30,3 +30,24 @@ def tiny_clip_config(tokenizer, hidden_size: int = 32, layers: int = 3, position
                           num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=positions,
                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                           pad_token_id=tokenizer.pad_token_id, **extra)
+
+
+def tiny_t5_tokenizer():
+    """A unigram T5 tokenizer over letters, digits and a few marks (pad 0, end-of-text 1, unknown 2, as T5's)."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    marks = list(string.ascii_letters + string.digits + " .,!?'-")
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    vocab += [(c, -2.0) for c in marks] + [("\u2581" + c, -1.5) for c in string.ascii_lowercase]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def tiny_t5_config(tokenizer, d_model: int = 48, layers: int = 2):
+    """A T5Config (T5-v1.1 style: gated GELU feed-forward) of a few layers for the tokenizer's vocabulary."""
+    from transformers import T5Config
+
+    return T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=16, d_ff=2 * d_model, num_layers=layers,
+                    num_heads=4, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
+                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0)

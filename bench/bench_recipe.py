@@ -1,277 +1,310 @@
-"""Recipe study and the side-by-side against diffusers' recipe, at equal wall-clock on the same machine and data.
+"""Recipe study and the side-by-side against diffusers, at the demo's LDM budget, on the same machine, data and batches.
 
-Every recipe is the emoji default (configs/ldm/emoji.yaml) with a few overrides. All train from the same cached
-latents (``ldm-shards latents``, made here if missing) and the same captions, whose embeddings each process caches in
-memory. A recipe's budget is wall-clock: its step time is calibrated first (median of steps 11-40 of a short run, on
-a machine left alone), and it trains budget / step-time steps; the training itself may then run under any load
-without changing its result. Every model is scored by the evaluation protocol (``ldm.eval``, the same prompts,
-seeds, reference set and classifier), so the table's intervals and floors are the protocol's.
+Every run trains from the same cached latents and cached text embeddings (made here if missing) and reads the same
+stream: a recipe of ours is ``ldm-train`` on the emoji default (configs/ldm/emoji.yaml) with a few overrides; a peer
+run is diffusers' text-to-image loop (``bench/diffusers_recipe.py``) on exactly our trainer's batches. The budget is
+the demo's ``train.max_steps`` of default steps (``--steps``); a recipe that changes the cost of a step (network,
+batch size, power-EMA tracking) and the peer get the steps that take the same time, from step times measured in one
+process, interleaved (``calibration.json``), so the ratios do not depend on the machine's load. Each run also records
+its own measured wall-clock and CPU seconds. Every model is scored by the evaluation protocol (``ldm.eval``: the same
+1,000 prompts, seeds, reference set and classifier; intervals and floors are the protocol's), sampled with the
+settings in its config's ``eval`` section, named in the table.
 
-    .venv/bin/python -m bench.bench_recipe --budget-min 8                       # every recipe, then the table
-    .venv/bin/python -m bench.bench_recipe --recipes default,v,lr-1e-3 --budget-min 4
-    .venv/bin/python -m bench.bench_recipe --peer --curve default --budget-min 10   # time-to-quality vs diffusers
+    python -m bench.bench_recipe --recipes default,v,flow                   # a few of ours, then the table
+    python -m bench.bench_recipe --peers diffusers-ours,diffusers-defaults  # implementation parity, script defaults
+    python -m bench.bench_recipe --peers sweep                              # the peer's tuning sweep
+    python -m bench.bench_recipe --curve flow-ln,diffusers-best             # evaluate the kept curve points too
+    python -m bench.bench_recipe --table                                    # only the tables from what is there
 
-``--peer`` trains diffusers' recipe (``bench/diffusers_recipe.py``) for the same budget; ``--curve R`` evaluates
-recipe R (and the peer) at 1/4, 1/2, 3/4 and all of the budget and prints how long R takes to reach the peer's
-final FID, KID and alignment. Results are written per recipe under --out (a re-run reuses them) and as recipe.md,
-recipe.json and recipe.png.
+Runs and their results are kept under --out (runs/recipe-study; a re-run reuses them) and gathered in --results
+(bench/results): recipe.md, recipe.json and recipe.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import statistics
 import subprocess
 import sys
-import time
+from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench import recipe_runs as rr
+
+FLOW = ["diffusion.process=flow", "diffusion.prediction=velocity", "eval.sampler=heun_ode", "eval.steps=10",
+        "sampling.sampler=heun_ode", "sampling.steps=25"]
+EPS = ["diffusion.process=discrete", "diffusion.prediction=eps", "eval.sampler=dpmpp_2m", "eval.steps=20",
+       "sampling.sampler=ddpm", "sampling.steps=50", "diffusion.time_sampling=uniform"]
 RECIPES: dict[str, list[str]] = {
-    "default": [],
-    "v": ["diffusion.prediction=v"],
-    "min-snr": ["diffusion.weighting=min_snr"],
-    "v+min-snr": ["diffusion.prediction=v", "diffusion.weighting=min_snr"],
-    "logit-normal": ["diffusion.time_sampling=logit_normal"],
-    "flow": ["diffusion.process=flow", "diffusion.prediction=velocity", "sampling.sampler=heun_ode",
-             "eval.sampler=heun_ode", "eval.steps=10"],
-    "lr-1e-3": ["train.lr=1.0e-3"],
-    "lr-2.5e-4": ["train.lr=2.5e-4"],
-    "warmup-500": ["train.warmup_steps=500"],
-    "batch-64": ["data.batch_size=64"],
-    "ema-0.999": ["train.ema_decay=0.999"],
-    "ema-0.99": ["train.ema_decay=0.99"],
-    "drop-0.2": ["diffusion.cond_dropout=0.2"],
-    "wide": ["model.block_out_channels=[96,192]"],
-    "deep": ["model.layers_per_block=2"],
+    "eps": EPS,
+    "v": [*EPS, "diffusion.prediction=v"],
+    "flow": [*FLOW, "diffusion.time_sampling=uniform"],
+    "flow-ln": [*FLOW, "diffusion.time_sampling=logit_normal"],
+    "flow-ln-shift2": [*FLOW, "diffusion.time_sampling=logit_normal", "diffusion.time_shift=2.0"],
+    "flow-ln-lr1e-3": [*FLOW, "diffusion.time_sampling=logit_normal", "train.lr=1.0e-3"],
+    "flow-ln-lr2e-3": [*FLOW, "diffusion.time_sampling=logit_normal", "train.lr=2.0e-3"],
+    "flow-ln-lr2.5e-4": [*FLOW, "diffusion.time_sampling=logit_normal", "train.lr=2.5e-4"],
+    "flow-ln-constant": [*FLOW, "diffusion.time_sampling=logit_normal", "train.lr_schedule=constant"],
+    "flow-ln-warmup500": [*FLOW, "diffusion.time_sampling=logit_normal", "train.warmup_steps=500"],
+    "flow-ln-batch64": [*FLOW, "diffusion.time_sampling=logit_normal", "data.batch_size=64"],
+    "flow-ln-batch16": [*FLOW, "diffusion.time_sampling=logit_normal", "data.batch_size=16"],
+    "flow-ln-ema0.999": [*FLOW, "diffusion.time_sampling=logit_normal", "train.ema_decay=0.999"],
+    "flow-ln-ema0.99": [*FLOW, "diffusion.time_sampling=logit_normal", "train.ema_decay=0.99"],
+    "flow-ln-wide": [*FLOW, "diffusion.time_sampling=logit_normal", "model.block_out_channels=[96,192]"],
+    "flow-ln-narrow": [*FLOW, "diffusion.time_sampling=logit_normal", "model.block_out_channels=[48,96]",
+                       "model.norm_num_groups=16", "model.head_dim=16"],
+    "flow-ln-deep": [*FLOW, "diffusion.time_sampling=logit_normal", "model.layers_per_block=2"],
+    "flow-ln-drop0.2": [*FLOW, "diffusion.time_sampling=logit_normal", "diffusion.cond_dropout=0.2"],
+    "flow-ln-drop0.05": [*FLOW, "diffusion.time_sampling=logit_normal", "diffusion.cond_dropout=0.05"],
+    # EMA widths post hoc (--phema): EDM2's power EMAs tracked, snapshots every 1/32 of the run
+    "flow-ln-phema": [*FLOW, "diffusion.time_sampling=logit_normal", "train.power_ema=[0.05,0.15]",
+                      "train.power_ema_snapshot_every={steps32}"],
+    "default": [],  # configs/ldm/emoji.yaml as it stands
 }
-CURVE_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 METRICS = ("fid", "kid", "class_acc")  # lower, lower, higher is better
 
 
-def run(cmd: list[str], log: Path) -> None:
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ})
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])}... failed ({proc.returncode}); see {log}")
+def peers() -> dict:
+    """Peer runs: the script's defaults, our hyper-parameters (implementation parity), the tuning sweep."""
+    from bench.diffusers_recipe import SCRIPT_DEFAULTS, sweep, with_our_hparams
+
+    return {"diffusers-defaults": SCRIPT_DEFAULTS, "diffusers-ours": with_our_hparams(rr.load(EPS)), **sweep()}
 
 
-def latent_cache(data: str, autoencoder: str, out: Path, image_size: int) -> Path:
-    """The latent shards of data's train/val splits under the autoencoder (made once, checked every time)."""
+def ours_with_peer_hparams(recipe) -> list[str]:
+    """Our trainer with a peer recipe's hyper-parameters (the fourth cell of implementation x recipe)."""
+    return [*EPS, f"train.lr={recipe.lr}", f"train.lr_schedule={recipe.lr_schedule}",
+            f"train.warmup_steps={recipe.warmup_steps if recipe.lr_schedule != 'constant' else 0}",
+            f"train.weight_decay={recipe.weight_decay}", f"train.ema_decay={recipe.ema_decay}",
+            f"diffusion.cond_dropout={recipe.proportion_empty_prompts}"]
+
+
+class Context:
+    """What every run shares: the data, caches, budget, step times and the evaluator (built on first use)."""
+
+    def __init__(self, args):
+        self.out, self.data, self.autoencoder = args.out, args.data, args.autoencoder
+        self.tracking_uri, self.num_images = args.tracking_uri, args.num_images
+        self.latents, self.text_cache = caches(args)
+        self.steps = args.steps or rr.load([]).train.max_steps
+        self._evaluator = None
+
+    @property
+    def evaluator(self):
+        if self._evaluator is None:
+            from ldm.assemble import build_evaluator
+
+            self._evaluator = build_evaluator(rr.load([f"data.train={self.data}"]), "cpu", num_images=self.num_images)
+        return self._evaluator
+
+
+def caches(args) -> tuple[Path, Path]:
+    """Latent shards of the data under the autoencoder, and their text embeddings (made once, checked every time)."""
     from ldm.data.latents import check_latent_cache, folder_hash
 
-    folder = out / "latents"
+    latents, text = args.out / "latents", args.out / "text"
     try:
-        check_latent_cache(str(folder), folder_hash(autoencoder))
-    except ValueError:
-        run([sys.executable, "-m", "ldm.cli.shards", "latents", "--data", data, "--autoencoder", autoencoder,
-             "--out", str(folder), "--image-size", str(image_size)], out / "latents.log")
-    return folder
+        check_latent_cache(str(latents), folder_hash(args.autoencoder))
+    except (ValueError, FileNotFoundError):
+        run_logged([sys.executable, "-m", "ldm.cli.shards", "latents", "--data", args.data, "--autoencoder",
+                    args.autoencoder, "--out", str(latents), "--image-size", str(rr.load([]).data.image_size)],
+                   args.out / "latents.log")
+    if not (text / "index.json").is_file():
+        run_logged([sys.executable, "-m", "ldm.cli.shards", "text", "--config", str(rr.CONFIG), "--data",
+                    str(latents), "--out", str(text)], args.out / "text.log")
+    return latents, text
 
 
-def base_overrides(args, latents: Path, name: str, run_dir: Path) -> list[str]:
-    return [f"data.train={args.data}", f"data.val={args.data}", f"data.latents={latents}",
-            f"autoencoder.path={args.autoencoder}", f"run.output_dir={run_dir}", f"run.name=recipe-{name}",
-            f"tracking.uri={args.tracking_uri}", "tracking.experiment=recipe-study", "eval.every=0",
-            "eval.final=false", "train.sample_every=0"]
+def run_logged(cmd: list[str], log: Path) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=rr.ROOT, env=os.environ.copy())
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd[:5])}... failed ({proc.returncode}); see {log}")
 
 
-def calibrate(overrides: list[str], steps: int = 40, skip: int = 10) -> float:
-    """Mean seconds per optimizer step of the recipe (micro-steps + EMA), after ``skip`` warm-up steps."""
-    from ldm.config import LDMConfig, load_config
-    from ldm.train import Trainer
-
-    cfg = load_config(LDMConfig, ROOT / "configs/ldm/emoji.yaml", [*overrides, "tracking.enabled=false"])
-    trainer = Trainer(cfg)
-    stream, times = trainer._batches(), []
-    for step in range(steps):
-        start = time.perf_counter()
-        for _ in range(cfg.train.grad_accum):
-            trainer.micro_step(next(stream))
-        trainer.ema.update(step + 1)
-        times.append(time.perf_counter() - start)
-    return statistics.mean(times[skip:])
-
-
-def evaluate(evaluator, pipe, cfg) -> dict[str, float]:
-    e = cfg.eval
-    return evaluator.evaluate(pipe, sampler=e.sampler, steps=e.steps, guidance=e.guidance).metrics
+def step_times(ctx, ours: dict[str, list[str]], peer: bool) -> dict[str, float]:
+    """Seconds per step of every cost class needed, measured in one process, interleaved, and kept in
+    calibration.json; classes measured later are scaled by the default's time in both measurements."""
+    file = ctx.out / "calibration.json"
+    known = json.loads(file.read_text()) if file.is_file() else {"times": {}}
+    need = {rr.cost_key(o): [x.replace("{steps32}", "50") for x in o if x.startswith(rr.COST_KEYS)]
+            for o in ours.values()}
+    missing = {k: v for k, v in need.items() if k not in known["times"]}
+    want_peer = peer and "diffusers" not in known["times"]
+    if missing or want_peer or "default" not in known["times"]:
+        missing["default"] = []  # every calibration times the default too: the ratios come from one measurement
+        print(f"calibrating step times: {', '.join(missing)}{' + diffusers' if want_peer else ''}", flush=True)
+        times = rr.calibrate(ctx, missing, want_peer)
+        first = known["times"].get("default", times["default"])
+        known["times"].update({k: v * first / times["default"] for k, v in times.items()})
+        known["machine"] = rr.machine()
+        file.write_text(json.dumps(known, indent=2))
+    return known["times"]
 
 
-def train_recipe(name: str, args, latents: Path, evaluator) -> dict:
-    """Calibrate, train for the budget, evaluate the final (and, for --curve recipes, earlier) checkpoints."""
-    from ldm.assemble import from_weights
-    from ldm.config import LDMConfig, load_config
-    from ldm.io import load_tensors
-    from ldm.train.checkpoint import read_weights, tag_for
-
-    folder = args.out / name
-    result_file = folder / "result.json"
-    if result_file.is_file():
-        return json.loads(result_file.read_text())
-    folder.mkdir(parents=True, exist_ok=True)
-    run_dir = folder / "run"
-    overrides = [*base_overrides(args, latents, name, run_dir), *RECIPES[name]]
-    seconds = calibrate([*overrides, f"run.output_dir={folder / 'calibration'}"])
-    steps = max(20, int(args.budget_min * 60 / seconds))
-    curve = name in args.curve
-    marks = sorted({max(1, round(f * steps)) for f in (CURVE_FRACTIONS if curve else (1.0,))})
-    every = math.gcd(*marks) if len(marks) > 1 else steps
-    start = time.time()
-    run([sys.executable, "-m", "ldm.cli.train", "--config", str(ROOT / "configs/ldm/emoji.yaml"), *overrides,
-         f"train.max_steps={steps}", f"train.ckpt_every={every}", f"train.keep_last={steps // every + 1}",
-         f"train.val_every={marks[0]}"], folder / "train.log")
-    wall = time.time() - start
-    cfg = load_config(LDMConfig, run_dir / "config.yaml")
-    null = load_tensors(run_dir / "null_condition.safetensors")
-    points = []
-    for step in marks:
-        _, ema, _ = read_weights(run_dir / "checkpoints", tag_for(step))
-        metrics = evaluate(evaluator, from_weights(cfg, ema, null, "cpu"), cfg)
-        points.append({"step": step, "seconds": step * seconds, **metrics})
-        print(f"{name} step {step}: {evaluator_summary(metrics)}", flush=True)
-    result = {"name": name, "overrides": RECIPES[name], "seconds_per_step": seconds, "steps": steps,
-              "budget_s": args.budget_min * 60, "train_wall_s": wall, "points": points, **points[-1]}
-    result_file.write_text(json.dumps(result, indent=2))
+def run_ours(ctx, name: str, overrides: list[str], times: dict[str, float]) -> dict:
+    result = rr.cached(ctx, name)
+    if result is None:
+        seconds = times[rr.cost_key(overrides)]
+        steps = rr.budget_steps(ctx.steps, seconds, times["default"])
+        overrides = [o.replace("{steps32}", str(max(1, steps // 32))) for o in overrides]
+        print(f"{name}: {steps} steps ({seconds:.3f} s/step calibrated)", flush=True)
+        result = {"name": name, "impl": "ours", "overrides": overrides, "seconds_per_step": seconds, "steps": steps,
+                  "points": [], "machine": rr.machine(), **rr.train_ours(ctx, name, overrides, steps)}
+        rr.save(ctx, result)
     return result
 
 
-def train_peer_recipe(args, latents: Path, evaluator) -> dict:
-    """diffusers' recipe on the same latents and captions for the same budget (bench/diffusers_recipe.py)."""
-    import torch
-
-    from bench.diffusers_recipe import PeerRecipe, peer_denoiser, peer_unet, train_peer
-    from ldm.assemble import assemble
-    from ldm.config import LDMConfig, load_config
-    from ldm.data import make_loader, resolve_shards
-
-    result_file = args.out / "diffusers" / "result.json"
-    if result_file.is_file():
-        return json.loads(result_file.read_text())
-    result_file.parent.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(LDMConfig, ROOT / "configs/ldm/emoji.yaml",
-                      base_overrides(args, latents, "diffusers", args.out / "diffusers" / "run"))
-    parts = assemble(cfg, "cpu")
-    torch.manual_seed(cfg.run.seed)
-    unet = peer_unet(parts.unet())
-
-    def batches():
-        for epoch in range(10**6):
-            for batch in make_loader(resolve_shards(str(latents), "train"), batch_size=cfg.data.batch_size,
-                                     image_size=cfg.data.image_size, seed=cfg.run.seed, epoch=epoch,
-                                     shuffle_buffer=cfg.data.shuffle_buffer, latents=True):
-                yield batch["latent"], parts.text_encoder(batch["caption"])
-
-    warm = {}  # calibrate the way ours is: the recipe's own steps, the mean of steps 11-40
-    _, total = train_peer(peer_unet(parts.unet()), batches(), parts.null_cond, 40, PeerRecipe(),
-                          lambda step, elapsed, _: warm.setdefault("s", elapsed), (10,), progress=False)
-    seconds = (total - warm["s"]) / 30
-    steps = max(20, int(args.budget_min * 60 / seconds))
-    marks = sorted({max(1, round(f * steps)) for f in CURVE_FRACTIONS}) if args.curve else [steps]
-    points = []
-
-    def on_checkpoint(step: int, elapsed: float, ema_unet) -> None:
-        pipe = parts.pipeline(ema_unet)
-        pipe.denoiser = peer_denoiser(ema_unet)
-        metrics = evaluate(evaluator, pipe, cfg)
-        points.append({"step": step, "seconds": step * seconds, "elapsed": elapsed, **metrics})
-        print(f"diffusers step {step}: {evaluator_summary(metrics)}", flush=True)
-
-    train_peer(unet, batches(), parts.null_cond, steps, PeerRecipe(), on_checkpoint, tuple(marks))
-    result = {"name": "diffusers", "overrides": ["diffusers UNet2DConditionModel, DDPMScheduler, AdamW lr 1e-4 "
-                                                 "constant + 500 warm-up, EMAModel 0.9999"],
-              "seconds_per_step": seconds, "steps": steps, "budget_s": args.budget_min * 60, "points": points,
-              **points[-1]}
-    result_file.write_text(json.dumps(result, indent=2))
+def run_peer(ctx, name: str, recipe, times: dict[str, float], equal_steps: bool) -> dict:
+    """A peer run: equal steps for the parity run (per-step quality), equal wall-clock for the others."""
+    result = rr.cached(ctx, name)
+    if result is None:
+        seconds = times["diffusers"]
+        steps = ctx.steps if equal_steps else rr.budget_steps(ctx.steps, seconds, times["default"])
+        print(f"{name}: {steps} steps ({seconds:.3f} s/step calibrated; {recipe.describe()})", flush=True)
+        result = {"name": name, "impl": "diffusers", "overrides": [recipe.describe()], "seconds_per_step": seconds,
+                  "steps": steps, "points": [], "machine": rr.machine(),
+                  **rr.train_peer_run(ctx, name, recipe, steps)}
+        rr.save(ctx, result)
     return result
 
 
-def evaluator_summary(metrics: dict) -> str:
-    from ldm.eval import summary
+def finish(ctx, result: dict, curve: bool) -> dict:
+    """Score the final weights (and every kept mark for a curve run)."""
+    rr.score(ctx, result, result["marks"] if curve else [result["steps"]])
+    rr.save(ctx, result)
+    return result
 
-    return summary(metrics)
 
-
-def time_to_reach(points: list[dict], target: float, metric: str) -> float | None:
-    """Seconds of training at which a curve first reaches ``target`` (linear between evaluations); None: never."""
+# --- tables ---------------------------------------------------------------------------------------------------
+def time_to_reach(points: list[dict], target: float, metric: str, bound: str = "") -> float | None:
+    """Seconds of training at which a curve first reaches ``target`` (linear between evaluations); None: never.
+    ``bound`` "_lo"/"_hi" follows that end of each point's interval instead of the value."""
     better = (lambda v: v >= target) if metric == "class_acc" else (lambda v: v <= target)
-    previous = None
+    key, previous = metric + bound, None
     for p in points:
-        if better(p[metric]):
+        if better(p[key]):
             if previous is None:
                 return p["seconds"]
-            t0, v0, t1, v1 = previous["seconds"], previous[metric], p["seconds"], p[metric]
+            t0, v0, t1, v1 = previous["seconds"], previous[key], p["seconds"], p[key]
             return t0 + (t1 - t0) * (target - v0) / (v1 - v0) if v1 != v0 else t1
         previous = p
     return None
 
 
-def table(rows: list[dict]) -> str:
-    from ldm.eval.sweep import cell as _cell
+def reach_row(ours: dict, peer: dict, metric: str) -> str:
+    """How long ``ours`` takes to reach the peer's final value, with the range its and the peer's intervals allow
+    (early: our optimistic bound meets the peer's pessimistic one; late: the reverse), as a fraction of the peer's
+    training time."""
+    up = metric == "class_acc"
+    t = time_to_reach(ours["points"], peer[metric], metric)
+    early = time_to_reach(ours["points"], peer[metric + ("_lo" if up else "_hi")], metric, "_hi" if up else "_lo")
+    late = time_to_reach(ours["points"], peer[metric + ("_hi" if up else "_lo")], metric, "_lo" if up else "_hi")
+    total = peer["steps"] * peer["seconds_per_step"]
 
-    head = ["recipe", "overrides", "s/step", "steps", "FID [95 %]", "KID x1e3 [95 %]", "alignment % [95 %]"]
+    def frac(x):
+        return f"{x / total:.2f}" if x is not None else "not reached"
+
+    scale = 100 if up else 1e3 if metric == "kid" else 1
+    return (f"| {ours['name']} | {metric} | {peer[metric] * scale:.4g} | {frac(t)} [{frac(early)}, {frac(late)}] |")
+
+
+def table(rows: list[dict]) -> str:
+    from ldm.eval.sweep import cell
+
+    head = ["run", "implementation", "recipe", "sampler", "steps", "s/step", "train wall / CPU min", "FID [95 %]",
+            "KID x1e3 [95 %]", "alignment % [95 %]"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        lines.append("| " + " | ".join([r["name"], ", ".join(r["overrides"]) or "(configs/ldm/emoji.yaml)",
-                                        f"{r['seconds_per_step']:.3f}", str(r["steps"]), _cell(r, "fid"),
-                                        _cell(r, "kid"), _cell(r, "class_acc")]) + " |")
+        s = r.get("sampling", {})
+        recipe = ", ".join(o for o in r["overrides"] if not o.startswith(("eval.", "sampling."))) or "(the config)"
+        lines.append("| " + " | ".join([
+            r["name"], r["impl"], recipe, f"{s.get('sampler')} x{s.get('steps')} g{s.get('guidance', 0):g}",
+            str(r["steps"]), f"{r['seconds_per_step']:.3f}", f"{r['train_wall_s'] / 60:.1f} / {r['train_cpu_s'] / 60:.1f}",
+            cell(r, "fid"), cell(r, "kid"), cell(r, "class_acc")]) + " |")
     f = rows[0]
-    lines.append(f"\nReal floor at the same counts: FID {_cell(f, 'fid_floor')}, KID x1e3 {_cell(f, 'kid_floor')}; "
+    lines.append(f"\nReal floor at the same counts: FID {cell(f, 'fid_floor')}, KID x1e3 {cell(f, 'kid_floor')}; "
                  f"alignment ceiling {100 * f.get('class_acc_real', float('nan')):.1f} %, chance "
                  f"{100 * f.get('class_chance', float('nan')):.1f} %; {int(f['num_images'])} generated images.")
+    m = f["machine"]
+    lines.append(f"Measured on {m['cpu']} ({m['cores']} cores, {m['threads'] or 'default'} threads), commit "
+                 f"{m['commit']}, {m['date']}.")
     return "\n".join(lines)
+
+
+def write_tables(args, rows: list[dict]) -> str:
+    from ldm.report.plots import eval_points
+
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "recipe.json").write_text(json.dumps(rows, indent=2))
+    text = table(rows)
+    eval_points(rows, args.results / "recipe.png", labels=[r["name"] for r in rows])
+    by = {r["name"]: r for r in rows}
+    for ours, peer in [c.split(":") for c in args.reach]:
+        if ours in by and peer in by and len(by[ours]["points"]) > 1:
+            text += ("\n\n| ours | metric | peer's final | fraction of the peer's wall-clock to reach it [range] |\n"
+                     "|---|---|---|---|\n" + "\n".join(reach_row(by[ours], by[peer], m) for m in METRICS))
+    (args.results / "recipe.md").write_text(text + "\n")
+    return text
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/emoji")
     p.add_argument("--autoencoder", default="runs/autoencoder")
-    p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma-separated, from {', '.join(RECIPES)}")
-    p.add_argument("--budget-min", type=float, default=8.0, help="training wall-clock per recipe, minutes")
-    p.add_argument("--peer", action="store_true", help="also train diffusers' recipe for the same budget")
-    p.add_argument("--curve", default="", help="recipes evaluated at 1/4, 1/2, 3/4 of the budget too (with --peer)")
+    p.add_argument("--recipes", default="", help=f"ours, comma-separated, from {', '.join(RECIPES)}")
+    p.add_argument("--peers", default="", help="diffusers-defaults, diffusers-ours, the sweep's names, or 'sweep'")
+    p.add_argument("--peer-hparams", default="", help="peer recipe names to train with our trainer too (2x2 cell)")
+    p.add_argument("--curve", default="", help="runs scored at every kept mark (1/4, 1/2, 3/4, all of the steps)")
+    p.add_argument("--reach", action="append", default=[], metavar="OURS:PEER",
+                   help="time-to-quality rows: OURS's curve against PEER's final values")
+    p.add_argument("--phema", default="", metavar="RUN:W1,W2",
+                   help="score RUN's post-hoc power EMA at these relative widths (RUN tracked power EMAs)")
+    p.add_argument("--samplers", default="", metavar="S:N,...",
+                   help="also score the final weights of --recipes/--peers runs with these samplers (S x N steps)")
+    p.add_argument("--steps", type=int, default=None, help="budget in default steps (default: the demo's max_steps)")
     p.add_argument("--num-images", type=int, default=1000)
-    p.add_argument("--out", type=Path, default=ROOT / "bench/results/recipe")
-    p.add_argument("--tracking-uri", default=f"sqlite:///{ROOT / 'runs/mlflow.db'}")
+    p.add_argument("--table", action="store_true", help="only gather the results there are into the tables")
+    p.add_argument("--out", type=Path, default=rr.ROOT / "runs/recipe-study", help="runs, caches, per-run results")
+    p.add_argument("--results", type=Path, default=rr.ROOT / "bench/results", help="recipe.md, .json, .png")
+    p.add_argument("--tracking-uri", default=f"sqlite:///{rr.ROOT / 'runs/mlflow.db'}")
     args = p.parse_args()
-    args.curve = [c for c in args.curve.split(",") if c]
+    all_peers = peers()
     names = [n for n in args.recipes.split(",") if n]
-    unknown = [n for n in names + args.curve if n not in RECIPES]
+    peer_names = [n for n in args.peers.split(",") if n]
+    if "sweep" in peer_names:
+        peer_names = [n for n in peer_names if n != "sweep"] + [n for n in all_peers if n.startswith("diffusers-lr")]
+    hparam_names = [n for n in args.peer_hparams.split(",") if n]
+    unknown = [n for n in names if n not in RECIPES] + [n for n in peer_names + hparam_names if n not in all_peers]
     if unknown:
-        p.error(f"unknown recipe(s) {unknown}; choose from {', '.join(RECIPES)}")
+        p.error(f"unknown run(s) {unknown}; ours: {', '.join(RECIPES)}; peers: {', '.join(all_peers)}")
     args.out.mkdir(parents=True, exist_ok=True)
-
-    from ldm.assemble import build_evaluator
-    from ldm.config import LDMConfig, load_config
-    from ldm.report.plots import eval_points
-
-    cfg = load_config(LDMConfig, ROOT / "configs/ldm/emoji.yaml", [f"data.train={args.data}"])
-    latents = latent_cache(args.data, args.autoencoder, args.out, cfg.data.image_size)
-    evaluator = build_evaluator(cfg, "cpu", num_images=args.num_images)
-    rows = [train_recipe(n, args, latents, evaluator) for n in names]
-    if args.peer:
-        rows.append(train_peer_recipe(args, latents, evaluator))
-    (args.out / "recipe.json").write_text(json.dumps(rows, indent=2))
-    text = table(rows)
-    eval_points(rows, args.out / "recipe.png", labels=[r["name"] for r in rows])
-    if args.peer and args.curve:
-        peer = rows[-1]
-        lines = ["", "| recipe | metric | diffusers final | reached by ours at | fraction of diffusers' wall-clock |",
-                 "|---|---|---|---|---|"]
-        for r in rows[:-1]:
-            if r["name"] not in args.curve:
-                continue
-            for metric in METRICS:
-                t = time_to_reach(r["points"], peer[metric], metric)
-                frac = f"{t / peer['budget_s']:.2f}" if t is not None else "not reached"
-                reached = f"{t / 60:.1f} min" if t is not None else "-"
-                lines.append(f"| {r['name']} | {metric} | {peer[metric]:.4g} | {reached} | {frac} |")
-        text += "\n".join(lines)
-    (args.out / "recipe.md").write_text(text + "\n")
-    print(text)
+    curve = {n for n in args.curve.split(",") if n}
+    ctx = Context(args)
+    ours = {n: RECIPES[n] for n in names}
+    ours.update({f"ours-with-{n}": ours_with_peer_hparams(all_peers[n]) for n in hparam_names})
+    if not args.table:
+        times = step_times(ctx, ours, bool(peer_names))
+        for name, overrides in ours.items():
+            finish(ctx, run_ours(ctx, name, overrides, times), name in curve)
+        for name in peer_names:
+            finish(ctx, run_peer(ctx, name, all_peers[name], times, name == "diffusers-ours"), name in curve)
+    for sampler, n in (x.split(":") for x in args.samplers.split(",") if x):
+        for name in [*ours, *peer_names]:
+            rr.sampler_row(ctx, name, sampler, int(n))
+    if args.phema:
+        run, widths = args.phema.split(":")
+        for w in widths.split(","):
+            rr.phema_row(ctx, run, float(w))
+    rows = [r for r in (rr.cached(ctx, d.name) for d in sorted(args.out.iterdir()) if d.is_dir()) if r]
+    for r in rows:
+        if r["name"] in curve:
+            finish(ctx, r, True)
+    rows = [r for r in rows if "fid" in r]
+    if rows:
+        print(write_tables(args, rows))
 
 
 if __name__ == "__main__":

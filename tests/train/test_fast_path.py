@@ -184,3 +184,29 @@ def test_unknown_compile_options_are_a_config_error(tmp_path, tiny_shards, tiny_
                        "train.compile=regional", "train.compile_options={backend: eager, modes: fast}"])
     with pytest.raises(ConfigError, match=r"train.compile_options: \['modes'\]"):
         trainer_mod.Trainer(cfg)
+
+
+def test_one_process_skips_the_gradient_all_reduce_with_the_same_bits():
+    """One ZeRO-0 process has nothing to all-reduce: the engine skips DeepSpeed's flatten/all-reduce/unflatten of every
+    gradient, and the weights after accumulated steps are bit-identical to the engine that does it."""
+    from ldm.train.distributed import init_distributed
+    from ldm.train.engine import build_engine
+
+    init_distributed("cpu")
+    cfg = TrainConfig(lr=1e-3, grad_accum=2, warmup_steps=0, max_steps=10)
+    skipping, reducing = (build_engine(unet, cfg, micro_batch=3) for unet in unet_pair())
+    assert not skipping.enable_backward_allreduce and not reducing.enable_backward_allreduce
+    reducing.enable_backward_allreduce = True  # the engine as DeepSpeed builds it
+    calls = []
+    original = reducing.allreduce_gradients
+    reducing.allreduce_gradients = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
+    x, t, context, mask = unet_inputs()
+    for step in range(4):  # two optimizer steps of two micro-batches
+        for engine in (skipping, reducing):
+            out = engine(x + step, t, context, mask)
+            engine.backward(out.square().mean())
+            engine.step()
+    assert len(calls) == 4  # DeepSpeed enters it after every backward (it reduces at the boundaries)
+    for (name, a), (_, b) in zip(skipping.module.named_parameters(), reducing.module.named_parameters()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(skipping.module.conv_in.weight, unet_pair()[0].conv_in.weight)  # it did train

@@ -158,6 +158,7 @@ def check_inputs(cfg: LDMConfig, *, training: bool = True) -> None:
             raise ConfigError(f"{key}.sampler/{key}.steps: {e}") from None
     if not training:
         return
+    cfg.train.check_compile_options()
     out = Path(cfg.run.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"run.output_dir: {out} exists and is not a folder")

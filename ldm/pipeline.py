@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from ldm.conditioning import Cond, expand_cond, micro_conditions
 from ldm.diffusion import GaussianProcess, Predictor
+from ldm.models import micro_conditioned
 from ldm.sampling import Guided, guide, sample
 
 Tensor = torch.Tensor
@@ -46,7 +47,7 @@ class TextToImage:
         self.defaults = dict(defaults or {})
         self.factor = int(getattr(autoencoder, "downsample_factor", 8))
         # SDXL's size/crop micro-conditioning: the UNet embeds (original size, crop corner, target size)
-        self.micro_conditioned = getattr(unet, "config", {}).get("addition_time_embed_dim") is not None
+        self.micro_conditioned = micro_conditioned(getattr(unet, "config", {}))
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -62,10 +63,6 @@ class TextToImage:
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
-
-    def check_sampler(self, sampler: str, spacing: str | None = None, steps: int = 2) -> None:
-        """Refuse settings this model cannot be sampled with (unknown sampler, a grid the process cannot make)."""
-        check_sampling(self.process, self.prediction, sampler, steps, spacing)
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], *, seeds: Sequence[int], negative_prompt: str = "",
@@ -122,17 +119,6 @@ class TextToImage:
             chunk = slice(start, start + batch_size)
             out.append(self(list(prompts[chunk]), seeds=list(seeds[chunk]), **settings).cpu())
         return torch.cat(out)
-
-
-def check_sampling(process: GaussianProcess, prediction: str, sampler: str, steps: int,
-                   spacing: str | None = None) -> None:
-    """ValueError naming the problem when a model of this process and prediction cannot use these settings."""
-    from ldm.sampling import time_grid
-
-    time_grid(process, sampler, steps, spacing)
-    if prediction in ("eps", "score") and float(process.alpha(1.0)) == 0.0:
-        raise ValueError(f"this model predicts {prediction} on a schedule with zero terminal SNR: "
-                         "x0 = (x_t - sigma eps) / alpha is undefined at t = 1; such models must predict v or x0")
 
 
 def _to(cond: Cond, device) -> Cond:

@@ -162,13 +162,12 @@ def model_config(folder: Path):
 
 def check_sampling(cfg, sampler: str, steps: int, spacing: str | None = None) -> None:
     """The model of ``cfg`` can be sampled with these settings; a usage error naming the flag otherwise."""
-    from ldm.assemble import build_process
-    from ldm.pipeline import check_sampling as check
+    from ldm.assemble import check_sampler_settings
 
     if steps < 1:
         usage_error(f"--steps must be positive, got {steps}")
     try:
-        check(build_process(cfg.diffusion), cfg.diffusion.prediction, sampler, steps, spacing)
+        check_sampler_settings(cfg, sampler, steps, spacing)
     except ValueError as e:
         flag = "--spacing" if spacing is not None and "spacing" in str(e) else "--steps" if "steps" in str(e) \
             else "--sampler"

@@ -68,7 +68,7 @@ class DiffusionConfig:
     beta_start: float | None = defining(None)
     beta_end: float | None = defining(None)
     zero_terminal_snr: bool = defining(False)
-    prediction: Literal["eps", "x0", "v", "score", "velocity"] = defining("eps")  # velocity = eps - x0 (flow matching)
+    prediction: Literal["eps", "x0", "v", "score", "velocity"] = defining("eps")  # velocity = eps - x0 (flow)
     weighting: Literal["uniform", "min_snr", "edm"] = "uniform"
     min_snr_gamma: float = 5.0
     offset_noise: float = 0.0

@@ -5,7 +5,7 @@ from ldm.models.convert import compvis_to_diffusers, diffusers_to_compvis
 from ldm.models.embeddings import timestep_embedding
 from ldm.models.io import load_diffusers_unet, load_unet_weights, save_diffusers
 from ldm.models.presets import UNET_PRESETS, unet_preset
-from ldm.models.unet import UNet
+from ldm.models.unet import UNet, micro_conditioned
 
 __all__ = [
     "Attention",
@@ -17,6 +17,7 @@ __all__ = [
     "diffusers_to_compvis",
     "load_diffusers_unet",
     "load_unet_weights",
+    "micro_conditioned",
     "save_diffusers",
     "timestep_embedding",
     "unet_preset",

@@ -74,11 +74,8 @@ class HeldOutLoss:
 
     def _cond(self, rows: list[dict], x0: torch.Tensor):
         """The condition of some held-out samples (as a training batch of theirs gets it)."""
-        batch = {"latent": x0}
-        for k in rows[0]:
-            values = [r[k] for r in rows]
-            batch[k] = values if k == "caption" else torch.stack(values)
-        return self.parts.condition(batch)
+        samples = {k: [r[k] for r in rows] if k == "caption" else torch.stack([r[k] for r in rows]) for k in rows[0]}
+        return self.parts.conditioning(samples, x0)
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
@@ -94,7 +91,7 @@ class HeldOutLoss:
                     cond = self._cond(self.rows[rows], x0)
                 else:  # this rank has run out: a forward on a padding sample keeps ZeRO-3's collectives in step
                     x0 = torch.zeros(1, *p.latent_shape, device=p.device)
-                    keys, cond, weight = ["padding"], p.condition({"latent": x0, **p.null_cond}), 0.0
+                    keys, cond, weight = ["padding"], p.conditioning.null(x0), 0.0
                 mse = eps_mse(denoiser, x0, cond, p.process, t, p.cfg.diffusion.prediction,
                               sample_generators(keys, "val", band))  # (B,)
                 sums[band] += weight * float(mse.double().sum())

@@ -97,7 +97,7 @@ class Trainer:
                 z = batch["latent"].to(p.device, non_blocking=True)  # (B, C, h, w) scaled latents
             else:
                 z = p.autoencoder.encode(batch["image"].to(p.device, non_blocking=True))  # (B, C, h, w) scaled latents
-            cond = p.condition(batch)  # cached or encoded text (B, L, D), (B, L)[, pooled (B, P), time_ids (B, 6)]
+            cond = p.conditioning(batch, z)  # cached or encoded text (B, L, D), (B, L)[, (B, P), time_ids (B, 6)]
         # every random draw of a sample comes from its own generator: the same on any number of ranks
         generators = sample_generators(batch["key"], self.cfg.run.seed, self.guard.rollbacks, self.step)
         cond = conditioning_dropout(cond, p.null_cond, self.cfg.diffusion.cond_dropout, generators)

@@ -60,7 +60,7 @@ def run_main(fn: Callable[[], int | None]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("deepspeed", "DeepSpeed", "torch.distributed", "alembic", "mlflow", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from ldm.data.stream import NoUsableData
+    from ldm.data.skips import NoUsableData
     from ldm.export import ExportTargetError
     from ldm.io import WeightsError
 

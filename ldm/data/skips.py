@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 
 import webdataset as wds
 
-log = logging.getLogger("ldm.data.stream")  # the stream's logger, as before the move
+log = logging.getLogger(__name__)
 
 
 class NoUsableData(RuntimeError):

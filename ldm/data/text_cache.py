@@ -29,8 +29,10 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from ldm.data.decode import from_npy, pick_caption
 from ldm.data.shards import INDEX_NAME, check_cache_index
-from ldm.data.stream import SkipCounter, from_npy, has_splits, open_shards, pick_caption, resolve_split
+from ldm.data.skips import SkipCounter, open_shards
+from ldm.data.stream import has_splits, resolve_split
 from ldm.io import atomic_write_bytes
 
 NULL_NAME = "null_condition.safetensors"

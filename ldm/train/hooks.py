@@ -12,9 +12,10 @@ from typing import Callable
 import torch
 
 from ldm.assemble import Components
+from ldm.data.run_stream import held_out_batches
 from ldm.diffusion import band_times, eps_mse
-from ldm.pipeline import make_grid
 from ldm.diffusion.rng import sample_generators
+from ldm.pipeline import make_grid
 from ldm.train.distributed import DistInfo, sum_across_ranks
 
 
@@ -34,21 +35,9 @@ class HeldOutLoss:
     """
 
     def __init__(self, parts: Components, dist: DistInfo, bands: int, max_samples: int, batch_size: int):
-        from ldm.data import make_loader, resolve_shards
-        from ldm.data.source import cache_holds_latents, val_source
-
-        cfg = parts.cfg
         self.parts, self.batch_size = parts, batch_size
         self.times = band_times(parts.process, bands)  # (bands,) float64
-        src, cache = val_source(cfg.data), cfg.data.text_cache
-        try:  # a text cache's own val split: the held-out captions' cached embeddings (no text encoder needed)
-            urls, holdout, text = resolve_shards(cache, "val"), None, True
-            latents = cache_holds_latents(cache)
-        except (TypeError, ValueError):
-            urls, holdout, text, latents = resolve_shards(src.spec, "val"), src.holdout, False, False
-        loader = make_loader(urls, batch_size=batch_size, image_size=cfg.data.image_size, shuffle_buffer=0,
-                             caption=cfg.data.caption, holdout=holdout, text=text,
-                             latents=latents)  # one pass in shard order, identical on every rank
+        loader, spec = held_out_batches(parts.cfg.data, batch_size)  # one pass in shard order, the same on every rank
         self.total, self.keys, rows = 0, [], []
         fields = ("caption", "original_size", "crop_top_left", "context", "context_mask", "pooled")
         for batch in loader:
@@ -58,8 +47,7 @@ class HeldOutLoss:
                     self.keys.append(key)
                 self.total += self.total < max_samples
         if self.total == 0:
-            raise ValueError(f"data.val: the val split of {src.spec if src else cache} has no samples for the "
-                             "held-out loss")
+            raise ValueError(f"data.val: the val split of {spec} has no samples for the held-out loss")
         with torch.no_grad():
             self.latents = torch.cat([self._latents(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
                                      ) if rows else None

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from ldm.assemble import assemble, build_evaluator, check_inputs
 from ldm.conditioning import conditioning_dropout
 from ldm.config import LDMConfig, save_config, to_dict
+from ldm.data.run_stream import DataPosition, batch_stream
 from ldm.diffusion.rng import sample_generators
 from ldm.io import save_tensors
 from ldm.tracking import Tracker
@@ -28,7 +29,6 @@ from ldm.train.ema import EMA
 from ldm.train.engine import build_engine, full_state, weights_finite
 from ldm.train.export import export_trained
 from ldm.train.guards import NonFiniteGuard, TrainingDiverged, skip_micro_batch  # noqa: F401 - re-exported
-from ldm.train.position import DataPosition, batch_stream
 from ldm.train.preemption import StopRequest, agreed_action, exit_code, run_requeue
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ldm.config import ConfigError, LDMConfig
-from ldm.eval import Evaluator
+from ldm.eval import Evaluator, prepare_evaluator
 
 
 def build_evaluator(cfg: LDMConfig, device: torch.device | str = "cpu", progress: bool = True,
@@ -22,6 +22,6 @@ def build_evaluator(cfg: LDMConfig, device: torch.device | str = "cpu", progress
                     clip=e.clip, clip_model=e.clip_model, batch_size=e.batch_size, cache_dir=e.cache_dir)
     settings.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        return Evaluator(**settings, device=device, progress=progress)
+        return prepare_evaluator(**settings, device=device, progress=progress)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"eval: {err}") from None

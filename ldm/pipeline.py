@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -119,6 +121,27 @@ class TextToImage:
             chunk = slice(start, start + batch_size)
             out.append(self(list(prompts[chunk]), seeds=list(seeds[chunk]), **settings).cpu())
         return torch.cat(out)
+
+
+def write_samples(pipe: TextToImage, prompts: Sequence[str], seeds: Sequence[int], out: str | Path, *,
+                  record: dict, nrow: int, batch_size: int = 32, negative_prompt: str = "", **settings) -> Path:
+    """Generate image i for (prompt i, seed i) with ``settings``; write it as ``<out>/NNNNN.png`` with its prompt,
+    negative prompt, seed and ``record`` (what made it: sampler, guidance, model...) as PNG text metadata, each key
+    and all of them as JSON under ``parameters``; then ``<out>/grid.png``, ``nrow`` images a row. Returns the grid."""
+    from PIL.PngImagePlugin import PngInfo
+
+    images = pipe.generate(prompts, seeds, batch_size=batch_size, negative_prompt=negative_prompt, **settings)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(to_pil(images)):
+        info = PngInfo()
+        meta = {"prompt": prompts[i], "negative_prompt": negative_prompt, "seed": seeds[i], **record}
+        for k, v in meta.items():
+            info.add_text(k, str(v))
+        info.add_text("parameters", json.dumps(meta))
+        im.save(out / f"{i:05d}.png", pnginfo=info)
+    make_grid(images, nrow=nrow, scale=2).save(out / "grid.png")
+    return out / "grid.png"
 
 
 def _to(cond: Cond, device) -> Cond:

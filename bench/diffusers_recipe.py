@@ -81,7 +81,7 @@ def peer_denoiser(unet) -> Callable:
 def peer_batches(cfg, parts) -> Iterator[tuple[Tensor, dict, list[str]]]:
     """(latents (B, C, h, w), cond, keys) of exactly the micro-batches a one-process ``ldm-train`` run of ``cfg``
     reads, in its order: the trainer's own stream function and the assembly's conditioning of a batch."""
-    from ldm.train.position import DataPosition, batch_stream
+    from ldm.data.run_stream import DataPosition, batch_stream
 
     position = DataPosition.of(cfg.data, 1, cfg.train.grad_accum)
     for batch in batch_stream(cfg.data, cfg.run.seed, 0, 1, position):

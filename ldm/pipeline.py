@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -11,6 +13,7 @@ from tqdm import tqdm
 
 from ldm.conditioning import Cond, expand_cond, micro_conditions
 from ldm.diffusion import GaussianProcess, Predictor
+from ldm.models import micro_conditioned
 from ldm.sampling import Guided, guide, sample
 
 Tensor = torch.Tensor
@@ -62,10 +65,6 @@ class TextToImage:
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
-
-    def check_sampler(self, sampler: str, spacing: str | None = None, steps: int = 2) -> None:
-        """Refuse settings this model cannot be sampled with (unknown sampler, a grid the process cannot make)."""
-        check_sampling(self.process, self.prediction, sampler, steps, spacing)
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], *, seeds: Sequence[int], negative_prompt: str = "",
@@ -124,15 +123,25 @@ class TextToImage:
         return torch.cat(out)
 
 
-def check_sampling(process: GaussianProcess, prediction: str, sampler: str, steps: int,
-                   spacing: str | None = None) -> None:
-    """ValueError naming the problem when a model of this process and prediction cannot use these settings."""
-    from ldm.sampling import time_grid
+def write_samples(pipe: TextToImage, prompts: Sequence[str], seeds: Sequence[int], out: str | Path, *,
+                  record: dict, nrow: int, batch_size: int = 32, negative_prompt: str = "", **settings) -> Path:
+    """Generate image i for (prompt i, seed i) with ``settings``; write it as ``<out>/NNNNN.png`` with its prompt,
+    negative prompt, seed and ``record`` (what made it: sampler, guidance, model...) as PNG text metadata, each key
+    and all of them as JSON under ``parameters``; then ``<out>/grid.png``, ``nrow`` images a row. Returns the grid."""
+    from PIL.PngImagePlugin import PngInfo
 
-    time_grid(process, sampler, steps, spacing)
-    if prediction in ("eps", "score") and float(process.alpha(1.0)) == 0.0:
-        raise ValueError(f"this model predicts {prediction} on a schedule with zero terminal SNR: "
-                         "x0 = (x_t - sigma eps) / alpha is undefined at t = 1; such models must predict v or x0")
+    images = pipe.generate(prompts, seeds, batch_size=batch_size, negative_prompt=negative_prompt, **settings)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(to_pil(images)):
+        info = PngInfo()
+        meta = {"prompt": prompts[i], "negative_prompt": negative_prompt, "seed": seeds[i], **record}
+        for k, v in meta.items():
+            info.add_text(k, str(v))
+        info.add_text("parameters", json.dumps(meta))
+        im.save(out / f"{i:05d}.png", pnginfo=info)
+    make_grid(images, nrow=nrow, scale=2).save(out / "grid.png")
+    return out / "grid.png"
 
 
 def _to(cond: Cond, device) -> Cond:

@@ -53,19 +53,19 @@ def retain_freed_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, 256 << 20)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
-def run_main(fn: Callable[[], int | None]) -> int:
-    """Run a CLI body: configure logging and malloc; a ConfigError, a bad weights file or export target exits 2 with
-    one line."""
+def run_main(command: Callable[..., int | None], *args: Any) -> int:
+    """Run one command, ``command(*args)``, after configuring logging and malloc; its return value is the exit code
+    (None: 0). A ConfigError, a bad weights file, export target or data set exits 2 with one line."""
     retain_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("deepspeed", "DeepSpeed", "torch.distributed", "alembic", "mlflow", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from ldm.data.stream import NoUsableData
+    from ldm.data.skips import NoUsableData
     from ldm.export import ExportTargetError
     from ldm.io import WeightsError
 
     try:
-        return fn() or 0
+        return command(*args) or 0
     except ConfigError as e:
         usage_error(f"config: {e}")
     except (WeightsError, ExportTargetError, NoUsableData) as e:  # bad input data or target, named in the message
@@ -74,20 +74,13 @@ def run_main(fn: Callable[[], int | None]) -> int:
 
 
 def resolve_device(device: str, flag: str = "--device"):
-    """A torch.device for auto | cpu | cuda | cuda:N (auto: the first GPU when there is one); usage error otherwise."""
-    import torch
+    """The torch.device of ``--device`` (``ldm.assemble.resolve_device``); a usage error naming the flag otherwise."""
+    from ldm.assemble import resolve_device as resolve
 
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        usage_error(f"{flag}: unknown device {device!r} (use auto, cpu, cuda or cuda:N)")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        usage_error(f"{flag}: {device} requested but no CUDA device is available")
-    if dev.type not in ("cpu", "cuda"):
-        usage_error(f"{flag}: unsupported device {device!r} (use auto, cpu, cuda or cuda:N)")
-    return dev
+        return resolve(device)
+    except ValueError as e:
+        usage_error(f"{flag}: {e}")
 
 
 def check_output_folder(path: str, flag: str = "--out") -> Path:
@@ -162,13 +155,12 @@ def model_config(folder: Path):
 
 def check_sampling(cfg, sampler: str, steps: int, spacing: str | None = None) -> None:
     """The model of ``cfg`` can be sampled with these settings; a usage error naming the flag otherwise."""
-    from ldm.assemble import build_process
-    from ldm.pipeline import check_sampling as check
+    from ldm.assemble import check_sampler_settings
 
     if steps < 1:
         usage_error(f"--steps must be positive, got {steps}")
     try:
-        check(build_process(cfg.diffusion), cfg.diffusion.prediction, sampler, steps, spacing)
+        check_sampler_settings(cfg, sampler, steps, spacing)
     except ValueError as e:
         flag = "--spacing" if spacing is not None and "spacing" in str(e) else "--steps" if "steps" in str(e) \
             else "--sampler"

@@ -19,7 +19,6 @@ under one ldm-eval run; ldm-review plots them. --out gets metrics.json, eval.md 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ldm.cli._common import (
@@ -92,75 +91,49 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-
-    def body() -> int:
-        from ldm.assemble import build_evaluator
-        from ldm.eval import format_table, markdown_table, parse_sweep, run_sweep
-        from ldm.tracking import Tracker, tracking_uri
-
-        folder = resolve_model(args.model, args.tracking_uri)
-        cfg = model_config(folder)
-        e = cfg.eval
-        try:
-            points = parse_sweep(args.sweep, args.sampler or e.sampler, args.steps or e.steps,
-                                 e.guidance if args.guidance is None else args.guidance)
-        except ValueError as err:
-            usage_error(f"--sweep: {err}")
-        pipe, cfg = load_model(str(folder), args.device, args.tracking_uri, args.raw_weights,
-                               [(p.sampler, None, p.steps) for p in points])
-        data = args.data or e.data or cfg.data.train
-        try:
-            evaluator = build_evaluator(cfg, pipe.device, data=data, num_images=args.num_images,
-                                        reference_images=args.reference_images, seed=args.seed,
-                                        inception=args.inception, classifier=args.classifier,
-                                        bootstrap=args.bootstrap, clip=args.clip, clip_model=args.clip_model,
-                                        batch_size=args.batch_size, cache_dir=args.cache_dir)
-        except (ValueError, FileNotFoundError) as err:
-            usage_error(str(err))
-
-        tracker = Tracker(tracking_uri(args.tracking_uri, cfg.tracking.uri), args.experiment or cfg.tracking.experiment,
-                          f"eval-{cfg.run.name}", enabled=args.tracking)
-        options = {**pipe.defaults, **args.guidance_options}  # the flags over the model's configured defaults
-        settings = {"model": args.model, "data": data, "num_images": evaluator.num_images, **options,
-                    "reference_images": len(evaluator.reference), "seed": evaluator.seed,
-                    "inception": str(evaluator.inception.path), "classifier": evaluator.classifier is not None,
-                    "bootstrap": evaluator.bootstrap, "weights": "raw" if args.raw_weights else "ema"}
-        sweep = len(points) > 1
-        tracker.start(settings if sweep else {**settings, **points[0].params()}, tags={"ldm.eval": "true"})
-        status = "FAILED"
-        try:
-            rows = run_sweep(evaluator, pipe, points, tracker if sweep else None, args.out, options=options)
-            if not sweep:
-                tracker.log_metrics({k: v for k, v in rows[0].items() if k not in points[0].params()}, 0)
-            print(format_table(rows))
-            if args.out:
-                _write_outputs(Path(args.out), rows, settings, markdown_table(rows), tracker)
-            status = "FINISHED"
-        finally:
-            tracker.end(status)
-        if tracker.run_id:
-            print(f"logged as run {tracker.run_id} in experiment {tracker.experiment!r} at {tracker.uri}")
-        return 0
-
-    return run_main(body)
+    return run_main(evaluate, parse(argv))
 
 
-def _write_outputs(out: Path, rows: list[dict], settings: dict, table: str, tracker) -> None:
-    """metrics.json, eval.md and the plots: the points with intervals and floors; guidance and NFE trade-offs."""
-    from ldm.report.plots import eval_points, guidance_tradeoff, nfe_curves
+def evaluate(args: argparse.Namespace) -> None:
+    """Load the model and the protocol the arguments name (usage errors name the flag), evaluate and record every
+    point (``ldm.eval.record``), print the table."""
+    from ldm.assemble import build_evaluator
+    from ldm.eval import format_table, parse_sweep
+    from ldm.eval.record import evaluate_and_record
+    from ldm.tracking import Tracker, tracking_uri
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps({"settings": settings, "points": rows}, indent=2))
-    (out / "eval.md").write_text(f"# ldm-eval {settings['model']}\n\n{table}\n")
-    written = [out / "metrics.json", out / "eval.md", eval_points(rows, out / "eval.png")]
-    if len({r["guidance"] for r in rows}) > 1:
-        written.append(guidance_tradeoff(rows, out / "guidance_tradeoff.png"))
-    if len({r["nfe"] for r in rows}) > 1:
-        written.append(nfe_curves(rows, out / "fid_vs_nfe.png"))
-    for path in written:
-        tracker.log_artifact(path, "eval")
-    print("wrote " + ", ".join(str(p) for p in written))
+    folder = resolve_model(args.model, args.tracking_uri)
+    cfg = model_config(folder)
+    e = cfg.eval
+    try:
+        points = parse_sweep(args.sweep, args.sampler or e.sampler, args.steps or e.steps,
+                             e.guidance if args.guidance is None else args.guidance)
+    except ValueError as err:
+        usage_error(f"--sweep: {err}")
+    pipe, cfg = load_model(str(folder), args.device, args.tracking_uri, args.raw_weights,
+                           [(p.sampler, None, p.steps) for p in points])
+    data = args.data or e.data or cfg.data.train
+    try:
+        evaluator = build_evaluator(cfg, pipe.device, data=data, num_images=args.num_images,
+                                    reference_images=args.reference_images, seed=args.seed,
+                                    inception=args.inception, classifier=args.classifier,
+                                    bootstrap=args.bootstrap, clip=args.clip, clip_model=args.clip_model,
+                                    batch_size=args.batch_size, cache_dir=args.cache_dir)
+    except (ValueError, FileNotFoundError) as err:
+        usage_error(str(err))
+    tracker = Tracker(tracking_uri(args.tracking_uri, cfg.tracking.uri), args.experiment or cfg.tracking.experiment,
+                      f"eval-{cfg.run.name}", enabled=args.tracking)
+    options = {**pipe.defaults, **args.guidance_options}  # the flags over the model's configured defaults
+    settings = {"model": args.model, "data": data, "num_images": evaluator.num_images, **options,
+                "reference_images": len(evaluator.reference), "seed": evaluator.seed,
+                "inception": str(evaluator.inception.path), "classifier": evaluator.classifier is not None,
+                "bootstrap": evaluator.bootstrap, "weights": "raw" if args.raw_weights else "ema"}
+    rows, written = evaluate_and_record(evaluator, pipe, points, tracker, settings, options, args.out)
+    print(format_table(rows))
+    if written:
+        print("wrote " + ", ".join(str(p) for p in written))
+    if tracker.run_id:
+        print(f"logged as run {tracker.run_id} in experiment {tracker.experiment!r} at {tracker.uri}")
 
 
 if __name__ == "__main__":

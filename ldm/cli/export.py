@@ -38,18 +38,18 @@ def main(argv: list[str] | None = None) -> int:
 
         if not (math.isfinite(args.ema_sigma_rel) and 0 < args.ema_sigma_rel <= SIGMA_REL_MAX):
             usage_error(f"--ema-sigma-rel: a relative width in (0, {SIGMA_REL_MAX:.4f}], got {args.ema_sigma_rel}")
+    return run_main(export, args)
 
-    def body() -> int:
-        from ldm.train.export import export_checkpoint
 
-        try:
-            folder = export_checkpoint(args.run_dir, args.out, args.tag, args.ema_sigma_rel)
-        except FileNotFoundError as e:
-            usage_error(str(e))
-        print(f"exported {folder}")
-        return 0
+def export(args: argparse.Namespace) -> None:
+    """Export the checkpoint the arguments name; a missing checkpoint or snapshot is a usage error."""
+    from ldm.train.export import export_checkpoint
 
-    return run_main(body)
+    try:
+        folder = export_checkpoint(args.run_dir, args.out, args.tag, args.ema_sigma_rel)
+    except FileNotFoundError as e:
+        usage_error(str(e))
+    print(f"exported {folder}")
 
 
 if __name__ == "__main__":

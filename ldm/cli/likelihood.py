@@ -23,7 +23,6 @@ prints a table and logs params, likelihood/* metrics and both files to MLflow (u
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ldm.cli._common import load_model, run_main, usage_error
@@ -77,57 +76,40 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
+    return run_main(likelihood, parse(argv))
 
-    def body() -> int:
-        from ldm.config import to_dict
-        from ldm.data.stream import resolve_shards
-        from ldm.eval.likelihood import held_out_likelihood
-        from ldm.report.plots import likelihood_histogram
-        from ldm.tracking import Tracker, tracking_uri
 
-        pipe, cfg = load_model(args.model, args.device, args.tracking_uri, args.raw_weights)
-        spec = args.data or cfg.data.val
-        if not spec:
-            usage_error("the model's config has no data.val: pass --data with held-out shards")
-        try:
-            resolve_shards(spec, args.split)
-        except ValueError as e:
-            usage_error(f"--data: {e}")
-        try:
-            result = held_out_likelihood(
-                pipe, spec, args.split, image_size=cfg.data.image_size, caption=cfg.data.caption,
-                batches=args.batches, batch_size=args.batch_size, exact_trace=args.exact_trace,
-                probes=args.hutchinson_probes, ode_steps=args.ode_steps, rtol=args.rtol, atol=args.atol,
-                elbo=args.elbo, elbo_terms=args.elbo_terms, elbo_variance=args.elbo_variance,
-                unconditional=args.unconditional, seed=args.seed)
-        except ValueError as e:
-            usage_error(f"--elbo-terms: {e}" if "elbo_terms" in str(e) else f"--data: {e}")
-        settings = {"model": str(Path(args.model).resolve()), **result.settings,
-                    "weights": "raw" if args.raw_weights else "ema"}
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "likelihood.json").write_text(json.dumps({"settings": settings, "summary": result.summary,
-                                                         "samples": result.rows}, indent=2))
-        likelihood_histogram(result.rows, out / "likelihood.png",
-                             f"{len(result.rows)} {args.split} samples, D = {settings['dim']}")
-        _print_table(settings, result.summary, result.elbo, args.elbo and not result.elbo,
-                     type(pipe.process).__name__)
+def likelihood(args: argparse.Namespace) -> None:
+    """Load the model and its held-out data (usage errors name the flag), compute, record and print the likelihoods."""
+    from ldm.data import resolve_shards
+    from ldm.eval.likelihood import held_out_likelihood, record_likelihood
+    from ldm.tracking import Tracker, tracking_uri
 
-        uri = tracking_uri(args.tracking_uri, cfg.tracking.uri)
-        tracker = Tracker(uri, args.experiment or cfg.tracking.experiment, f"likelihood-{cfg.run.name}",
-                          enabled=args.tracking)
-        run_id = tracker.start({"likelihood": settings, "model_config": {"diffusion": to_dict(cfg.diffusion)}},
-                               tags={"ldm.likelihood": "true"})
-        tracker.log_metrics({f"likelihood/{k}": v for k, v in result.summary.items()}, step=0)
-        tracker.log_artifact(out / "likelihood.json", "likelihood")
-        tracker.log_artifact(out / "likelihood.png", "likelihood")
-        tracker.end()
-        print(f"wrote {out / 'likelihood.json'} and {out / 'likelihood.png'}"
-              + (f"; logged run {run_id} to {uri}" if run_id else ""))
-        return 0
-
-    return run_main(body)
+    pipe, cfg = load_model(args.model, args.device, args.tracking_uri, args.raw_weights)
+    spec = args.data or cfg.data.val
+    if not spec:
+        usage_error("the model's config has no data.val: pass --data with held-out shards")
+    try:
+        resolve_shards(spec, args.split)
+    except ValueError as e:
+        usage_error(f"--data: {e}")
+    try:
+        result = held_out_likelihood(
+            pipe, spec, args.split, image_size=cfg.data.image_size, caption=cfg.data.caption,
+            batches=args.batches, batch_size=args.batch_size, exact_trace=args.exact_trace,
+            probes=args.hutchinson_probes, ode_steps=args.ode_steps, rtol=args.rtol, atol=args.atol,
+            elbo=args.elbo, elbo_terms=args.elbo_terms, elbo_variance=args.elbo_variance,
+            unconditional=args.unconditional, seed=args.seed)
+    except ValueError as e:
+        usage_error(f"--elbo-terms: {e}" if "elbo_terms" in str(e) else f"--data: {e}")
+    settings = {"model": str(Path(args.model).resolve()), **result.settings,
+                "weights": "raw" if args.raw_weights else "ema"}
+    tracker = Tracker(tracking_uri(args.tracking_uri, cfg.tracking.uri), args.experiment or cfg.tracking.experiment,
+                      f"likelihood-{cfg.run.name}", enabled=args.tracking)
+    written = record_likelihood(result, settings, args.out, tracker, cfg.diffusion)
+    _print_table(settings, result.summary, result.elbo, args.elbo and not result.elbo, type(pipe.process).__name__)
+    print(f"wrote {written[0]} and {written[1]}" + (f"; logged run {tracker.run_id} to {tracker.uri}"
+                                                    if tracker.run_id else ""))
 
 
 def _print_table(settings: dict, summary: dict, elbo_on: bool, elbo_skipped: bool, process: str) -> None:

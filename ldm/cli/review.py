@@ -51,28 +51,25 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
+    return run_main(review, parse(argv))
 
-    def body() -> int:
-        from ldm.report.review import write_report
-        from ldm.tracking import tracking_uri
-        from ldm.tracking.query import ReviewError, collect, log_review, make_client
 
-        uri = tracking_uri(args.tracking_uri)
-        try:
-            client = make_client(uri)
-            review = collect(client, args.experiment, uri, args.runs, args.metric, args.image_key)
-        except ReviewError as e:
-            usage_error(str(e))
-        result = write_report(client, review, args.out, smooth=args.smooth, sweep=args.sweep_param,
-                              sweep_metric=args.sweep_metric, max_sample_rows=args.max_sample_rows)
-        print(f"report: {result.report} ({len(review.runs)} run(s), {len(result.files) - 1} image(s))")
-        if args.log_to_mlflow:
-            rid = log_review(client, review, result)
-            print(f"logged as run {rid} (tag ldm.review=true) in experiment {args.experiment!r} at {uri}")
-        return 0
+def review(args: argparse.Namespace) -> None:
+    """Write (and log) the report the arguments ask for; a bad experiment or run is a usage error."""
+    from ldm.report.review import review_experiment
+    from ldm.tracking.query import ReviewError
 
-    return run_main(body)
+    try:
+        done = review_experiment(args.experiment, args.out, tracking_uri=args.tracking_uri, runs=args.runs,
+                                 metric=args.metric, image_key=args.image_key, smooth=args.smooth,
+                                 sweep=args.sweep_param, sweep_metric=args.sweep_metric,
+                                 max_sample_rows=args.max_sample_rows, log_to_mlflow=args.log_to_mlflow)
+    except ReviewError as e:
+        usage_error(str(e))
+    result = done.result
+    print(f"report: {result.report} ({len(done.review.runs)} run(s), {len(result.files) - 1} image(s))")
+    if done.run_id:
+        print(f"logged as run {done.run_id} (tag ldm.review=true) in experiment {args.experiment!r} at {done.uri}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ size) and --crop-top-left (TOP LEFT; default 0 0, an uncropped image), as SDXL's
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ldm.cli._common import (
@@ -111,40 +110,27 @@ def sample_size(pipe, args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
+    return run_main(sample, parse(argv))
 
-    def body() -> int:
-        from PIL.PngImagePlugin import PngInfo
 
-        from ldm.pipeline import make_grid, to_pil
+def sample(args: argparse.Namespace) -> None:
+    """Load the model, check the size flags against it, and write the images and grid the arguments ask for."""
+    from ldm.pipeline import write_samples
 
-        pipe, cfg = load_model(args.model, args.device, args.tracking_uri, args.raw_weights,
-                               [(args.sampler, args.spacing, args.steps)])
-        size = sample_size(pipe, args)
-        prompts = [p for p in args.prompt for _ in range(args.images_per_prompt)]
-        seeds = [args.seed + i for i in range(len(prompts))]
-        options = {**pipe.defaults, **args.guidance_options}  # what this sampling uses: the flags over the model's
-        images = pipe.generate(prompts, seeds, batch_size=args.batch_size, negative_prompt=args.negative_prompt,
-                               sampler=args.sampler, steps=args.steps, guidance=args.guidance, spacing=args.spacing,
-                               **options, **size)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        for i, im in enumerate(to_pil(images)):
-            info = PngInfo()
-            meta = {"prompt": prompts[i], "negative_prompt": args.negative_prompt, "seed": seeds[i],
-                    "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance, **options,
-                    "spacing": args.spacing,
-                    "model": args.model if ":/" in args.model else str(Path(args.model).resolve()),
-                    "weights": "raw" if args.raw_weights else "ema", **size}
-            for k, v in meta.items():
-                info.add_text(k, str(v))
-            info.add_text("parameters", json.dumps(meta))
-            im.save(out / f"{i:05d}.png", pnginfo=info)
-        make_grid(images, nrow=args.images_per_prompt, scale=2).save(out / "grid.png")
-        print(f"wrote {len(prompts)} images and {out / 'grid.png'}")
-        return 0
-
-    return run_main(body)
+    pipe, cfg = load_model(args.model, args.device, args.tracking_uri, args.raw_weights,
+                           [(args.sampler, args.spacing, args.steps)])
+    size = sample_size(pipe, args)
+    prompts = [p for p in args.prompt for _ in range(args.images_per_prompt)]
+    seeds = [args.seed + i for i in range(len(prompts))]
+    options = {**pipe.defaults, **args.guidance_options}  # what this sampling uses: the flags over the model's
+    settings = dict(sampler=args.sampler, steps=args.steps, guidance=args.guidance, **options)
+    record = {**settings, "spacing": args.spacing,
+              "model": args.model if ":/" in args.model else str(Path(args.model).resolve()),
+              "weights": "raw" if args.raw_weights else "ema", **size}
+    grid = write_samples(pipe, prompts, seeds, args.out, record=record, nrow=args.images_per_prompt,
+                         batch_size=args.batch_size, negative_prompt=args.negative_prompt, spacing=args.spacing,
+                         **settings, **size)
+    print(f"wrote {len(prompts)} images and {grid}")
 
 
 if __name__ == "__main__":

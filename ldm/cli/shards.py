@@ -110,9 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def encode_text(args: argparse.Namespace) -> int:
     """`ldm-shards text`: the cache carries the encoder's fingerprint (from its files) and its null condition."""
-    import torch
-
-    from ldm.assemble import build_text_encoder, text_fingerprint
+    from ldm.assemble import build_text_encoder, resolve_device, text_fingerprint
     from ldm.conditioning import null_condition
     from ldm.config import ConfigError, LDMConfig, load_config
     from ldm.data import resolve_shards
@@ -126,7 +124,7 @@ def encode_text(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as exn:
         print(f"ldm-shards: error: {exn}", file=sys.stderr)
         return 2
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device("auto")
     try:
         encoder = build_text_encoder(cfg.text_encoder, device)
     except (OSError, ValueError) as exn:
@@ -147,12 +145,11 @@ def encode_text(args: argparse.Namespace) -> int:
 
 def encode_latents(args: argparse.Namespace) -> int:
     """`ldm-shards latents`: the cache is fingerprinted with the encoder's weights and config."""
-    import torch
-
     from autoencoder import load_pretrained
+    from ldm.assemble import resolve_device
     from ldm.data.latents import encode_latent_shards, folder_hash
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device("auto")
     try:
         ae = load_pretrained(args.autoencoder, device=device)
         digest = folder_hash(args.autoencoder)

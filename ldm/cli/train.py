@@ -25,25 +25,25 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(parser, DEFAULT_CONFIG)
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = parser.parse_args(argv)
-    cfg = load_or_exit(LDMConfig, args)
+    return run_main(train, load_or_exit(LDMConfig, args))
 
-    def body() -> int:
-        from ldm.train.trainer import Trainer, TrainingDiverged
 
-        try:
-            result = Trainer(cfg).train()
-        except TrainingDiverged as e:
-            print(f"error: training diverged: {e}", file=sys.stderr)
-            return 1
-        if result["preempted"]:
-            print(f"pre-empted: checkpoint of step {result['step']} written; the next start resumes from it")
-            return result["exit_code"]
-        elif result.get("grid"):
-            print(f"sample grid: {result['grid']}")
-            print(f"exported model: {result['export']}")
-        return 0
+def train(cfg: LDMConfig) -> int:
+    """Train the run of ``cfg`` and say what it left; the exit code (1: diverged; a pre-empted run's code)."""
+    from ldm.train.trainer import Trainer, TrainingDiverged
 
-    return run_main(body)
+    try:
+        result = Trainer(cfg).train()
+    except TrainingDiverged as e:
+        print(f"error: training diverged: {e}", file=sys.stderr)
+        return 1
+    if result["preempted"]:
+        print(f"pre-empted: checkpoint of step {result['step']} written; the next start resumes from it")
+        return result["exit_code"]
+    elif result.get("grid"):
+        print(f"sample grid: {result['grid']}")
+        print(f"exported model: {result['export']}")
+    return 0
 
 
 if __name__ == "__main__":

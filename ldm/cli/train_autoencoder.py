@@ -22,17 +22,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ldm-train-autoencoder", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser, DEFAULT_CONFIG)
-    cfg = load_or_exit(AutoencoderConfig, parser.parse_args(argv))
+    return run_main(train, load_or_exit(AutoencoderConfig, parser.parse_args(argv)))
 
-    def body() -> int:
-        from ldm.train.autoencoder import check_inputs, summary, train_stage1
 
-        check_inputs(cfg)
-        result = train_stage1(cfg)
-        print(f"autoencoder: {result['folder']}: {summary(result)}; reconstructions: {result['grid']}")
-        return 0
+def train(cfg: AutoencoderConfig) -> None:
+    """Train, save and score the autoencoder of ``cfg``; print its held-out numbers."""
+    from ldm.train.autoencoder import summary, train_stage1
 
-    return run_main(body)
+    result = train_stage1(cfg)
+    print(f"autoencoder: {result['folder']}: {summary(result)}; reconstructions: {result['grid']}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Frozen text conditioning: encoders behind one interface (one module per kind), several encoders as one,
-the null condition, conditioning dropout and SDXL's size/crop micro-conditions.
+the null condition, SDXL's size/crop micro-conditions, and the conditioning of a batch (``batch.py``: text, size/crop
+ids, conditioning dropout).
 
 The registry ``TEXT_ENCODERS`` maps a kind (the config's ``text_encoder.kind``) to its class:
 
@@ -25,11 +26,11 @@ from ldm.conditioning.base import (
     NULL_KINDS,
     Cond,
     FrozenTextEncoder,
-    conditioning_dropout,
     expand_cond,
     masked_mean,
     null_condition,
 )
+from ldm.conditioning.batch import BatchConditioning, conditioning_dropout
 from ldm.conditioning.clip import CLIPTextEncoder
 from ldm.conditioning.composite import CompositeTextEncoder, sd3_text_encoders, sdxl_text_encoders
 from ldm.conditioning.fingerprint import files_fingerprint, text_encoder_fingerprint
@@ -90,7 +91,7 @@ def build_text_encoders(specs: Sequence[Mapping[str, Any]], device: torch.device
     return CompositeTextEncoder(encoders, pooled_from=pooled_from, appended=tails)
 
 
-__all__ = ["CLIPTextEncoder", "CompositeTextEncoder", "Cond", "FrozenTextEncoder", "HFTextEncoder", "LAYERS",
+__all__ = ["BatchConditioning", "CLIPTextEncoder", "CompositeTextEncoder", "Cond", "FrozenTextEncoder", "HFTextEncoder", "LAYERS",
            "NULL_KINDS", "NUM_TIME_IDS", "OpenCLIPTextEncoder", "T5TextEncoder", "TEXT_ENCODERS", "TEXT_ENCODER_KINDS",
            "build_text_encoder", "build_text_encoders", "conditioning_dropout", "default_text_encoder_path",
            "expand_cond", "files_fingerprint", "masked_mean", "micro_conditions", "null_condition",

@@ -1,4 +1,4 @@
-"""The text-conditioning interface: a frozen encoder maps prompts to a Cond; the null condition; conditioning dropout.
+"""The text-conditioning interface: a frozen encoder maps prompts to a Cond; the null condition.
 
 Latent diffusion conditions the UNet's cross-attention on the token embeddings of a frozen language model
 (Rombach et al. 2022, Sec. 3.3). Every encoder is an ``nn.Module`` mapping a list of prompts to
@@ -16,8 +16,6 @@ import logging
 
 import torch
 from torch import nn
-
-from ldm.diffusion.rng import rand, to_device
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -91,24 +89,3 @@ def null_condition(encoder: nn.Module, kind: str = "empty") -> Cond:
 def expand_cond(cond: Cond, batch: int) -> Cond:
     """Repeat a (1, ...) condition to a batch."""
     return {k: v.expand(batch, *v.shape[1:]) for k, v in cond.items()}
-
-
-def conditioning_dropout(cond: Cond, null: Cond, p: float, generator=None) -> Cond:
-    """Replace each sample's condition by the null condition with probability p (Ho & Salimans 2022, Alg. 1).
-
-    Every entry the null condition has (context, mask, pooled) is swapped together; entries it lacks (e.g.
-    SDXL's size/crop ``time_ids``) are kept, as SDXL's pipelines give both guidance halves the same ids.
-    ``generator``: one torch.Generator, or a list with one per sample.
-    """
-    if p <= 0:
-        return cond
-    B = cond["context"].shape[0]
-    drop = to_device(rand(B, generator) < p, cond["context"].device)  # (B,)
-    out = {}
-    for key, value in cond.items():
-        if key not in null:
-            out[key] = value
-            continue
-        mask = drop.view(B, *([1] * (value.dim() - 1)))
-        out[key] = torch.where(mask, null[key].to(value.device).expand_as(value), value)
-    return out

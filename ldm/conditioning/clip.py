@@ -22,9 +22,6 @@ from pathlib import Path
 import torch
 
 from ldm.conditioning.base import Cond, FrozenTextEncoder, check_layer
-from ldm.conditioning.openclip import quiet_random_init_warning as _quiet_random_init_warning  # noqa: F401
-
-# (_quiet_random_init_warning: the old name, still imported by ldm.eval.clip_score; the public one is in openclip.)
 
 
 class CLIPTextEncoder(FrozenTextEncoder):

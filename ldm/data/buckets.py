@@ -293,7 +293,7 @@ class BucketBatches(Dataset):
                 log.warning("skipping bad sample %r in %s (%d skipped so far): %s", key,
                             self.manifest.urls[self.manifest.shard[j]], self.skipped, exn)
         if not decoded:
-            from ldm.data.stream import NoUsableData
+            from ldm.data.skips import NoUsableData
 
             raise NoUsableData(f"no sample of micro-batch {i} ({len(idx)} samples) can be read")
         decoded += [decoded[k % len(decoded)] for k in range(len(idx) - len(decoded))]  # keep the batch size

@@ -33,10 +33,11 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from ldm.data.shards import INDEX_NAME, _remove_stale, encode_png, write_shards
+from ldm.data.decode import IMAGE_EXTENSIONS, resize_center_crop, to_rgb
+from ldm.data.shards import INDEX_NAME, encode_png, remove_stale_shards, write_shards
+from ldm.data.skips import SkipCounter, open_shards
 from ldm.data.split import held_out
-from ldm.data.stream import (IMAGE_EXTENSIONS, open_shards, SkipCounter, resize_center_crop, resolve_shards,
-                             to_rgb)
+from ldm.data.stream import resolve_shards
 from ldm.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def _write_dataset(named: Iterable[tuple[str, dict]], out: Path, index: dict, *,
     if not index["splits"]:
         raise BuildError(f"no usable sample in the input (skipped: {index['skipped'] or 'none'})")
     atomic_write_bytes(out / INDEX_NAME, json.dumps(index, indent=2).encode("utf-8"))
-    _remove_stale(out, {n for s in index["splits"].values() for n in s["shards"]})
+    remove_stale_shards(out, {n for s in index["splits"].values() for n in s["shards"]})
     return index
 
 

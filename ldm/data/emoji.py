@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
-from ldm.data.stream import to_rgb
+from ldm.data.decode import to_rgb
 
 STYLES = ("google", "twitter")
 DATASOURCE_VERSION = "16.0.0"

@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ldm.data.emoji import DATASOURCE_VERSION, EMOJIBASE, LICENSES, STYLES, EmojiRecord, emoji_records
-from ldm.data.stream import resize_center_crop, to_rgb
+from ldm.data.decode import resize_center_crop, to_rgb
 from ldm.io import atomic_write_bytes
 
 INDEX_NAME = "index.json"
@@ -110,7 +110,7 @@ def _emoji_samples(records: list[EmojiRecord], image_size: int, bar: tqdm) -> It
         bar.update(1)
 
 
-def _remove_stale(out: Path, keep: set[str]) -> None:
+def remove_stale_shards(out: Path, keep: set[str]) -> None:
     """Delete shards (and leftover .tmp files) of earlier builds that the new index does not list."""
     for path in out.glob("*.tar*"):
         if path.name not in keep and (path.suffix == ".tmp" or path.name.split("-")[0] in ("train", "val")):
@@ -150,5 +150,5 @@ def build_emoji_shards(out_dir: str | Path, image_size: int = 32, samples_per_sh
             names, counts = write_shards(_emoji_samples(recs, image_size, bar), out, split, samples_per_shard)
             index["splits"][split] = {"shards": names, "counts": counts, "total": sum(counts)}
     atomic_write_bytes(out / INDEX_NAME, json.dumps(index, indent=2).encode("utf-8"))
-    _remove_stale(out, {n for s in index["splits"].values() for n in s["shards"]})
+    remove_stale_shards(out, {n for s in index["splits"].values() for n in s["shards"]})
     return index

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-log = logging.getLogger("ldm.data.stream")  # the stream's logger, as before the move
+log = logging.getLogger(__name__)
 
 
 class NoUsableData(RuntimeError):

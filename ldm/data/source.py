@@ -1,5 +1,6 @@
 """Where a run's training and held-out samples come from, by the data section: the shards streamed, what they hold
-(images or latents; cached text embeddings or captions) and, for a data set without splits, which part of it.
+(images or latents; cached text embeddings or captions) and, for a data set without splits, which part of it. This is
+the one place that picks a run's shards; ``run_stream`` turns them into streams, ``ldm.assemble.checks`` checks them.
 
     data.text_cache   cached text embeddings (over image or latent shards): streamed first
     data.latents      pre-encoded latent shards
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from ldm.config import DataConfig
 from ldm.data.split import KeyHoldout
-from ldm.data.stream import has_splits
+from ldm.data.stream import has_split, has_splits
 
 
 @dataclass(frozen=True)
@@ -63,3 +64,12 @@ def val_source(data: DataConfig) -> Source | None:
     if spec is None:
         return None
     return Source(spec, "data.val", holdout=_holdout(data, spec, "val"))
+
+
+def held_out_source(data: DataConfig) -> Source | None:
+    """The held-out loss's samples: a text cache's own val split when it has one (the held-out captions' cached
+    embeddings: no text encoder needed), else the held-out image shards (``val_source``)."""
+    cache = data.text_cache
+    if cache is not None and has_split(cache, "val"):
+        return Source(cache, "data.text_cache", cache_holds_latents(cache), True)
+    return val_source(data)

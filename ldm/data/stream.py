@@ -28,13 +28,9 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
-from ldm.data.decode import (  # noqa: F401 - re-exported: the stream's decoding, used as ldm.data.stream.*
-    CAPTION_MODES, IMAGE_EXTENSIONS, MAX_TAGS, Decoded, collate, decode_sample, from_npy, pick_cached_text, pick_caption,
-    resize_center_crop, resize_crop, to_rgb,
-)
-from ldm.data.skips import NoUsableData, SkipCounter, open_shards  # noqa: F401 - re-exported
+from ldm.data.decode import CAPTION_MODES, Decoded, collate, decode_sample
+from ldm.data.skips import SkipCounter, open_shards
 from ldm.data.split import SPLITS, KeyHoldout
-
 
 
 def _local(spec: str) -> Path | None:
@@ -58,6 +54,15 @@ def has_splits(spec: str) -> bool:
     if path.is_dir():
         return (path / "index.json").is_file() or any(any(path.glob(f"{s}-*.tar")) for s in SPLITS)
     return path.is_file() and path.suffix == ".json"
+
+
+def has_split(spec: str, split: str) -> bool:
+    """True when ``resolve_shards`` finds shards of ``split`` in the spec."""
+    try:
+        resolve_shards(spec, split)
+    except ValueError:
+        return False
+    return True
 
 
 def dataset_size(spec: str, split: str = "train", holdout: KeyHoldout | None = None) -> int | None:

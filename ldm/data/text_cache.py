@@ -28,9 +28,10 @@ import webdataset as wds
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from ldm.data.decode import from_npy, pick_caption
 from ldm.data.shards import INDEX_NAME, check_cache_index
 from ldm.data.skips import raw_samples
-from ldm.data.stream import from_npy, has_splits, pick_caption, resolve_split
+from ldm.data.stream import has_splits, resolve_split
 from ldm.io import atomic_write_bytes
 
 NULL_NAME = "null_condition.safetensors"

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from ldm.diffusion.parameterization import Denoiser, _time_dtype
-from ldm.diffusion.sde import GaussianProcess, _bcast, as_time
+from ldm.diffusion.parameterization import Denoiser, time_dtype
+from ldm.diffusion.sde import GaussianProcess, as_time, bcast
 
 Tensor = torch.Tensor
 
@@ -54,6 +54,6 @@ class EDMPrecond:
                              "zero SNR (the flow's and a zero-terminal-SNR chain's t = 1)")
         sigma = self.process.sigma(t) / alpha  # (B,) EDM noise level
         c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
-        x = x_t / _bcast(alpha, x_t)  # (B, ...) in EDM's frame
-        out = self.network(_bcast(c_in, x) * x, (self.c_noise_scale * c_noise).to(x_t.device, _time_dtype(x_t)), cond)
-        return _bcast(c_skip, x) * x + _bcast(c_out, x) * out.to(x.dtype)
+        x = x_t / bcast(alpha, x_t)  # (B, ...) in EDM's frame
+        out = self.network(bcast(c_in, x) * x, (self.c_noise_scale * c_noise).to(x_t.device, time_dtype(x_t)), cond)
+        return bcast(c_skip, x) * x + bcast(c_out, x) * out.to(x.dtype)

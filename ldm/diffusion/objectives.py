@@ -22,7 +22,7 @@ import torch
 
 from ldm.diffusion.parameterization import Denoiser, diffusion_loss, to_x0_eps
 from ldm.diffusion.score_matching import dsm_loss, ssm_loss
-from ldm.diffusion.sde import GaussianProcess, _bcast, randn
+from ldm.diffusion.sde import GaussianProcess, bcast, randn
 
 OBJECTIVES: dict[str, Callable[..., torch.Tensor]] = {
     "denoising": diffusion_loss,
@@ -70,7 +70,7 @@ def eps_mse(denoiser: Denoiser, x0: torch.Tensor, cond: Any, process: GaussianPr
     eps = randn(tuple(x0.shape), generator, x0.device, x0.dtype)  # (B, C, H, W)
     tt = torch.full((B,), float(t), dtype=torch.float64)
     alpha, sigma = process.alpha(tt), process.sigma(tt)  # (B,)
-    x_t = _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * eps
+    x_t = bcast(alpha, x0) * x0 + bcast(sigma, x0) * eps
     dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
     out = denoiser(x_t, process.model_time(tt).to(device=x0.device, dtype=dtype), cond)
     _, eps_hat = to_x0_eps(out.float(), x_t.float(), alpha.float().to(x0.device), sigma.float().to(x0.device),

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from ldm.diffusion.sde import GaussianProcess, _bcast, as_time, randn, to_device
+from ldm.diffusion.sde import GaussianProcess, as_time, bcast, randn, to_device
 
 Tensor = torch.Tensor
 PREDICTIONS = ("eps", "x0", "v", "score", "velocity")
@@ -28,14 +28,14 @@ WEIGHTINGS = ("uniform", "min_snr", "edm")
 Denoiser = Callable[[Tensor, Tensor, Any], Tensor]
 
 
-def _time_dtype(x: Tensor) -> torch.dtype:
+def time_dtype(x: Tensor) -> torch.dtype:
     """Model times go to networks in float32, or in float64 when the computation itself is float64."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def to_x0_eps(output: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, prediction: str) -> tuple[Tensor, Tensor]:
     """Convert a network output of the given kind into (x0, eps)."""
-    a, s = _bcast(alpha, x_t), _bcast(sigma, x_t)
+    a, s = bcast(alpha, x_t), bcast(sigma, x_t)
     if prediction == "eps":
         return (x_t - s * output) / a, output
     if prediction == "x0":
@@ -53,7 +53,7 @@ def to_x0_eps(output: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, predict
 
 def from_x0_eps(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, prediction: str) -> Tensor:
     """The quantity a network of the given kind should output for (x0, eps): the regression target."""
-    a, s = _bcast(alpha, x0), _bcast(sigma, x0)
+    a, s = bcast(alpha, x0), bcast(sigma, x0)
     if prediction == "eps":
         return eps
     if prediction == "x0":
@@ -69,7 +69,7 @@ def from_x0_eps(x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, predictio
 
 def score_from_eps(eps: Tensor, sigma: Tensor) -> Tensor:
     """score = -eps / sigma (Song et al. 2021, Eq. 3 for the Gaussian kernel)."""
-    return -eps / _bcast(sigma, eps)
+    return -eps / bcast(sigma, eps)
 
 
 def loss_weight(snr: Tensor, prediction: str, weighting: str = "uniform", gamma: float = 5.0,
@@ -130,7 +130,7 @@ class Predictor:
         if self.prediction in ("eps", "score") and bool((alpha == 0).any()):
             raise ValueError(f"x0 is undefined from a {self.prediction} prediction at zero SNR (alpha = 0): "
                              "a zero-terminal-SNR chain needs prediction 'v' or 'x0' (Lin et al. 2023, Sec. 3.2)")
-        m = to_device(self.process.model_time(t), x_t.device, _time_dtype(x_t)).expand(x_t.shape[0])  # (B,)
+        m = to_device(self.process.model_time(t), x_t.device, time_dtype(x_t)).expand(x_t.shape[0])  # (B,)
         out = self.denoiser(x_t, m, cond)
         return to_x0_eps(out, x_t, alpha, sigma, self.prediction)
 
@@ -167,9 +167,9 @@ def diffusion_loss(
     if offset_noise:
         eps = eps + offset_noise * randn((B, x0.shape[1]) + (1,) * (x0.dim() - 2), generator, x0.device, x0.dtype)
     alpha, sigma = process.alpha(t), process.sigma(t)  # (B,)
-    x_t = _bcast(alpha, x0) * x0 + _bcast(sigma, x0) * eps
+    x_t = bcast(alpha, x0) * x0 + bcast(sigma, x0) * eps
     target = from_x0_eps(x0, eps, alpha, sigma, prediction)
-    out = denoiser(x_t, to_device(process.model_time(t), x0.device, _time_dtype(x0)), cond)
+    out = denoiser(x_t, to_device(process.model_time(t), x0.device, time_dtype(x0)), cond)
     per_sample = (out.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
     weight = loss_weight(process.snr(t), prediction, weighting, min_snr_gamma, alpha**2 + sigma**2, sigma_data)
     return (to_device(weight, per_sample.device, per_sample.dtype) * per_sample).mean()

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ldm.diffusion.parameterization import Denoiser, _time_dtype
-from ldm.diffusion.sde import GaussianProcess, _bcast, randn
+from ldm.diffusion.parameterization import Denoiser, time_dtype
+from ldm.diffusion.sde import GaussianProcess, bcast, randn
 
 Tensor = torch.Tensor
 
@@ -42,7 +42,7 @@ def perturb(x0: Tensor, process: GaussianProcess, generator=None) -> tuple[Tenso
 
 def _score(denoiser: Denoiser, x_t: Tensor, t: Tensor, cond: Any, process: GaussianProcess) -> Tensor:
     """The network's output, the score s_theta(x_t, t), in at least float32."""
-    out = denoiser(x_t, process.model_time(t).to(device=x_t.device, dtype=_time_dtype(x_t)), cond)
+    out = denoiser(x_t, process.model_time(t).to(device=x_t.device, dtype=time_dtype(x_t)), cond)
     return out.to(torch.promote_types(out.dtype, torch.float32))
 
 
@@ -51,7 +51,7 @@ def dsm_loss(denoiser: Denoiser, x0: Tensor, cond: Any, process: GaussianProcess
     """sigma^2-weighted denoising score matching, 1/2 E||sigma s_theta(x_t, t) + eps||^2 / D (NCSN Eq. 5-6)."""
     t, sigma, eps, x_t = perturb(x0, process, generator)
     score = _score(denoiser, x_t, t, cond, process)  # (B, ...)
-    residual = _bcast(sigma, score) * score + eps.to(score.dtype)  # sigma (s_theta - grad log q(x_t | x0))
+    residual = bcast(sigma, score) * score + eps.to(score.dtype)  # sigma (s_theta - grad log q(x_t | x0))
     return 0.5 * residual.pow(2).flatten(1).mean(1).mean()
 
 

@@ -153,7 +153,7 @@ class GaussianProcess:
         """The probability-flow ODE dx/dt = f x - g^2 score / 2 (Song et al. 2021, Eq. 13) at the estimates (x0, eps)
         of x = alpha x0 + sigma eps: with score = -eps / sigma it is alpha'(t) x0 + sigma'(t) eps, finite at
         alpha = 0."""
-        return _bcast(self.d_alpha(t), x0) * x0 + _bcast(self.d_sigma(t), eps) * eps
+        return bcast(self.d_alpha(t), x0) * x0 + bcast(self.d_sigma(t), eps) * eps
 
     def f(self, t: float | Tensor) -> Tensor:
         """Drift coefficient: f(x, t) = f(t) x."""
@@ -165,14 +165,14 @@ class GaussianProcess:
         return self.dsigma2_dt(t) - 2 * self.dlog_alpha_dt(t) * self.sigma2(t)
 
     def drift(self, x: Tensor, t: float | Tensor) -> Tensor:
-        return _bcast(self.f(t), x) * x
+        return bcast(self.f(t), x) * x
 
     def diffusion(self, t: float | Tensor) -> Tensor:
         return self.g2(t).clamp_min(0).sqrt()
 
     def marginal(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """Sample q(x_t | x0) = N(alpha x0, sigma^2 I) with the given noise (Ho et al. Eq. 4)."""
-        return _bcast(self.alpha(t), x0) * x0 + _bcast(self.sigma(t), x0) * eps
+        return bcast(self.alpha(t), x0) * x0 + bcast(self.sigma(t), x0) * eps
 
     def transition(self, t: float | Tensor, s: float | Tensor) -> tuple[Tensor, Tensor]:
         """q(x_t | x_s) = N(a x_s, var I) for s < t: a = alpha_t / alpha_s, var = sigma_t^2 - a^2 sigma_s^2."""
@@ -190,7 +190,7 @@ class GaussianProcess:
         """q(x_s | x_t, x0) mean and variance (Ho et al. Eq. 6-7; Kingma et al. 2021 Eq. 31-33 for general s < t)."""
         a, var_ts = self.transition(t, s)
         s2_s, s2_t = self.sigma2(as_time(s)), self.sigma2(as_time(t))
-        mean = _bcast(a * s2_s / s2_t, x_t) * x_t + _bcast(self.alpha(s) * var_ts / s2_t, x0) * x0
+        mean = bcast(a * s2_s / s2_t, x_t) * x_t + bcast(self.alpha(s) * var_ts / s2_t, x0) * x0
         return mean, var_ts * s2_s / s2_t
 
     def prior_sample(self, shape: tuple[int, ...], generator=None, device="cpu", dtype=torch.float32,
@@ -214,7 +214,7 @@ class GaussianProcess:
     def reverse_drift(self, x: Tensor, t: float | Tensor, score: Tensor, probability_flow: bool = False) -> Tensor:
         """Reverse SDE drift f x - g^2 score, or the probability-flow ODE drift f x - g^2 score / 2."""
         weight = 0.5 if probability_flow else 1.0
-        return self.drift(x, t) - weight * _bcast(self.g2(t), x) * score
+        return self.drift(x, t) - weight * bcast(self.g2(t), x) * score
 
     def reverse(self, score_fn: Callable[[Tensor, Tensor], Tensor], probability_flow: bool = False):
         """The reverse-time SDE (or probability-flow ODE) as (drift(x, t), diffusion(t)) callables."""
@@ -223,7 +223,7 @@ class GaussianProcess:
         return drift, diffusion
 
 
-def _bcast(coef: Tensor, x: Tensor) -> Tensor:
+def bcast(coef: Tensor, x: Tensor) -> Tensor:
     """Broadcast a scalar or per-sample (B,) coefficient against x (B, ...) in x's dtype."""
     coef = to_device(coef, x.device, x.dtype)
     return coef.reshape(coef.shape + (1,) * (x.dim() - coef.dim())) if coef.dim() else coef

@@ -8,7 +8,7 @@ ceiling of the score; always answering the most frequent label is chance.
 
 Images go in at ``INPUT_SIZE`` (resized from any size, bilinear), in [0, 1]. Training: AdamW with a one-cycle
 cosine schedule, random translations of up to 2 pixels (padding with the image's own border), seeded, so the same
-data gives the same classifier; it is cached by the evaluation (``ldm.eval.evaluate``) under a hash of its data.
+data gives the same classifier; it is cached by the evaluation (``ldm.eval.prepare``) under a hash of its data.
 """
 
 from __future__ import annotations

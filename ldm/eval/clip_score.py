@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.io import check_state_dict, read_state_dict
-from ldm.conditioning.clip import _quiet_random_init_warning
+from ldm.conditioning import quiet_random_init_warning
 
 Tensor = torch.Tensor
 WEIGHT = 100.0
@@ -34,7 +34,7 @@ class ClipScorer:
 
         if model_name not in open_clip.list_models():
             raise ValueError(f"unknown OpenCLIP architecture {model_name!r}; see open_clip.list_models()")
-        with _quiet_random_init_warning():
+        with quiet_random_init_warning():
             model = open_clip.create_model(model_name, pretrained=None)
         state = read_state_dict(path)
         for prefix in _PREFIXES:

@@ -13,12 +13,11 @@ Two models evaluated with the same settings see the same prompts and the same st
   binomial 95 % interval; ``class_acc_real`` (the classifier on F, never trained on) is its ceiling and
   ``class_chance`` (always the most frequent label) its chance level.
 
-The real sets, their features and floor values, and the classifier are computed once and cached (``realset``).
+The real sets, their features and floor values, and the classifier are computed once and cached (``prepare``).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,18 +25,13 @@ from typing import Any
 
 import torch
 
-from ldm.eval.classifier import ARCH, LabelClassifier, chance_level, train_classifier
+from ldm.eval.classifier import LabelClassifier
 from ldm.eval.inception import InceptionFeatures
 from ldm.eval.metrics import fid_kid_bootstrap
-from ldm.eval.realset import (
-    RealSet, cache_key, default_cache_dir, load_features, read_split, resolve_shards, save_features, shards_hash,
-    split_pool,
-)
-from ldm.io import atomic_write_bytes
+from ldm.eval.realset import RealSet
 
 Tensor = torch.Tensor
 Z95 = 1.959964  # two-sided 95 % normal quantile
-CLASSIFIER_POOL = 50_000  # at most this many real images are read for the classifier (plus the floor and reference)
 
 
 @dataclass
@@ -81,69 +75,23 @@ def summary(m: dict[str, float]) -> str:
 
 
 class Evaluator:
-    """What stays fixed across evaluations: the feature network, the real sets, the prompts, seeds and classifier."""
+    """What stays fixed across evaluations: the feature network, the real sets, the prompts, seeds and classifier.
 
-    def __init__(self, data: str, *, image_size: int, caption: str = "label", num_images: int = 1000,
-                 reference_images: int = 1000, seed: int = 0, inception: str | Path | None = None,
-                 classifier: bool = True, classifier_label: str = "subcategory", bootstrap: int = 50,
-                 clip: str | Path | None = None, clip_model: str = "ViT-B-32", batch_size: int = 100,
-                 cache_dir: str | Path | None = None, device: torch.device | str = "cpu", progress: bool = True):
-        if num_images < 2 or reference_images < 2:
-            raise ValueError(f"FID needs at least 2 images per set, got num_images={num_images}, "
-                             f"reference_images={reference_images}")
-        self.batch_size, self.bootstrap, self.seed, self.progress = batch_size, bootstrap, seed, progress
-        self.inception = InceptionFeatures(inception, device, batch_size)
-        shards = shards_hash(resolve_shards(data, "train"))
-        self.key = cache_key(kind="eval-v2", shards=shards, image_size=image_size, caption=caption,
-                             label=classifier_label, floor=num_images, reference=reference_images, seed=seed,
-                             inception=self.inception.hash)
-        self.folder = Path(cache_dir or default_cache_dir()) / self.key
-        floor, reference = load_features(self.folder, "floor"), load_features(self.folder, "reference")
-        pool = None
-        if floor is None or reference is None or (classifier and not (self.folder / f"{ARCH}.safetensors").is_file()):
-            limit = num_images + reference_images + (CLASSIFIER_POOL if classifier else 0)
-            pool = read_split(data, "train", image_size, caption, classifier_label, limit=limit, progress=progress)
-            split = split_pool(len(pool), num_images, reference_images, seed)
-        if floor is None or reference is None:
-            floor, reference = pool.subset(split.floor), pool.subset(split.reference)
-            for name, real in (("floor", floor), ("reference", reference)):
-                real.features = self.inception.features(real.floats(), desc=f"inception (real {name} set)",
-                                                        progress=progress)
-            floor_scores = fid_kid_bootstrap(floor.features, reference.features, bootstrap, seed)
-            save_features(self.folder, "reference", reference)
-            save_features(self.folder, "floor", floor, {"scores": floor_scores, "data": str(data)})
-        self.floor, self.reference = floor, reference
-        self.floor_scores = json.loads((self.folder / "floor.json").read_text())["scores"]
+    Built from prepared parts (``ldm.eval.prepare_evaluator`` reads them from the cache or computes and caches them);
+    the evaluator itself reads and writes nothing."""
+
+    def __init__(self, inception: InceptionFeatures, floor: RealSet, reference: RealSet, floor_scores: dict[str, float],
+                 classifier: LabelClassifier | None = None, real_alignment: dict[str, Any] | None = None, clip=None, *,
+                 seed: int = 0, bootstrap: int = 50, batch_size: int = 100, progress: bool = True,
+                 folder: Path | None = None):
+        """``floor`` and ``reference`` carry their features; ``floor_scores`` are the floor set's FID/KID against the
+        reference set; ``real_alignment`` the classifier's ceiling and chance; ``folder`` the cache entry of it all."""
+        self.inception, self.floor, self.reference, self.floor_scores = inception, floor, reference, floor_scores
+        self.classifier, self.real_alignment, self.clip = classifier, real_alignment or {}, clip
+        self.seed, self.bootstrap, self.batch_size, self.progress = seed, bootstrap, batch_size, progress
+        self.folder = folder
         self.prompts, self.labels = floor.captions, floor.labels
-        self.seeds = [seed + i for i in range(num_images)]
-        self.classifier, self.real_alignment = None, {}
-        if classifier:
-            self.classifier = self._classifier(pool, split if pool is not None else None, classifier_label, data)
-        self.clip = None
-        if clip is not None:
-            from ldm.eval.clip_score import ClipScorer
-
-            self.clip = ClipScorer(clip, clip_model, device)
-
-    def _classifier(self, pool: RealSet | None, split, label: str, data: str) -> LabelClassifier:
-        """The alignment classifier from the cache, else trained on every pool image outside the floor set."""
-        path = self.folder / f"{ARCH}.safetensors"
-        if path.is_file():
-            model = LabelClassifier.load(path)
-            self.real_alignment = json.loads(path.with_name(f"{ARCH}-ceiling.json").read_text())
-            return model
-        if not any(self.labels):
-            raise ValueError(f"{data}: its json metadata has no {label!r} labels for the alignment classifier "
-                             "(eval.classifier_label), or turn it off (eval.classifier=false / --no-classifier)")
-        train = pool.subset(split.reference + split.rest)
-        model = train_classifier(train.images, train.labels, seed=self.seed, progress=self.progress)
-        floor_images = pool.subset(split.floor).floats()
-        self.real_alignment = {"class_acc_real": model.accuracy(floor_images, self.labels),
-                               "class_chance": chance_level(self.labels), "classifier_images": len(train),
-                               "classifier_keys": train.keys}
-        model.save(path)
-        atomic_write_bytes(path.with_name(f"{ARCH}-ceiling.json"), json.dumps(self.real_alignment).encode())
-        return model
+        self.seeds = [seed + i for i in range(len(floor))]
 
     @property
     def num_images(self) -> int:

@@ -4,22 +4,27 @@ ODE and the DDPM variational bound, in bits per latent dimension, with means and
 The held-out images are encoded by the model's own frozen autoencoder (posterior mode x scale factor), so every
 number is about the continuous latents the diffusion model was trained on (D = C x h x w dimensions): no
 dequantisation or 8-bit offset enters, bits/dim may be negative and is not comparable with pixel-space bits/dim.
-The math is ``ldm.diffusion.likelihood``'s; this module runs it over a data split.
+The math is ``ldm.diffusion.likelihood``'s; this module runs it over a data split and records the result
+(``record_likelihood``: JSON, a histogram, an MLflow run).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from ldm.conditioning import expand_cond
+from ldm.config import DiffusionConfig, to_dict
 from ldm.data.stream import make_loader, resolve_shards
 from ldm.diffusion import DiscreteVP, Predictor, ddpm_elbo, ode_likelihood
 from ldm.pipeline import unet_denoiser
+from ldm.report.plots import likelihood_histogram
 
 
 @dataclass
@@ -117,3 +122,24 @@ def held_out_likelihood(pipe, spec: str, split: str = "val", *, image_size: int,
                 "trace": "exact" if exact_trace else f"hutchinson x {probes}",
                 "elbo": f"{terms}, {elbo_variance} variance" if elbo_on else "off"}
     return LikelihoodResult(rows, summarize(rows, nfe, dim), settings, elbo_on)
+
+
+def record_likelihood(result: LikelihoodResult, settings: dict[str, Any], out: str | Path, tracker,
+                      diffusion: DiffusionConfig) -> list[Path]:
+    """Write ``<out>/likelihood.json`` (settings, summary, per-sample values) and ``<out>/likelihood.png`` (per-sample
+    bits/dim), and log both with ``likelihood/*`` metrics as a run of ``tracker`` (params: the settings and the
+    model's diffusion section). Returns the two files."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "likelihood.json", out / "likelihood.png"]
+    files[0].write_text(json.dumps({"settings": settings, "summary": result.summary, "samples": result.rows},
+                                   indent=2))
+    title = f"{len(result.rows)} {settings['split']} samples, D = {settings['dim']}"
+    likelihood_histogram(result.rows, files[1], title)
+    tracker.start({"likelihood": settings, "model_config": {"diffusion": to_dict(diffusion)}},
+                  tags={"ldm.likelihood": "true"})
+    tracker.log_metrics({f"likelihood/{k}": v for k, v in result.summary.items()}, step=0)
+    for file in files:
+        tracker.log_artifact(file, "likelihood")
+    tracker.end()
+    return files

@@ -31,8 +31,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ldm.data.decode import pick_caption, resize_center_crop, to_rgb
 from ldm.data.skips import SkipCounter, raw_samples
-from ldm.data.stream import pick_caption, resize_center_crop, resolve_shards, to_rgb
+from ldm.data.stream import resolve_shards
 from ldm.eval.inception import file_hash
 from ldm.io import atomic_write_bytes, load_tensors, save_tensors
 

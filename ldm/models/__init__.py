@@ -14,7 +14,7 @@ from ldm.models.io import (
 )
 from ldm.models.mmdit import MMDiT
 from ldm.models.presets import DIT_PRESETS, MMDIT_PRESETS, PRESETS, UNET_PRESETS, model_preset, unet_preset
-from ldm.models.unet import UNet
+from ldm.models.unet import UNet, micro_conditioned
 
 __all__ = [
     "Attention",
@@ -33,6 +33,7 @@ __all__ = [
     "load_diffusers_unet",
     "load_model_weights",
     "load_unet_weights",
+    "micro_conditioned",
     "model_preset",
     "save_diffusers",
     "timestep_embedding",

@@ -15,7 +15,7 @@ to the width of the timestep embedding, to which they are added.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -35,6 +35,11 @@ def _per_level(value: int | Sequence[int], levels: int, name: str) -> tuple[int,
     if len(values) != levels:
         raise ValueError(f"{name} has {len(values)} entries, expected one per level ({levels})")
     return values
+
+
+def micro_conditioned(config: Mapping[str, Any]) -> bool:
+    """True when a UNet of these constructor arguments (its ``config``) embeds SDXL's size/crop ids (``time_ids``)."""
+    return config.get("addition_time_embed_dim") is not None
 
 
 class UNet(nn.Module):
@@ -140,7 +145,7 @@ class UNet(nn.Module):
     @property
     def micro_conditioned(self) -> bool:
         """True when forward needs SDXL's size/crop ``time_ids`` (and the pooled text vector)."""
-        return self.config["addition_time_embed_dim"] is not None
+        return micro_conditioned(self.config)
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute resnet and transformer activations in backward instead of storing them."""

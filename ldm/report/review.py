@@ -5,7 +5,8 @@ steps with sample grids, the evaluation sweep points nested under them); small p
 show (``differing_params``, ``matching_steps``, ``sweep_params``); ``write_report`` draws the figures
 (``ldm.report.plots``; for evaluation sweeps FID and alignment against the guidance scale, and FID against NFE per
 sampler), downloads the sample grids and renders ``report.html`` with every image embedded as a data URI;
-``ldm.tracking.query.log_review`` logs the same files back as a new run tagged ``ldm.review=true``.
+``ldm.tracking.query.log_review`` logs the same files back as a new run tagged ``ldm.review=true``;
+``review_experiment`` does all three for ``ldm-review``.
 """
 
 from __future__ import annotations
@@ -16,12 +17,16 @@ import math
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from ldm.report.plots import guidance_tradeoff, metric_curves, nfe_curves, sweep_plot
-from ldm.tracking.query import REPORT_NAME, Review, ReviewResult, RunSummary, download, first_line
+from ldm.tracking import tracking_uri as resolve_tracking_uri
+from ldm.tracking.query import (
+    REPORT_NAME, Review, ReviewResult, RunSummary, collect, download, first_line, log_review, make_client,
+)
 
 
 # --- pure decisions -----------------------------------------------------------------------------------
@@ -326,3 +331,28 @@ def write_report(client, review: Review, out: str | Path, smooth: float = 0.0, s
     report = out / REPORT_NAME
     report.write_text(doc, encoding="utf-8")
     return ReviewResult(report=report, files=[report, *files])
+
+
+@dataclass
+class ReviewDone:
+    """What ``review_experiment`` did: the runs it read, the report it wrote, the review run it logged (or None)."""
+
+    review: Review
+    result: ReviewResult
+    run_id: str | None
+    uri: str
+
+
+def review_experiment(experiment: str, out: str | Path, *, tracking_uri: str | None = None,
+                      runs: Sequence[str] | None = None, metric: str = "train/loss", image_key: str = "samples",
+                      smooth: float = 0.0, sweep: Sequence[str] = (), sweep_metric: str | None = None,
+                      max_sample_rows: int = 4, log_to_mlflow: bool = True) -> ReviewDone:
+    """Read the runs of an experiment (``runs``: these ids; default every run but review runs), write the report
+    (``write_report``) and, with ``log_to_mlflow``, log it back as a review run. ``ReviewError`` for bad input."""
+    uri = resolve_tracking_uri(tracking_uri)
+    client = make_client(uri)
+    review = collect(client, experiment, uri, runs, metric, image_key)
+    result = write_report(client, review, out, smooth=smooth, sweep=sweep, sweep_metric=sweep_metric,
+                          max_sample_rows=max_sample_rows)
+    run_id = log_review(client, review, result) if log_to_mlflow else None
+    return ReviewDone(review, result, run_id, uri)

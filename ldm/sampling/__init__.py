@@ -41,6 +41,15 @@ def time_grid(process, sampler: str, steps: int, spacing: str | None = None, tim
     return shift_time(ts, time_shift) if time_shift != 1.0 else ts
 
 
+def check_sampling(process, prediction: str, sampler: str, steps: int, spacing: str | None = None) -> None:
+    """ValueError naming the problem when a model of this process and prediction cannot be sampled with these settings:
+    an unknown sampler, a grid the process cannot make, or eps / score on a schedule with zero terminal SNR."""
+    time_grid(process, sampler, steps, spacing)
+    if prediction in ("eps", "score") and float(process.alpha(1.0)) == 0.0:
+        raise ValueError(f"this model predicts {prediction} on a schedule with zero terminal SNR: "
+                         "x0 = (x_t - sigma eps) / alpha is undefined at t = 1; such models must predict v or x0")
+
+
 @torch.no_grad()
 def sample(model: Predictor, shape: tuple[int, ...], *, sampler: str = "ddpm", steps: int = 50, cond: Any = None,
            generator=None, spacing: str | None = None, time_shift: float = 1.0, device: torch.device | str = "cpu",
@@ -54,5 +63,5 @@ def sample(model: Predictor, shape: tuple[int, ...], *, sampler: str = "ddpm", s
     return SAMPLERS[sampler](model, x, ts, cond=cond, generator=generator, **options)
 
 
-__all__ = ["SAMPLERS", "ClassifierFreeGuidance", "ClassifierGuidance", "GuidanceInterval", "Guided", "concat_cond",
-           "guide", "sample", "time_grid"]
+__all__ = ["SAMPLERS", "ClassifierFreeGuidance", "ClassifierGuidance", "GuidanceInterval", "Guided", "check_sampling",
+           "concat_cond", "guide", "sample", "time_grid"]

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from ldm.diffusion.parameterization import Denoiser, Predictor, score_from_eps, to_x0_eps
-from ldm.diffusion.sde import GaussianProcess, _bcast, as_time
+from ldm.diffusion.sde import GaussianProcess, as_time, bcast
 
 Tensor = torch.Tensor
 
@@ -121,7 +121,7 @@ class ClassifierGuidance:
         alpha, sigma = self.process.alpha(t), self.process.sigma(t)
         with torch.enable_grad():
             grad = self.grad_log_prob(x_t, t, cond)  # (B, ...) grad of log p(y | x_t)
-        eps = eps - self.scale * _bcast(sigma, eps) * grad.to(eps.dtype)
+        eps = eps - self.scale * bcast(sigma, eps) * grad.to(eps.dtype)
         return to_x0_eps(eps, x_t, alpha, sigma, "eps")
 
     def score(self, x_t: Tensor, t: float | Tensor, cond: Any = None) -> Tensor:

@@ -1,4 +1,4 @@
-"""Training: the LDM loop under DeepSpeed and its hooks, the engine, EMA (and power EMA), checkpoints, data position,
+"""Training: the LDM loop under DeepSpeed and its hooks, the engine, EMA (and power EMA), checkpoints,
 guards, pre-emption, exports; the stage-1 autoencoder run. Names are imported lazily, so importing one module
 (e.g. ``ldm.train.autoencoder``) does not load DeepSpeed."""
 

@@ -11,26 +11,20 @@ from typing import Any, Iterator
 
 import torch
 
-from ldm.config import AutoencoderConfig, save_config, to_dict
+from ldm.assemble import resolve_device
+from ldm.config import AutoencoderConfig, ConfigError, save_config, to_dict
 
 
 def _device(name: str) -> torch.device:
-    from ldm.config import ConfigError
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device of ``run.device``; a ConfigError naming the key otherwise."""
     try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"run.device: unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"run.device: {name} requested but no CUDA device is available")
-    return device
+        return resolve_device(name)
+    except ValueError as e:
+        raise ConfigError(f"run.device: {e}") from None
 
 
 def check_inputs(cfg: AutoencoderConfig) -> None:
     """The shards and the output folder exist as needed, before anything trains (ConfigError naming the key)."""
-    from ldm.config import ConfigError
     from ldm.data import resolve_shards
 
     for key, spec, split in (("data.train", cfg.data.train, "train"), ("data.val", cfg.data.val, "val")):
@@ -84,11 +78,13 @@ def held_out_fidelity(model, cfg: AutoencoderConfig, device: torch.device, progr
 
 
 def train_stage1(cfg: AutoencoderConfig, progress: bool = True) -> dict[str, Any]:
-    """Train, measure latent statistics, save frozen to run.output_dir, score on held-out data; returns the numbers."""
+    """Check the inputs, train, measure latent statistics, save frozen to run.output_dir, score on held-out data;
+    returns the numbers."""
     from autoencoder import AutoencoderKL, load_pretrained, measure_latent_stats, save_pretrained, set_scale_factor
     from autoencoder import train_autoencoder
     from ldm.tracking import Tracker
 
+    check_inputs(cfg)
     torch.manual_seed(cfg.run.seed)
     device = _device(cfg.run.device)
     out = Path(cfg.run.output_dir)

@@ -13,9 +13,6 @@ from ldm.config import ConfigError, TrainConfig
 from ldm.precision import use_tf32
 from ldm.train.distributed import any_across_ranks
 
-COMPILE_KEYWORDS = ("backend", "mode", "dynamic", "fullgraph", "options", "disable")  # torch.compile's
-
-
 def deepspeed_config(cfg: TrainConfig, micro_batch: int) -> dict[str, Any]:
     """The DeepSpeed JSON config from the typed training section (extra keys in train.deepspeed win)."""
     ds = {
@@ -107,14 +104,11 @@ def _channels_last_inputs(module: torch.nn.Module, args: tuple) -> tuple:
 def compile_network(engine, cfg: TrainConfig) -> None:
     """``train.compile``: "model" compiles the whole network in place (DeepSpeed's ``engine.compile``; under ZeRO-3
     its parameter-gathering hooks split the graph at every module with parameters), "regional" each ResNet and
-    transformer block (the network's ``compile_blocks``); ``train.compile_options`` go to torch.compile."""
+    transformer block (the network's ``compile_blocks``); ``train.compile_options`` (checked with the run's inputs,
+    ``TrainConfig.check_compile_options``) go to torch.compile."""
     if cfg.compile == "off":
         return
     options = dict(cfg.compile_options)
-    unknown = sorted(set(options) - set(COMPILE_KEYWORDS))
-    if unknown:
-        raise ConfigError(f"train.compile_options: {unknown} are not torch.compile keywords "
-                          f"({', '.join(COMPILE_KEYWORDS)})")
     if cfg.compile == "model":
         backend = options.pop("backend", None)
         engine.compile(**({"backend": backend} if backend else {}), compile_kwargs=options)

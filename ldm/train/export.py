@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ldm.assemble import Components, autoencoder_config, plain_state, state_dims, trained_unet, unet_kwargs
+from ldm.assemble import Components, autoencoder_config, build_unet, plain_state, state_dims, unet_kwargs
 from ldm.config import LDMConfig, load_config
 from ldm.export import check_target, save_export
 from ldm.io import load_tensors
@@ -70,7 +70,7 @@ def export_checkpoint(run_dir: str | Path, out: str | Path | None = None, tag: s
     latent_channels = int(autoencoder_config(cfg.autoencoder.path)["latent_channels"])
     adapters = None
     if cfg.model.lora is not None:  # adapters over model.init_from's weights: merged for the full weights
-        adapters = {k: trained_unet(cfg.model, latent_channels, context_dim, pooled_dim, s, f"{tag} {k}")
+        adapters = {k: build_unet(cfg.model, latent_channels, context_dim, pooled_dim, s, f"{tag} {k}")
                     for k, s in (("raw", raw), ("ema", ema))}
         raw, ema = plain_state(adapters["raw"]), plain_state(adapters["ema"])
     return save_export(out, cfg, raw, ema, null, cfg.autoencoder.path,

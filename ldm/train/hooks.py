@@ -12,9 +12,10 @@ from typing import Callable
 import torch
 
 from ldm.assemble import Components
+from ldm.data.run_stream import held_out_batches
 from ldm.diffusion import band_times, eps_mse
-from ldm.pipeline import make_grid
 from ldm.diffusion.rng import sample_generators
+from ldm.pipeline import make_grid
 from ldm.train.distributed import DistInfo, sum_across_ranks
 
 
@@ -34,21 +35,9 @@ class HeldOutLoss:
     """
 
     def __init__(self, parts: Components, dist: DistInfo, bands: int, max_samples: int, batch_size: int):
-        from ldm.data import make_loader, resolve_shards
-        from ldm.data.source import cache_holds_latents, val_source
-
-        cfg = parts.cfg
         self.parts, self.batch_size = parts, batch_size
         self.times = band_times(parts.process, bands)  # (bands,) float64
-        src, cache = val_source(cfg.data), cfg.data.text_cache
-        try:  # a text cache's own val split: the held-out captions' cached embeddings (no text encoder needed)
-            urls, holdout, text = resolve_shards(cache, "val"), None, True
-            latents = cache_holds_latents(cache)
-        except (TypeError, ValueError):
-            urls, holdout, text, latents = resolve_shards(src.spec, "val"), src.holdout, False, False
-        loader = make_loader(urls, batch_size=batch_size, image_size=cfg.data.image_size, shuffle_buffer=0,
-                             caption=cfg.data.caption, holdout=holdout, text=text,
-                             latents=latents)  # one pass in shard order, identical on every rank
+        loader, spec = held_out_batches(parts.cfg.data, batch_size)  # one pass in shard order, the same on every rank
         self.total, self.keys, rows = 0, [], []
         fields = ("caption", "original_size", "crop_top_left", "context", "context_mask", "pooled")
         for batch in loader:
@@ -58,8 +47,7 @@ class HeldOutLoss:
                     self.keys.append(key)
                 self.total += self.total < max_samples
         if self.total == 0:
-            raise ValueError(f"data.val: the val split of {src.spec if src else cache} has no samples for the "
-                             "held-out loss")
+            raise ValueError(f"data.val: the val split of {spec} has no samples for the held-out loss")
         with torch.no_grad():
             self.latents = torch.cat([self._latents(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
                                      ) if rows else None
@@ -74,11 +62,8 @@ class HeldOutLoss:
 
     def _cond(self, rows: list[dict], x0: torch.Tensor):
         """The condition of some held-out samples (as a training batch of theirs gets it)."""
-        batch = {"latent": x0}
-        for k in rows[0]:
-            values = [r[k] for r in rows]
-            batch[k] = values if k == "caption" else torch.stack(values)
-        return self.parts.condition(batch)
+        samples = {k: [r[k] for r in rows] if k == "caption" else torch.stack([r[k] for r in rows]) for k in rows[0]}
+        return self.parts.conditioning(samples, x0)
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
@@ -94,7 +79,7 @@ class HeldOutLoss:
                     cond = self._cond(self.rows[rows], x0)
                 else:  # this rank has run out: a forward on a padding sample keeps ZeRO-3's collectives in step
                     x0 = torch.zeros(1, *p.latent_shape, device=p.device)
-                    keys, cond, weight = ["padding"], p.condition({"latent": x0, **p.null_cond}), 0.0
+                    keys, cond, weight = ["padding"], p.conditioning.null(x0), 0.0
                 mse = eps_mse(denoiser, x0, cond, p.process, t, p.cfg.diffusion.prediction,
                               sample_generators(keys, "val", band))  # (B,)
                 sums[band] += weight * float(mse.double().sum())

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from ldm.assemble import assemble, build_evaluator, check_inputs
 from ldm.conditioning import conditioning_dropout
 from ldm.config import LDMConfig, save_config, to_dict
+from ldm.data.run_stream import DataPosition, batch_stream
 from ldm.diffusion.rng import sample_generators
 from ldm.io import save_tensors
 from ldm.tracking import Tracker
@@ -28,7 +29,6 @@ from ldm.train.ema import EMA
 from ldm.train.engine import build_engine, full_state, weights_finite
 from ldm.train.export import export_trained
 from ldm.train.guards import NonFiniteGuard, TrainingDiverged, skip_micro_batch  # noqa: F401 - re-exported
-from ldm.train.position import DataPosition, batch_stream
 from ldm.train.preemption import StopRequest, agreed_action, exit_code, run_requeue
 
 log = logging.getLogger(__name__)
@@ -37,17 +37,18 @@ log = logging.getLogger(__name__)
 class Trainer:
     def __init__(self, cfg: LDMConfig, dist: DistInfo | None = None):
         check_inputs(cfg)  # paths, shards and sizes, before anything loads
-        self.cfg, t = cfg, cfg.train
+        self.cfg, train_cfg = cfg, cfg.train
         self.dist = dist or init_distributed(cfg.run.device)
         self.out = Path(cfg.run.output_dir)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         self.parts = assemble(cfg, self.dist.device, training=True)  # with a text cache: no text encoder loads
-        self.engine = build_engine(self.parts.unet(), t, cfg.data.batch_size, self.dist.device)
-        self.ema = EMA(self.engine.module, t.ema_decay, t.power_ema)  # with EDM2's power EMAs when configured
-        self.checkpointer = Checkpointer(self.out / "checkpoints", self.dist.rank, t.keep_last, t.power_snapshot_every)
-        self.position = DataPosition.of(cfg.data, self.dist.world_size, t.grad_accum)
+        self.engine = build_engine(self.parts.unet(), train_cfg, cfg.data.batch_size, self.dist.device)
+        self.ema = EMA(self.engine.module, train_cfg.ema_decay, train_cfg.power_ema)  # with EDM2's power EMAs if set
+        self.checkpointer = Checkpointer(self.out / "checkpoints", self.dist.rank, train_cfg.keep_last,
+                                         train_cfg.power_snapshot_every)
+        self.position = DataPosition.of(cfg.data, self.dist.world_size, train_cfg.grad_accum)
         self._print("\n".join(self.position.report))  # the bucket plan: what happens to every image
-        self.guard = NonFiniteGuard(t.max_bad_steps, t.max_rollbacks)
+        self.guard = NonFiniteGuard(train_cfg.max_bad_steps, train_cfg.max_rollbacks)
         self.step, self.samples_seen, self.run_id = 0, 0, None
         state = self.checkpointer.load(self.engine, self.ema)
         if state is not None:
@@ -55,8 +56,8 @@ class Trainer:
             self._print(f"resumed from {self.checkpointer.root / self.checkpointer.latest()} at step {self.step}")
         self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.run.name,
                                enabled=self.dist.is_main and cfg.tracking.enabled)
-        self.held_out = (hooks.HeldOutLoss(self.parts, self.dist, t.val_bands, t.val_samples, cfg.data.batch_size)
-                         if t.val_every else None)
+        self.held_out = (hooks.HeldOutLoss(self.parts, self.dist, train_cfg.val_bands, train_cfg.val_samples,
+                                           cfg.data.batch_size) if train_cfg.val_every else None)
         evaluating = bool(cfg.eval.every or cfg.eval.final)
         evaluator = on_main(lambda: build_evaluator(cfg, self.dist.device) if evaluating else None,
                             "building the evaluation protocol")
@@ -97,7 +98,7 @@ class Trainer:
                 z = batch["latent"].to(p.device, non_blocking=True)  # (B, C, h, w) scaled latents
             else:
                 z = p.autoencoder.encode(batch["image"].to(p.device, non_blocking=True))  # (B, C, h, w) scaled latents
-            cond = p.condition(batch)  # cached or encoded text (B, L, D), (B, L)[, pooled (B, P), time_ids (B, 6)]
+            cond = p.conditioning(batch, z)  # cached or encoded text (B, L, D), (B, L)[, (B, P), time_ids (B, 6)]
         # every random draw of a sample comes from its own generator: the same on any number of ranks
         generators = sample_generators(batch["key"], self.cfg.run.seed, self.guard.rollbacks, self.step)
         cond = conditioning_dropout(cond, p.null_cond, self.cfg.diffusion.cond_dropout, generators)
@@ -140,14 +141,14 @@ class Trainer:
             self.stop.restore()
 
     def _loop(self) -> dict[str, Any]:
-        t, last = self.cfg.train, self.cfg.train.max_steps
-        global_batch = self.cfg.data.batch_size * t.grad_accum * self.dist.world_size
+        train_cfg, last = self.cfg.train, self.cfg.train.max_steps
+        global_batch = self.cfg.data.batch_size * train_cfg.grad_accum * self.dist.world_size
         bar = tqdm(total=last, initial=self.step, desc="ldm", disable=not self.dist.is_main, dynamic_ncols=True)
         self._stream = self._batches()
         window, losses, tick = [], {"first": None, "last": None}, time.time()
         while self.step < last:
             batch_losses = []
-            for _ in range(t.grad_accum):
+            for _ in range(train_cfg.grad_accum):
                 batch = next(self._stream)
                 self.skipped[batch.get("worker", 0)] = batch.get("skipped", 0)
                 batch_losses.append(self.micro_step(batch))
@@ -163,7 +164,7 @@ class Trainer:
             self.ema.update(self.step)
             self.checkpointer.save_power_snapshot(self.ema, self.step, last)  # when due (train.power_ema)
             bar.update(1)
-            if (self.step % t.log_every == 0 or self.step in (1, last)) and window:
+            if (self.step % train_cfg.log_every == 0 or self.step in (1, last)) and window:
                 loss = self._log(window, time.time() - tick, global_batch)
                 losses["first"] = loss if losses["first"] is None else losses["first"]
                 losses["last"] = loss
@@ -179,7 +180,7 @@ class Trainer:
                 requeued = run_requeue() if action == "requeue" and self.dist.is_main else None
                 self.tracker.end("KILLED")
                 return self._result(losses, preempted=True, exit_code=exit_code(action, requeued))
-            if self.step % t.ckpt_every == 0 or self.step == last:
+            if self.step % train_cfg.ckpt_every == 0 or self.step == last:
                 self.save_checkpoint()
             self._interval_hooks(last)
         bar.close()
@@ -195,11 +196,10 @@ class Trainer:
                 "exit_code": exit_code}
 
     def _log(self, window: list[torch.Tensor], elapsed: float, global_batch: int) -> float:
-        t = self.cfg.train
         loss = float(mean_across_ranks(torch.stack(window).double().mean()))  # the window's losses reach the host here
         skipped = mean_across_ranks(float(sum(self.skipped.values()))) * self.dist.world_size  # all workers, ranks
         metrics = {"train/loss": loss, "train/lr": self.engine.get_lr()[0],
-                   "train/samples_per_s": global_batch * len(window) / t.grad_accum / max(elapsed, 1e-9),
+                   "train/samples_per_s": global_batch * len(window) / self.cfg.train.grad_accum / max(elapsed, 1e-9),
                    "train/skipped_samples": skipped, "train/nonfinite_steps": self.guard.nonfinite_steps,
                    "train/rollbacks": self.guard.rollbacks}
         grad_norm = self.engine.get_global_grad_norm()
@@ -210,16 +210,16 @@ class Trainer:
 
     def _interval_hooks(self, last: int) -> None:
         """The hooks due at this step; when one fails, the steps since the last checkpoint are saved first."""
-        t = self.cfg.train
+        train_cfg = self.cfg.train
         try:
-            if hooks.due(self.step, t.val_every, last):
+            if hooks.due(self.step, train_cfg.val_every, last):
                 self._held_out_loss()
-            if hooks.due(self.step, t.sample_every, last):
+            if hooks.due(self.step, train_cfg.sample_every, last):
                 self._sample_grid()
             if self.evaluation is not None and hooks.due(self.step, self.cfg.eval.every, last):
                 self._evaluate()
         except Exception:
-            if self.step % t.ckpt_every:  # not saved at this step yet: keep the work before the error
+            if self.step % train_cfg.ckpt_every:  # not saved at this step yet: keep the work before the error
                 self.save_checkpoint()
             raise
 

@@ -139,7 +139,7 @@ def test_epoch_plan_one_bucket_per_global_batch_every_sample_once(n):
 
 
 def test_two_ranks_two_workers_one_shape_per_step_and_exact_resume(tmp_path, monkeypatch):
-    from ldm.train.position import DataPosition, batch_stream
+    from ldm.data.run_stream import DataPosition, batch_stream
 
     monkeypatch.setenv("LDM_CACHE", str(tmp_path / "cache"))
     keys, held = write_mixed_folder(tmp_path / "data", train=24, val_fraction=0.25)
@@ -191,8 +191,8 @@ def test_bucket_config_is_checked():
 
 
 def test_fewer_images_than_a_global_batch_is_refused(tmp_path, monkeypatch):
-    from ldm.data.stream import NoUsableData
-    from ldm.train.position import DataPosition
+    from ldm.data.skips import NoUsableData
+    from ldm.data.run_stream import DataPosition
 
     monkeypatch.setenv("LDM_CACHE", str(tmp_path / "cache"))
     write_mixed_folder(tmp_path / "data", train=5, bad=3)

@@ -17,7 +17,7 @@ from PIL import Image
 from ldm.cli.shards import main as shards_main
 from ldm.data import build_folder_shards, make_loader, reshard, resolve_shards
 from ldm.data.builders import BuildError, held_out
-from ldm.data.stream import resize_center_crop, to_rgb
+from ldm.data.decode import resize_center_crop, to_rgb
 from tests.data.test_shards_stream import tar_samples
 from tests.data.test_urls import serve_directory
 

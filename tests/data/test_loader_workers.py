@@ -12,7 +12,7 @@ import torch
 from ldm.config import DataConfig
 from ldm.data import make_loader
 from ldm.data.shards import write_shards
-from ldm.train.position import DataPosition, batch_stream
+from ldm.data.run_stream import DataPosition, batch_stream
 from tests.data.test_shards_stream import synthetic_sample
 
 ARGS = dict(batch_size=4, image_size=8, seed=2, shuffle_buffer=8, batches_per_epoch=5, num_workers=2)

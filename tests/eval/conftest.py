@@ -19,7 +19,7 @@ def eval_shards(tmp_path_factory, npm_cache) -> Path:
     """32 px shards of CLASSES: train 4 x 4 emoji x 2 styles (32 images), val 4 x 2 x 2 (16), split by emoji."""
     from ldm.data.emoji import emoji_records, load_rgb
     from ldm.data.shards import encode_png, write_shards
-    from ldm.data.stream import resize_center_crop
+    from ldm.data.decode import resize_center_crop
 
     records = [r for r in emoji_records(cache_dir=npm_cache)
                if r.label and r.subcategory in CLASSES and r.code == r.base]

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm.eval import Evaluator
+from ldm.eval import prepare_evaluator as Evaluator
 from ldm.eval.inception import InceptionFeatures
 from ldm.eval.realset import read_split, split_pool
 
@@ -88,7 +88,7 @@ def test_real_sets_and_classifier_come_from_the_cache(protocol, protocol_shards)
         def __call__(self, images):
             raise AssertionError("features were recomputed instead of read from the cache")
 
-    import ldm.eval.evaluate as evaluate_mod
+    import ldm.eval.prepare as evaluate_mod
 
     real_class = evaluate_mod.InceptionFeatures
     evaluate_mod.InceptionFeatures = NoNetwork

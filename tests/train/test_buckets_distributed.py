@@ -68,7 +68,7 @@ def _logged(logs) -> list[list[dict]]:
 @pytest.mark.distributed
 def test_buckets_two_processes_kill_and_resume(tmp_path, tiny_shards, tiny_autoencoder, monkeypatch):
     from ldm.config import LDMConfig, load_config
-    from ldm.train.position import DataPosition, batch_stream
+    from ldm.data.run_stream import DataPosition, batch_stream
 
     monkeypatch.setenv("LDM_CACHE", str(tmp_path / "cache"))  # the workers inherit it: one bucket-scan cache
     keys, held = write_mixed_folder(tmp_path / "data", train=24, val_fraction=0.25)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import ldm.assemble as assemble_mod
+import ldm.assemble.components as assemble_mod
 import ldm.train.trainer as trainer_mod
 from ldm.config import LDMConfig, load_config
 from tests.conftest import ROOT, tiny_ldm_overrides

@@ -12,7 +12,7 @@ from ldm.conditioning import conditioning_dropout
 from ldm.config import LDMConfig
 from ldm.diffusion import diffusion_loss
 from ldm.diffusion.rng import sample_generators
-from ldm.train.position import DataPosition
+from ldm.data.run_stream import DataPosition
 
 
 def _stub(world: int, micro: int, step: int = 7, per_epoch: int = 100):

@@ -53,7 +53,7 @@ def _adapters_only(folder) -> tuple[dict, int]:
 
 
 def test_only_adapters_train_and_are_checkpointed(lora_run, base_unet):
-    from ldm.assemble import trained_unet
+    from ldm.assemble import build_unet as trained_unet
 
     cfg = load_config(LDMConfig, lora_run / "config.yaml")
     unet = trained_unet(cfg.model, 4, 384, None)
@@ -88,7 +88,8 @@ def _inputs(batch: int = 2) -> tuple:
 
 
 def test_export_is_merged_weights_and_a_diffusers_lora(tmp_path, lora_run, base_unet):
-    from ldm.assemble import load_exported, trained_unet
+    from ldm.assemble import build_unet as trained_unet
+    from ldm.assemble import load_exported
     from ldm.cli.export import main as export_main
     from ldm.train.checkpoint import read_weights
 

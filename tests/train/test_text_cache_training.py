@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-import ldm.assemble as assemble_mod
+import ldm.assemble.text_encoders as assemble_mod
 import ldm.train.trainer as trainer_mod
 from ldm.cli.shards import main as shards_main
 from ldm.cli.train import main as train_main

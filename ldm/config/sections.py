@@ -1,8 +1,8 @@
-"""Typed configuration: YAML files are data, these dataclasses are the schema.
+"""The LDM config: its sections (autoencoder reference, UNet and LoRA, diffusion, training, sampling, evaluation)
+and ``LDMConfig``, which checks every key at load (sections shared with stage 1 are ``ldm.config.shared``, the text
+encoder's ``ldm.config.text``).
 
-Unknown keys and wrong types raise ``ConfigError`` naming the dotted key; ``key.sub=value`` overrides from
-the command line are applied before validation (the machinery is ``ldm.schema``). The resolved config is saved
-with every run.
+Fields made with ``defining`` change what a checkpoint's weights mean (``ldm.config.resume``).
 """
 
 from __future__ import annotations
@@ -11,19 +11,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ldm.config_autoencoder import (  # noqa: F401 - re-exported: the stage-1 config
-    AutoencoderConfig, AutoencoderEvalConfig, AutoencoderModelConfig, AutoencoderTrainConfig,
-)
-from ldm.config_sections import BucketConfig, DataConfig, RunConfig, TrackingConfig  # noqa: F401 - re-exported
-from ldm.config_text import TextEncoderConfig, TextEncoderSpec  # noqa: F401 - re-exported section
-from ldm.schema import (  # noqa: F401 - re-exported: the config API is used as ldm.config.*
-    ConfigError, _get, _non_negative, _positive, apply_override, flatten, from_dict, load_config, save_config,
-    to_dict,
-)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# schema
+from ldm.config.schema import ConfigError, defining, require_non_negative, require_positive, value_at
+from ldm.config.shared import DataConfig, RunConfig, TrackingConfig
+from ldm.config.text import TextEncoderConfig
 
 
 @dataclass
@@ -59,7 +49,7 @@ class UNetConfig:
     addition_time_embed_dim: int | None = None
     num_time_ids: int | None = None
     pooled_dim: int | None = None
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = defining(False, defines=False)  # memory for compute, the same weights
     # start from these weights: a diffusers UNet folder (or a pipeline folder with unet/), a Stable Diffusion
     # single-file checkpoint (.safetensors/.ckpt, CompVis names), or an export of ours
     init_from: str | None = None
@@ -72,13 +62,13 @@ UNET_EXTRA = ("preset", "init_from", "lora")  # UNetConfig keys that are not UNe
 @dataclass
 class DiffusionConfig:
     # ncsn: num_timesteps geometric VE levels; flow: rectified flow x_t = (1 - t) x0 + t eps (model time 1000 t)
-    process: Literal["discrete", "vp", "subvp", "ve", "ncsn", "flow"] = "discrete"
-    schedule: Literal["linear", "scaled_linear", "cosine"] = "linear"
-    num_timesteps: int = 1000
-    beta_start: float | None = None
-    beta_end: float | None = None
-    zero_terminal_snr: bool = False
-    prediction: Literal["eps", "x0", "v", "score", "velocity"] = "eps"  # velocity = eps - x0 (flow matching)
+    process: Literal["discrete", "vp", "subvp", "ve", "ncsn", "flow"] = defining("discrete")
+    schedule: Literal["linear", "scaled_linear", "cosine"] = defining("linear")
+    num_timesteps: int = defining(1000)
+    beta_start: float | None = defining(None)
+    beta_end: float | None = defining(None)
+    zero_terminal_snr: bool = defining(False)
+    prediction: Literal["eps", "x0", "v", "score", "velocity"] = defining("eps")  # velocity = eps - x0 (flow)
     weighting: Literal["uniform", "min_snr", "edm"] = "uniform"
     min_snr_gamma: float = 5.0
     offset_noise: float = 0.0
@@ -90,11 +80,11 @@ class DiffusionConfig:
     time_std: float | None = None
     mode_scale: float = 1.29
     time_shift: float = 1.0  # SD3's shift t' = s t / (1 + (s - 1) t) of the training times
-    precondition: Literal["none", "edm"] = "none"  # edm: D = c_skip x + c_out F(c_in x, c_noise); prediction x0
-    sigma_data: float = 0.5  # EDM's data std (preconditioning and weighting edm)
+    precondition: Literal["none", "edm"] = defining("none")  # edm: D = c_skip x + c_out F(c_in x, c_noise); prediction x0
+    sigma_data: float = defining(0.5)  # EDM's data std (preconditioning and weighting edm)
     # denoising: E||target - net||^2 above; dsm: sigma^2-weighted denoising score matching (NCSN on process ncsn,
     # Song et al. 2021 on ve); ssm: sliced score matching. dsm/ssm train a score network (prediction score).
-    objective: Literal["denoising", "dsm", "ssm"] = "denoising"
+    objective: Literal["denoising", "dsm", "ssm"] = defining("denoising")
 
     def check(self) -> None:
         if self.process == "ncsn" and self.num_timesteps < 2:
@@ -146,6 +136,9 @@ class DiffusionConfig:
                               "samples are what sliced score matching sees")
 
 
+COMPILE_KEYWORDS = ("backend", "mode", "dynamic", "fullgraph", "options", "disable")  # torch.compile's
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = 1000  # optimizer steps
@@ -160,7 +153,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     # EDM2 power-function EMAs of these relative widths, e.g. [0.05, 0.10] (Karras et al. 2024, Sec. 3), tracked beside
     # the EMA and snapshotted for post-hoc reconstruction (ldm-export --ema-sigma-rel); None or []: off
-    power_ema: list[float] | None = None
+    power_ema: list[float] | None = defining(None)
     power_ema_snapshot_every: int | None = None  # optimizer steps between power EMA snapshots; None: train.ckpt_every
     ckpt_every: int = 500
     keep_last: int = 2
@@ -177,7 +170,7 @@ class TrainConfig:
     tf32: bool = True
     channels_last: bool = False  # off by default: GroupNorm on channels-last is slower on CPU; unmeasured on GPU
     compile: Literal["off", "model", "regional"] = "off"  # the whole UNet, or each ResNet/transformer block
-    compile_options: dict[str, Any] = field(default_factory=dict)  # torch.compile keywords: backend, mode, dynamic...
+    compile_options: dict[str, Any] = field(default_factory=dict)  # torch.compile keywords (COMPILE_KEYWORDS)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config keys, merged last
 
     def __post_init__(self) -> None:
@@ -206,6 +199,13 @@ class TrainConfig:
             raise ConfigError("train.power_ema_snapshot_every: only with power EMAs (set train.power_ema)")
         if every is not None and every < 1:
             raise ConfigError(f"train.power_ema_snapshot_every: must be a positive number of steps, got {every}")
+
+    def check_compile_options(self) -> None:
+        """train.compile_options are torch.compile keywords: checked with the run's inputs, before DeepSpeed starts."""
+        unknown = sorted(set(self.compile_options) - set(COMPILE_KEYWORDS))
+        if self.compile != "off" and unknown:
+            raise ConfigError(f"train.compile_options: {unknown} are not torch.compile keywords "
+                              f"({', '.join(COMPILE_KEYWORDS)})")
 
 
 @dataclass
@@ -262,7 +262,7 @@ class LDMConfig:
     data: DataConfig = field(default_factory=DataConfig)
     autoencoder: AutoencoderRef = field(default_factory=AutoencoderRef)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    model: UNetConfig = field(default_factory=UNetConfig)
+    model: UNetConfig = defining(factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -273,11 +273,11 @@ class LDMConfig:
         from ldm.models.presets import UNET_PRESETS
         from ldm.sampling import SAMPLERS
 
-        _positive(self, "data.batch_size", "data.image_size", "train.max_steps", "train.grad_accum", "train.lr",
+        require_positive(self, "data.batch_size", "data.image_size", "train.max_steps", "train.grad_accum", "train.lr",
                   "train.ckpt_every", "train.log_every", "train.val_bands", "train.val_samples",
                   "text_encoder.max_length", "diffusion.num_timesteps", "sampling.steps", "sampling.images_per_prompt",
                   "eval.steps", "eval.batch_size", "data.prefetch_factor")
-        _non_negative(self, "train.warmup_steps", "train.val_every", "train.sample_every", "train.weight_decay",
+        require_non_negative(self, "train.warmup_steps", "train.val_every", "train.sample_every", "train.weight_decay",
                       "train.grad_clip", "eval.every", "eval.bootstrap", "data.num_workers", "data.shuffle_buffer",
                       "sampling.guidance", "eval.guidance")
         if self.model.preset is not None and self.model.preset not in UNET_PRESETS:
@@ -288,8 +288,8 @@ class LDMConfig:
                 raise ConfigError(f"{key}: unknown sampler {getattr(getattr(self, section), name)!r}; "
                                   f"choose from {sorted(SAMPLERS)}")
         for key in ("eval.num_images", "eval.reference_images"):
-            if _get(self, key) < 2:
-                raise ConfigError(f"{key}: must be at least 2 (FID needs a covariance), got {_get(self, key)}")
+            if value_at(self, key) < 2:
+                raise ConfigError(f"{key}: must be at least 2 (FID needs a covariance), got {value_at(self, key)}")
         self.text_encoder.check()
         self.diffusion.check()
         self.sampling.check()
@@ -349,25 +349,3 @@ class LDMConfig:
                               f"{lora.rank}, alpha {lora.alpha}, dropout {lora.dropout}")
         if not (lora.attention or lora.convolutions or lora.extra):
             raise ConfigError("model.lora: no target (attention, convolutions and extra are all off)")
-
-
-# Keys whose change alters what a checkpoint's weights mean or their shapes: a run may not resume across them.
-MODEL_DEFINING = ("model", "text_encoder.kind", "text_encoder.max_length", "text_encoder.layer",
-                  "text_encoder.model_name", "text_encoder.final_norm", "text_encoder.projection",
-                  "text_encoder.subfolder", "text_encoder.pooled", "text_encoder.encoders", "text_encoder.pooled_from",
-                  "text_encoder.null_condition", "data.image_size", "diffusion.process", "diffusion.schedule",
-                  "diffusion.num_timesteps", "diffusion.beta_start", "diffusion.beta_end", "diffusion.zero_terminal_snr",
-                  "diffusion.prediction", "diffusion.objective", "diffusion.precondition", "diffusion.sigma_data",
-                  "train.power_ema")
-NOT_MODEL_DEFINING = ("model.gradient_checkpointing",)
-
-
-def resume_conflicts(saved: Any, current: Any) -> list[str]:
-    """'key: checkpoint value -> this run's value' for every model-defining key that differs between two configs."""
-    old, new = flatten(to_dict(saved)), flatten(to_dict(current))
-
-    def defining(key: str) -> bool:
-        return key not in NOT_MODEL_DEFINING and any(key == p or key.startswith(p + ".") for p in MODEL_DEFINING)
-
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if defining(k) and old.get(k) != new.get(k)]

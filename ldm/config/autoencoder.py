@@ -1,12 +1,12 @@
-"""The stage-1 (autoencoder) config: model, training and held-out evaluation sections; re-exported by ``ldm.config``."""
+"""The stage-1 (autoencoder) config: model, training and held-out evaluation sections."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ldm.config_sections import DataConfig, RunConfig, TrackingConfig
-from ldm.schema import ConfigError, _non_negative, _positive
+from ldm.config.schema import ConfigError, require_non_negative, require_positive
+from ldm.config.shared import DataConfig, RunConfig, TrackingConfig
 
 
 @dataclass
@@ -52,9 +52,9 @@ class AutoencoderConfig:
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="emoji-autoencoder"))
 
     def check(self) -> None:
-        _positive(self, "data.batch_size", "data.image_size", "train.steps", "train.lr", "train.log_every",
-                  "train.scale_batches", "eval.grid_images")
-        _non_negative(self, "train.warmup_steps", "train.kl_weight")
+        require_positive(self, "data.batch_size", "data.image_size", "train.steps", "train.lr", "train.log_every",
+                         "train.scale_batches", "eval.grid_images")
+        require_non_negative(self, "train.warmup_steps", "train.kl_weight")
         factor = 2 ** (len(self.model.block_out_channels) - 1)
         if self.data.image_size % factor:
             raise ConfigError(f"data.image_size: {self.data.image_size} is not divisible by the autoencoder's "
@@ -66,5 +66,3 @@ class AutoencoderConfig:
                               f"({self.data.image_size}), got {self.train.crop}")
         if self.eval.images is not None and self.eval.images < 2:
             raise ConfigError(f"eval.images: must be at least 2, got {self.eval.images}")
-
-

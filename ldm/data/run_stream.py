@@ -1,4 +1,5 @@
-"""The data position of a run: which epoch of the stream and how many of its micro-batches were consumed.
+"""A run's streams from its data section: the training micro-batches from a data position on (image shards, latent or
+text caches, aspect-ratio buckets), and the held-out samples. Which shards each reads is ``ldm.data.source``'s choice.
 
 The training stream is a pure function of (seed, epoch, rank, worker), so the position (epoch, micro-batches
 consumed) is all a checkpoint needs: a resumed run re-opens its epoch and skips what it had consumed, continuing
@@ -7,25 +8,28 @@ the accumulation, since global batches are planned whole) continues after the sa
 instead, since every rank streams its own split of the shards.
 
 With ``data.buckets`` an epoch is the bucket plan of ``ldm.data.buckets`` (one pass over the data set, each global
-batch of one size); its micro-batches are read by index, so resuming starts at the position without reading the
-consumed ones.
+batch of one size), computed once per run and kept by the position; its micro-batches are read by index, so resuming
+starts at the position without reading the consumed ones.
 """
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from ldm.config import DataConfig
+from ldm.data.buckets import assign, bucket_batches, bucket_sizes, build_manifest, plan_report
+from ldm.data.skips import NoUsableData
+from ldm.data.source import held_out_source, train_source
+from ldm.data.stream import dataset_size, make_loader, resolve_shards
 
-log = logging.getLogger(__name__)
 UNKNOWN_EPOCH_BATCHES = 1000  # micro-batches per epoch when the data has no index.json to count its samples
 
 
 @dataclass
 class Buckets:
-    """The bucketed data set of a run: its sizes, manifest and each sample's bucket (computed once per process)."""
+    """The bucketed data set of a run: its sizes, manifest and each sample's bucket."""
 
     sizes: list
     manifest: Any
@@ -33,10 +37,6 @@ class Buckets:
 
     @classmethod
     def of(cls, data: DataConfig) -> "Buckets":
-        from ldm.data import resolve_shards
-        from ldm.data.buckets import assign, bucket_sizes, build_manifest
-        from ldm.data.source import train_source
-
         src = train_source(data)
         b = data.buckets
         sizes = bucket_sizes(b.sizes, data.image_size, b.multiple, b.max_ratio)
@@ -44,26 +44,12 @@ class Buckets:
         return cls(sizes, manifest, assign(manifest, sizes))
 
 
-_buckets: dict[str, Buckets] = {}
-
-
-def buckets_of(data: DataConfig) -> Buckets:
-    key = repr(data)
-    if key not in _buckets:
-        _buckets[key] = Buckets.of(data)
-    return _buckets[key]
-
-
-def batches_per_epoch(data: DataConfig, world_size: int, grad_accum: int = 1) -> int:
+def batches_per_epoch(data: DataConfig, world_size: int, grad_accum: int = 1, buckets: Buckets | None = None) -> int:
     """Micro-batches per data epoch on each rank: data.batches_per_epoch, else one pass over the train split (with
     buckets: the plan's global batches times the accumulation)."""
-    from ldm.data import dataset_size
-    from ldm.data.source import train_source
-
     if data.buckets is not None:
-        from ldm.data.stream import NoUsableData
-
-        total, global_batch = len(buckets_of(data).bucket_of), data.batch_size * world_size * grad_accum
+        buckets = buckets or Buckets.of(data)
+        total, global_batch = len(buckets.bucket_of), data.batch_size * world_size * grad_accum
         if total < global_batch:
             raise NoUsableData(f"data.buckets: {total} training images with a readable image header, fewer than one "
                                f"global batch of {global_batch} (processes x train.grad_accum x data.batch_size)")
@@ -86,19 +72,17 @@ class DataPosition:
     consumed: int = 0
     grad_accum: int | None = None  # set when the stream's epoch depends on it (buckets plan whole global batches)
     report: list[str] = field(default_factory=list)  # what the data layout does (the bucket plan), for the log
+    buckets: Buckets | None = field(default=None, repr=False)  # the bucket plan the epochs follow (data.buckets)
 
     @classmethod
     def of(cls, data: DataConfig, world_size: int, grad_accum: int) -> "DataPosition":
-        """The start of a run's stream (and, with buckets, the plan's report)."""
-        position = cls(batches_per_epoch(data, world_size, grad_accum))
-        if data.buckets is not None:
-            from ldm.data.buckets import plan_report
-
-            b = buckets_of(data)
-            position.grad_accum = grad_accum
-            position.report = plan_report(b.bucket_of, b.sizes, data.batch_size * world_size * grad_accum,
-                                          b.manifest.skipped)
-        return position
+        """The start of a run's stream (and, with buckets, the plan and its report)."""
+        if data.buckets is None:
+            return cls(batches_per_epoch(data, world_size, grad_accum))
+        b = Buckets.of(data)
+        per_epoch = batches_per_epoch(data, world_size, grad_accum, b)
+        report = plan_report(b.bucket_of, b.sizes, data.batch_size * world_size * grad_accum, b.manifest.skipped)
+        return cls(per_epoch, grad_accum=grad_accum, report=report, buckets=b)
 
     def state(self) -> dict[str, int]:
         """What a checkpoint stores (a complete epoch is stored as the start of the next)."""
@@ -132,9 +116,6 @@ def batch_stream(data: DataConfig, seed: int, rank: int, world_size: int, positi
     """Endless per-rank stream of micro-batches from the position on, advancing it; equal counts on every rank.
     One loader serves every epoch (its workers persist with data.persistent_workers); ``pin_memory``: page-locked
     batches, for a run on CUDA."""
-    from ldm.data import make_loader, resolve_shards
-    from ldm.data.source import train_source
-
     src = train_source(data)
     if data.buckets is not None:
         yield from _bucket_stream(data, src.text, seed, rank, world_size, position)
@@ -159,9 +140,9 @@ def batch_stream(data: DataConfig, seed: int, rank: int, world_size: int, positi
 
 def _bucket_stream(data: DataConfig, text: bool, seed: int, rank: int, world_size: int,
                    position: DataPosition) -> Iterator[dict]:
-    from ldm.data.buckets import bucket_batches
-
-    b = buckets_of(data)
+    if position.buckets is None:
+        position.buckets = Buckets.of(data)
+    b = position.buckets
     while True:
         for batch in bucket_batches(b.manifest, b.sizes, b.bucket_of, batch_size=data.batch_size, rank=rank,
                                     world_size=world_size, grad_accum=position.grad_accum, seed=seed,
@@ -171,3 +152,13 @@ def _bucket_stream(data: DataConfig, text: bool, seed: int, rank: int, world_siz
             yield batch
         position.epoch += 1
         position.consumed = 0
+
+
+def held_out_batches(data: DataConfig, batch_size: int) -> tuple[Iterable[dict], str]:
+    """(batches, the shards' spec) of the held-out samples (``source.held_out_source``): one pass in shard order,
+    identical on every rank."""
+    src = held_out_source(data)
+    loader = make_loader(resolve_shards(src.spec, "val"), batch_size=batch_size, image_size=data.image_size,
+                         shuffle_buffer=0, caption=data.caption, holdout=src.holdout, text=src.text,
+                         latents=src.latents)
+    return loader, src.spec

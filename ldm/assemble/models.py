@@ -1,7 +1,7 @@
-"""Assembly of the UNet from the config: its constructor arguments, its initial weights (``model.init_from``), LoRA
-adapters (``model.lora``), trained states loaded back, and plain full weights (adapters merged) for exports.
+"""The network of the ``model`` section, the one place that knows which network a config describes (today the
+UNet): its constructor arguments, its initial weights (``model.init_from``), LoRA adapters (``model.lora``), trained
+states loaded back, and plain full weights (adapters merged) for exports.
 
-Part of the assembly layer (``ldm.assemble`` re-exports what others use): only these two modules read configs.
 A trained state is either plain full weights (an export's: a plain UNet, loaded strictly) or the trained module's
 own state, which with LoRA holds peft's names (``...to_q.lora_A.default.weight``, ``...to_q.base_layer.weight``) and
 may hold the adapters alone (the EMA's, a checkpoint's): those are loaded over ``model.init_from``'s weights.
@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 
 from ldm.config import UNET_EXTRA, ConfigError, UNetConfig
+from ldm.io import read_state_dict
+from ldm.models import UNet, load_unet_weights, unet_preset
+from ldm.models.io import DIFFUSERS_WEIGHTS_NAME
 
 
-def declared(cfg: UNetConfig) -> dict:
+def _declared(cfg: UNetConfig) -> dict:
     """The preset's UNet arguments, then every key the config sets explicitly."""
-    from ldm.models import unet_preset
-
     explicit = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
                 if f.name not in UNET_EXTRA and getattr(cfg, f.name) is not None}
     base = unet_preset(cfg.preset) if cfg.preset else {}
@@ -34,7 +35,7 @@ def declared(cfg: UNetConfig) -> dict:
 def unet_kwargs(cfg: UNetConfig, in_channels: int, context_dim: int, pooled_dim: int | None = None) -> dict:
     """UNet constructor arguments: the preset, then every key the config sets explicitly; the text widths come from
     the text encoder (or its cache): context_dim always, pooled_dim when the UNet has SDXL's added conditioning."""
-    kwargs = {**declared(cfg), "in_channels": in_channels, "out_channels": in_channels, "context_dim": context_dim}
+    kwargs = {**_declared(cfg), "in_channels": in_channels, "out_channels": in_channels, "context_dim": context_dim}
     if kwargs.get("addition_time_embed_dim") is None:
         kwargs.pop("pooled_dim", None)
         return kwargs
@@ -47,17 +48,9 @@ def unet_kwargs(cfg: UNetConfig, in_channels: int, context_dim: int, pooled_dim:
     return {**kwargs, "pooled_dim": pooled_dim}
 
 
-def build_unet(cfg: UNetConfig, in_channels: int, context_dim: int, pooled_dim: int | None = None) -> torch.nn.Module:
-    from ldm.models import UNet
-
-    return UNet(**unet_kwargs(cfg, in_channels, context_dim, pooled_dim))
-
-
 def init_weights(path: str | Path) -> tuple[Path, str]:
     """(file, layout) of ``model.init_from``: a diffusers UNet folder, a diffusers pipeline folder (its unet/), an export
     of ours (its EMA weights), or a single weights file (diffusers or CompVis names, told apart by its keys)."""
-    from ldm.models.io import DIFFUSERS_WEIGHTS_NAME
-
     folder = Path(path)
     if folder.is_file():
         return folder, "auto"
@@ -71,8 +64,6 @@ def init_weights(path: str | Path) -> tuple[Path, str]:
 
 def load_init_weights(unet: torch.nn.Module, path: str | Path) -> None:
     """Load ``model.init_from`` into unet strictly; a mismatch is a ConfigError listing the differing tensors."""
-    from ldm.models import load_unet_weights
-
     file, layout = init_weights(path)
     try:
         load_unet_weights(unet, file, layout=layout)
@@ -90,7 +81,7 @@ def unet_dims(state: dict[str, torch.Tensor], cfg: UNetConfig) -> tuple[int, int
                                                                "label_emb.0.0.weight"))), None)
     if added is None:
         return int(context), None
-    kwargs = declared(cfg)
+    kwargs = _declared(cfg)
     if kwargs.get("addition_time_embed_dim") is None:
         raise ValueError("the weights have SDXL's added conditioning (add_embedding), the config's UNet has not")
     return int(context), int(added.shape[1]) - kwargs.get("num_time_ids", 6) * kwargs["addition_time_embed_dim"]
@@ -101,13 +92,11 @@ def is_adapter_state(state: dict[str, torch.Tensor]) -> bool:
     return any(".lora_" in k for k in state)
 
 
-def trained_unet(cfg: UNetConfig, in_channels: int, context_dim: int, pooled_dim: int | None,
-                 state: dict[str, torch.Tensor] | None = None, source: str = "<state dict>") -> torch.nn.Module:
+def build_unet(cfg: UNetConfig, in_channels: int, context_dim: int, pooled_dim: int | None = None,
+               state: dict[str, torch.Tensor] | None = None, source: str = "<state dict>") -> torch.nn.Module:
     """The UNet of ``cfg``. Without a state, or with the trained module's own: random weights, or init_from's, with
     model.lora's adapters added (only they then require gradients), the state's tensors loaded over them. With
     plain full weights: a plain UNet holding them (strictly)."""
-    from ldm.models import UNet, load_unet_weights
-
     unet = UNet(**unet_kwargs(cfg, in_channels, context_dim, pooled_dim))
     if state is not None and not is_adapter_state(state):
         return load_unet_weights(unet, {k: v.float() for k, v in state.items()}, layout="diffusers")
@@ -147,8 +136,6 @@ def plain_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def state_dims(cfg: UNetConfig, state: dict[str, torch.Tensor]) -> tuple[int, int | None]:
     """(context_dim, pooled_dim) of a trained state; an adapters-only state reads them from model.init_from's weights."""
-    from ldm.io import read_state_dict
-
     if is_adapter_state(state) and not any(".base_layer." in k for k in state):
         state = read_state_dict(init_weights(cfg.init_from)[0])
     return unet_dims(state, cfg)

@@ -1,10 +1,12 @@
-"""Config sections both stages share: the run, the data stream (and its aspect-ratio buckets), tracking.
-Re-exported by ``ldm.config``."""
+"""Config sections both stages share: the run, the data stream (and its aspect-ratio buckets), tracking."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
+
+from ldm.config.schema import defining
+
 
 @dataclass
 class RunConfig:
@@ -37,7 +39,7 @@ class DataConfig:
     # no text encoder is loaded for training (its null condition is stored in the cache)
     text_cache: str | None = None
     buckets: BucketConfig | None = None  # aspect-ratio buckets; None: square image_size crops
-    image_size: int = 32
+    image_size: int = defining(32)
     batch_size: int = 32  # micro-batch per process
     num_workers: int = 0
     pin_memory: bool = True  # on CUDA: batches in page-locked memory, copied to the GPU without waiting
@@ -54,5 +56,3 @@ class TrackingConfig:
     enabled: bool = True
     uri: str | None = None  # None: sqlite store runs/mlflow.db beside the runs
     experiment: str = "emoji-ldm"
-
-

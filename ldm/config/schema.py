@@ -1,14 +1,16 @@
 """Typed configs from YAML: dataclasses are the schema; unknown keys and wrong types raise ``ConfigError`` naming the
 dotted key; ``key.sub=value`` overrides (values parsed as YAML) are applied before validation.
 
-The schema itself (the LDM and autoencoder sections) is ``ldm.config``; this module is the machinery that reads,
-checks, writes and flattens any such dataclass.
+The sections themselves are the other modules of ``ldm.config``; this module is the machinery that reads, checks,
+writes and flattens any such dataclass, the range checks their ``check`` methods share, and the mark a field carries
+when its value defines what a checkpoint's weights mean (``defining``; read by ``ldm.config.resume``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import MISSING
 import types
 import typing
 from pathlib import Path
@@ -19,6 +21,15 @@ import yaml
 
 class ConfigError(ValueError):
     """A config problem; the message starts with the dotted key it is about."""
+
+
+MODEL_DEFINING = "model_defining"  # field metadata: True when a change alters what checkpoint weights mean
+
+
+def defining(default: Any = MISSING, *, factory: Any = MISSING, defines: bool = True) -> Any:
+    """A dataclass field marked as defining the model (``defines=False``: an exception inside a defining section);
+    a section's unmarked fields inherit the section's mark."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={MODEL_DEFINING: defines})
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] = ()) -> Any:
@@ -128,7 +139,6 @@ def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dict to dotted keys (for MLflow params)."""
     out: dict[str, Any] = {}
@@ -140,24 +150,25 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _get(cfg: Any, key: str) -> Any:
+def value_at(cfg: Any, key: str) -> Any:
+    """The value of a dotted key of a config object."""
     value = cfg
     for part in key.split("."):
         value = getattr(value, part)
     return value
 
 
-def _positive(cfg: Any, *keys: str) -> None:
+def require_positive(cfg: Any, *keys: str) -> None:
     """Each key's value is a finite number > 0."""
     for key in keys:
-        value = _get(cfg, key)
+        value = value_at(cfg, key)
         if not math.isfinite(value) or value <= 0:
             raise ConfigError(f"{key}: must be a positive number, got {value}")
 
 
-def _non_negative(cfg: Any, *keys: str) -> None:
+def require_non_negative(cfg: Any, *keys: str) -> None:
     """Each key's value is a finite number >= 0."""
     for key in keys:
-        value = _get(cfg, key)
+        value = value_at(cfg, key)
         if not math.isfinite(value) or value < 0:
             raise ConfigError(f"{key}: must be a finite number >= 0, got {value}")

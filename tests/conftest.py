@@ -35,6 +35,28 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def trained_steps(monkeypatch) -> list[int]:
+    """The optimizer steps every Trainer of the test trains, in order (the step each micro-batch belongs to): a run
+    that resumes from a step-k checkpoint trains k+1.. only, one that starts over trains 1.. again."""
+    import ldm.train.trainer as trainer_mod
+
+    steps: list[int] = []
+    real = trainer_mod.Trainer.micro_step
+
+    def micro_step(self, batch):
+        steps.append(self.step + 1)
+        return real(self, batch)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "micro_step", micro_step)
+    return steps
+
+
+def resumed_line(checkpoints: Path, step: int) -> str:
+    """What the trainer prints when it resumes from the checkpoint of ``step`` under ``checkpoints``."""
+    return f"resumed from {checkpoints / f'step{step:08d}'} at step {step}"
+
+
 @pytest.fixture(scope="session")
 def npm_cache() -> Path:
     """The project's npm tarball cache ($LDM_CACHE/npm or ~/.cache/ldm/npm); the code fetches what is missing."""

@@ -112,17 +112,19 @@ def tiny_ldm_overrides(shards: Path, autoencoder: Path, out: Path, tracking_uri:
             f"tracking.uri={tracking_uri}" if tracking_uri else "tracking.enabled=false"]
 
 
-def start_mlflow_server(base: Path):
-    """Start a real `mlflow server` on 127.0.0.1 (sqlite backend, proxied artifacts); returns (process, URI)."""
+def start_mlflow_server(base: Path, port: int | None = None):
+    """Start a real `mlflow server` on 127.0.0.1 (sqlite backend, proxied artifacts) on ``port`` (default: a free
+    one); returns (process, URI)."""
     import socket
     import subprocess
     import sys
     import time
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",

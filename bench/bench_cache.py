@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"data.image_size={args.image_size}", f"data.batch_size={args.batch_size}", "data.shuffle_buffer=0",
                 f"model.preset={args.unet}", f"train.max_steps={args.steps + args.warmup + 1}",
                 "train.warmup_steps=1", f"train.ckpt_every={args.steps + args.warmup + 1}", "train.log_every=1000",
-                "sampling.steps=1", "sampling.prompts=[x]", "sampling.images_per_prompt=1", "tracking.enabled=false"]
+                "sampling.steps=1", "sampling.prompts=[x]", "sampling.images_per_prompt=1", "tracking.enabled=false",
+                "train.val_every=0", "eval.final=false"]  # no held-out split here: the step rate alone
         cfg = load_config(LDMConfig, ROOT / "configs/ldm/emoji.yaml", base)
         from autoencoder import load_pretrained
 

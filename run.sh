@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point that sets everything up on a fresh machine (Python 3.11 + pip, npm) and then runs:
 #   ./run.sh demo [key=value ...]   the whole pipeline on the embedded emoji default (26 min on 2 CPU cores)
-#   ./run.sh test [pytest args]     the test suite (what CI runs)
+#   ./run.sh test [pytest args]     the test suite (what CI runs), the GPU tests that can run on a CPU included
 # The virtual environment (.venv) is (re)installed only when pyproject.toml, the lock (constraints.txt:
 # the exact versions tested) or the extras change. LDM_EXTRAS picks the extras (default "test"; "" for
 # none, as the Docker image does); LDM_CONSTRAINTS another lock file ("" for none: pyproject's ranges).
@@ -48,7 +48,8 @@ cmd="${1:-}"
 shift || true
 case "$cmd" in
   demo) setup; exec "$venv/bin/ldm-demo" "$@" ;;
-  test) setup; exec "$venv/bin/python" -m pytest -q "$@" ;;
+  # the GPU tests that can run on a CPU do (tests/gpu/conftest.py); LDM_GPU_TESTS_ON_CPU=0 leaves them out
+  test) setup; export LDM_GPU_TESTS_ON_CPU="${LDM_GPU_TESTS_ON_CPU-1}"; exec "$venv/bin/python" -m pytest -q "$@" ;;
   setup) setup ;;
   *) echo "usage: ./run.sh demo [key=value ...] | ./run.sh test [pytest args] | ./run.sh setup" >&2; exit 2 ;;
 esac

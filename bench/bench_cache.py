@@ -16,7 +16,7 @@ steps fault their memory in). glibc keeps freed memory, as every `ldm-*` command
 on a shared machine the wall time grows with other people's load. The UNet is small (--unet, default emoji-cpu) so
 the benchmark runs in minutes on 2 CPU cores; a bigger UNet lowers the ratio, as the encoders' share falls.
 
-    .venv/bin/python -m bench.bench_cache --images 16 --steps 5 --warmup 2 --batch-size 2
+    .venv/bin/python -m bench.bench_cache --images 16 --steps 5 --warmup 2 --batch-size 2 --json bench/results/cache.json
 """
 
 from __future__ import annotations
@@ -41,6 +41,11 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_exten
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+# what the step times depend on (bench/provenance.py: a change to these after the results' commit makes them stale)
+MEASURES = ["bench/bench_cache.py", "ldm/train/trainer.py", "ldm/train/position.py", "ldm/data/stream.py",
+            "ldm/data/decode.py", "ldm/data/latents.py", "ldm/data/text_cache.py", "ldm/conditioning/base.py",
+            "ldm/conditioning/cache.py", "ldm/conditioning/hf.py", "ldm/conditioning/clip.py", "autoencoder/model.py",
+            "ldm/models/unet.py", "ldm/models/blocks.py", "ldm/models/attention.py"]
 WORDS = "red green blue small large happy sad cat dog apple heart star face hat tree house car boat sun moon".split()
 
 
@@ -146,8 +151,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from ldm.cli._common import retain_freed_memory
 
+    from bench.provenance import record
+
     retain_freed_memory()
     torch.set_num_threads(args.threads)
+    prov = record(MEASURES, args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         autoencoder, clip = build_models(tmp)
@@ -157,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"data.image_size={args.image_size}", f"data.batch_size={args.batch_size}", "data.shuffle_buffer=0",
                 f"model.preset={args.unet}", f"train.max_steps={args.steps + args.warmup + 1}",
                 "train.warmup_steps=1", f"train.ckpt_every={args.steps + args.warmup + 1}", "train.log_every=1000",
-                "sampling.steps=1", "sampling.prompts=[x]", "sampling.images_per_prompt=1", "tracking.enabled=false"]
+                "sampling.steps=1", "sampling.prompts=[x]", "sampling.images_per_prompt=1", "tracking.enabled=false",
+                "train.val_every=0", "eval.final=false"]  # no held-out split here: the step rate alone
         cfg = load_config(LDMConfig, ROOT / "configs/ldm/emoji.yaml", base)
         from autoencoder import load_pretrained
 
@@ -188,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"settings: {args.image_size} px, batch {args.batch_size}, UNet {args.unet}, {args.threads} threads, "
           f"torch {torch.__version__}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results,
+        Path(args.json).write_text(json.dumps({"provenance": prov, "args": vars(args), "results": results,
                                                "cache_seconds": {"latents": latent_time, "text": text_time}},
                                               indent=2))
     return 0

@@ -13,6 +13,8 @@
   network on the same discrete linear schedule (T = 1000).
 
     nice -n 19 env OMP_NUM_THREADS=1 .venv/bin/python -m bench.bench_samplers [--what all] [--steps 50] [--repeats 7]
+    nice -n 10 env OMP_NUM_THREADS=1 .venv/bin/python -m bench.bench_samplers --what mixture \
+        --out bench/results/samplers_mixture.txt      # the table the README cites, with its provenance line
 """
 
 from __future__ import annotations
@@ -46,7 +48,11 @@ DIFFUSERS = {
                                                      "timestep_spacing": "trailing"}),
     "unipc": ("UniPCMultistepScheduler", {"solver_order": 3, "timestep_spacing": "trailing"}),
 }
-NFE_BUDGETS = (5, 10, 20, 50)
+NFE_BUDGETS = (5, 10, 15, 20, 50)
+# what the mixture table measures (bench/provenance.py: a change to these after its commit makes it stale)
+MIXTURE_MEASURES = ["bench/bench_samplers.py", "ldm/sampling", "ldm/diffusion/schedules.py", "ldm/diffusion/sde.py",
+                    "ldm/diffusion/flow.py", "ldm/diffusion/parameterization.py", "ldm/diffusion/grids.py",
+                    "ldm/diffusion/edm.py", "tests/sampling/mixture.py"]
 MIXTURE_PROCESSES = {  # name -> (process, prediction)
     "ddpm chain": (lambda: DiscreteVP(make_betas("linear", 1000)), "eps"),
     "vp": (VPSDE, "eps"),
@@ -148,24 +154,35 @@ def steps_for(name: str, budget: int, process, options: dict) -> tuple[int, int]
     return best
 
 
-def mixture_table(n: int = 10_000) -> None:
+def mixture_table(n: int = 10_000, budgets: tuple[int, ...] = NFE_BUDGETS) -> list[str]:
+    """The table's lines (each printed as it is done): every sampler's distance to the mixture per process and NFE."""
     from tests.sampling.mixture import SlicedW1, make_mixture
+
+    lines = []
+
+    def emit(text: str) -> None:
+        lines.append(text)
+        print(text, flush=True)
 
     mix = make_mixture([0.5, 0.3, 0.2], [[-2.0, 0.0], [1.5, 1.5], [1.0, -2.0]], [0.5, 0.3, 0.7])
     statistic = SlicedW1(mix, n)
-    floor = float(statistic.floor(16).mean())
-    print(f"distance to the 2-D mixture / noise floor of exact draws ({n} samples, floor {floor:.4f}); "
-          f"columns: NFE {', '.join(map(str, NFE_BUDGETS))}; '*' = fewer evaluations than the budget\n")
-    header = f"{'sampler':<16}" + "".join(f"{name:>30}" for name in MIXTURE_PROCESSES)
-    print(header)
-    print("-" * len(header))
+    floors = statistic.floor(16)
+    floor = float(floors.mean())
+    width = 7 * len(budgets) + 2
+    emit(f"distance to the 2-D mixture / noise floor of exact draws ({n} samples, floor {floor:.4f}: the mean over 16 "
+         f"independent exact draws, which score {float(floors.min()) / floor:.2f}-{float(floors.max()) / floor:.2f}); "
+         f"columns: NFE {', '.join(map(str, budgets))}; '*' = fewer evaluations than the budget")
+    emit("")
+    header = f"{'sampler':<16}" + "".join(f"{name:>{width}}" for name in MIXTURE_PROCESSES)
+    emit(header)
+    emit("-" * len(header))
     for row, (name, options) in MIXTURE_VARIANTS.items():
         cells = []
         for make, prediction in MIXTURE_PROCESSES.values():
             p = make()
             model = Predictor(mix.denoiser(p, prediction), p, prediction)
             values = []
-            for budget in NFE_BUDGETS:
+            for budget in budgets:
                 try:
                     steps, nfe = steps_for(name, budget, p, options)
                     gen = torch.Generator().manual_seed(3)
@@ -174,9 +191,9 @@ def mixture_table(n: int = 10_000) -> None:
                     values.append(f"{statistic(x) / floor:6.1f}{'*' if nfe < budget else ' '}")
                 except ValueError:  # e.g. Euler-Maruyama on the flow's singular SDE
                     values.append(f"{'-':>6} ")
-            cells.append("".join(values).rjust(30))
-        print(f"{row:<16}" + "".join(cells), flush=True)
-    print()
+            cells.append("".join(values).rjust(width))
+        emit(f"{row:<16}" + "".join(cells))
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -184,10 +201,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--what", choices=("all", "mixture", "overhead"), default="all")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--nfe", default=",".join(map(str, NFE_BUDGETS)), help="NFE budgets of the mixture table")
+    parser.add_argument("--out", default=None, help="also write the mixture table, with its provenance, to this file")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if args.what in ("all", "mixture"):
-        mixture_table()
+        from bench.provenance import line, record
+
+        prov = record(MIXTURE_MEASURES)
+        lines = mixture_table(budgets=tuple(int(b) for b in args.nfe.split(",")))
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write("\n".join([line(prov), *lines]) + "\n")
+        print()
     if args.what == "mixture":
         return
     unet = unet_forward_seconds(args.repeats)

@@ -12,6 +12,9 @@ positions no caption of the batch uses, which diffusers cannot. On a busy machin
 from run to run: repeat, prefer more repeats.
 
     .venv/bin/python -m bench.bench_transformers --repeats 20 --threads 2
+    .venv/bin/python -m bench.bench_transformers --repeats 30 --threads 1 --out bench/results/transformers.md
+
+``--out`` appends the run's output and its provenance (bench/provenance.py) to a Markdown results file.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from ldm.cli._common import retain_freed_memory
 from ldm.models import DiT, MMDiT, UNet, model_preset
 
 Step = tuple[Callable[[], torch.Tensor], torch.optim.Optimizer]
+# what the step ratios depend on (a change to these after a run's commit makes its figures stale)
+MEASURES = ["bench/bench_transformers.py", "bench/bench_unet.py", "ldm/models/dit.py", "ldm/models/mmdit.py",
+            "ldm/models/attention.py", "ldm/models/embeddings.py", "ldm/models/presets.py"]
 
 
 def make_inputs(batch: int, tokens: int, channels: int, side: int, dim: int, pooled: int, seed: int = 0,
@@ -95,10 +101,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--mmdit-mask", action="store_true", help="ours masks the padding (diffusers cannot)")
     parser.add_argument("--no-unet", action="store_true", help="skip the UNet emoji-cpu step (scale reference)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--out", default=None, help="append the output and its provenance to this Markdown file")
     args = parser.parse_args(argv)
     retain_freed_memory()  # as every ldm-* command runs (fewer page faults for every model)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from bench.provenance import line, record
+
+    prov, lines = record(MEASURES), []
+
+    def emit(text: str) -> None:
+        lines.append(text)
+        print(text, flush=True)
+
     kinds = [k.strip() for k in args.models.split(",") if k.strip()]
     dims = [model_preset(k, args.preset) for k in kinds]
     inp = make_inputs(args.batch, args.tokens, args.channels, args.side, dims[0].get("context_dim", 384),
@@ -119,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 wall[name].append(time.perf_counter() - start)
                 cpu[name].append(time.process_time() - start_cpu)
 
-    print(f"preset {args.preset}: batch {args.batch}, {args.side}x{args.side}x{args.channels} latents, {args.tokens} "
+    emit(f"preset {args.preset}: batch {args.batch}, {args.side}x{args.side}x{args.channels} latents, {args.tokens} "
           f"tokens, captions of 3-{args.longest or args.tokens} (mask: dit yes, mmdit "
           f"{'ours only' if args.mmdit_mask else 'no'}); torch {torch.__version__}, "
           f"diffusers {diffusers.__version__}, {torch.get_num_threads()} thread(s), fused AdamW, n={args.repeats}")
@@ -127,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     med_cpu = {name: statistics.median(v) for name, v in cpu.items()}
     for name in runs:
         q = sorted(wall[name])
-        print(f"{name:>16}: median {med[name] * 1e3:7.1f} ms/step wall (min {q[0] * 1e3:.1f}, max {q[-1] * 1e3:.1f}), "
+        emit(f"{name:>16}: median {med[name] * 1e3:7.1f} ms/step wall (min {q[0] * 1e3:.1f}, max {q[-1] * 1e3:.1f}), "
               f"{med_cpu[name] * 1e3:7.1f} ms/step CPU")
     result = {}
     for k in kinds:
@@ -135,9 +150,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         pair = statistics.median(d / o for d, o in zip(wall[ref], wall[ours]))
         fast = {n: statistics.quantiles(cpu[n], n=10)[0] for n in (ours, ref)}  # the least disturbed steps
         result[k] = med[ref] / med[ours]
-        print(f"{k}: speed-up diffusers/ours {result[k]:.3f}x wall (median of medians), {pair:.3f}x (median of "
+        emit(f"{k}: speed-up diffusers/ours {result[k]:.3f}x wall (median of medians), {pair:.3f}x (median of "
               f"interleaved pairs), {med_cpu[ref] / med_cpu[ours]:.3f}x CPU time, {fast[ref] / fast[ours]:.3f}x "
               f"fastest-decile CPU time; max |ours - diffusers| forward {diffs[k]:.1e}")
+    if args.out:
+        with open(args.out, "a", encoding="utf-8") as f:
+            f.write(f"\n### `{prov['command']}`\n\n<!-- {line(prov)} -->\n\n```\n" + "\n".join(lines) + "\n```\n")
     return result
 
 

@@ -35,6 +35,28 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def trained_steps(monkeypatch) -> list[int]:
+    """The optimizer steps every Trainer of the test trains, in order (the step each micro-batch belongs to): a run
+    that resumes from a step-k checkpoint trains k+1.. only, one that starts over trains 1.. again."""
+    import ldm.train.trainer as trainer_mod
+
+    steps: list[int] = []
+    real = trainer_mod.Trainer.micro_step
+
+    def micro_step(self, batch):
+        steps.append(self.step + 1)
+        return real(self, batch)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "micro_step", micro_step)
+    return steps
+
+
+def resumed_line(checkpoints: Path, step: int) -> str:
+    """What the trainer prints when it resumes from the checkpoint of ``step`` under ``checkpoints``."""
+    return f"resumed from {checkpoints / f'step{step:08d}'} at step {step}"
+
+
 @pytest.fixture(scope="session")
 def npm_cache() -> Path:
     """The project's npm tarball cache ($LDM_CACHE/npm or ~/.cache/ldm/npm); the code fetches what is missing."""
@@ -90,17 +112,19 @@ def tiny_ldm_overrides(shards: Path, autoencoder: Path, out: Path, tracking_uri:
             f"tracking.uri={tracking_uri}" if tracking_uri else "tracking.enabled=false"]
 
 
-def start_mlflow_server(base: Path):
-    """Start a real `mlflow server` on 127.0.0.1 (sqlite backend, proxied artifacts); returns (process, URI)."""
+def start_mlflow_server(base: Path, port: int | None = None):
+    """Start a real `mlflow server` on 127.0.0.1 (sqlite backend, proxied artifacts) on ``port`` (default: a free
+    one); returns (process, URI)."""
     import socket
     import subprocess
     import sys
     import time
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",

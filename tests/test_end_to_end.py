@@ -10,7 +10,7 @@ import sys
 
 from PIL import Image
 
-from tests.conftest import ROOT, tiny_ldm_overrides
+from tests.conftest import ROOT, resumed_line, tiny_ldm_overrides
 
 
 def test_pipeline_end_to_end(tmp_path, tiny_shards, tiny_autoencoder):
@@ -89,17 +89,31 @@ def test_pipeline_end_to_end(tmp_path, tiny_shards, tiny_autoencoder):
     assert [v.run_id for v in versions] == [run.info.run_id] and versions[0].source.endswith("/export")
 
 
-def test_resume_continues_from_latest(tmp_path, tiny_shards, tiny_autoencoder):
-    """A finished run re-started with more steps resumes at its last checkpoint instead of starting over."""
+def test_resume_continues_from_latest(tmp_path, tiny_shards, tiny_autoencoder, trained_steps, capsys):
+    """A finished run re-started with more steps resumes at its last checkpoint instead of starting over (ZeRO-0, one
+    process: the default): it says so, trains only steps 3-4, and continues the same MLflow run's history."""
+    from mlflow.tracking import MlflowClient
+
     from ldm.cli.train import main as train_main
 
     out = tmp_path / "ldm"
-    args = ["--config", str(ROOT / "configs/ldm/emoji.yaml"), *tiny_ldm_overrides(tiny_shards, tiny_autoencoder, out, None)]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["--config", str(ROOT / "configs/ldm/emoji.yaml"), *tiny_ldm_overrides(tiny_shards, tiny_autoencoder, out, uri)]
     assert train_main(args + ["train.max_steps=2", "train.sample_every=0"]) == 0
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000002"
+    assert trained_steps == [1, 2] and "resumed from" not in capsys.readouterr().out
+    trained_steps.clear()
     assert train_main(args + ["train.max_steps=4"]) == 0
+    assert resumed_line(out / "checkpoints", 2) in capsys.readouterr().out
+    assert trained_steps == [3, 4]  # only the remaining steps
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000004"
     import torch
 
     state = torch.load(out / "checkpoints" / "step00000004" / "trainer_rank0.pt", weights_only=False)
     assert state["step"] == 4 and state["samples_seen"] == 4 * 4
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("emoji-ldm").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the resumed run logs into the run it continues
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")] == [1, 2, 3, 4]
+    # MLflow refuses to change a param: the new train.max_steps is a tag beside the first run's value
+    assert runs[0].data.params["train.max_steps"] == "2" and runs[0].data.tags["changed.train.max_steps"] == "2 -> 4"

@@ -203,17 +203,14 @@ def test_no_part_outlives_the_checks_time_limit(tmp_path, sig):
             os.kill(pid, signal.SIGKILL)
 
 
-def test_a_stopped_test_run_names_the_test_it_was_in(tmp_path):
+def test_a_stopped_test_run_names_the_test_it_was_in(tmp_path, monkeypatch):
     """The GPU tests run verbose and unbuffered, and are stopped with SIGINT: a run stopped at its limit says which test
     was running (here on the CPU, LDM_GPU_TESTS_ON_CPU=1, stopped inside the training tests)."""
     from bench.bench_gpu import run_gpu_tests
 
     log = tmp_path / "gpu_tests.log"
-    os.environ["LDM_GPU_TESTS_ON_CPU"] = "1"
-    try:
-        record = run_gpu_tests(40, log, tmp_path)
-    finally:
-        del os.environ["LDM_GPU_TESTS_ON_CPU"]
+    monkeypatch.setenv("LDM_GPU_TESTS_ON_CPU", "1")  # restored after (CI runs the whole suite with it set)
+    record = run_gpu_tests(40, log, tmp_path)
     text = log.read_text()
     assert record["status"] == "failed" and "stopped at its limit of 40 s" in record["note"], record
     running = re.search(r"running: (tests/gpu/\S+::\S+)", record["note"])

@@ -16,7 +16,8 @@ from tests.launch.test_launch import shellcheck_binary
 FAKE_PYTHON = """#!/usr/bin/env bash
 # venv python stand-in: record pip calls; `-c` probes (is CUDA there?) answer no
 case "$1" in
-  -m) echo "$*" >> "$(dirname "$0")/../pip.log" ;;
+  -m) echo "$*" >> "$(dirname "$0")/../pip.log"
+      [[ "$2" != pytest ]] || echo "LDM_GPU_TESTS_ON_CPU=${LDM_GPU_TESTS_ON_CPU-unset} $*" >> "$(dirname "$0")/../pytest.log" ;;
   -c) exit 1 ;;
 esac
 """
@@ -57,6 +58,23 @@ def test_setup_installs_from_the_lock_and_only_when_inputs_change(project):
     assert len(setup(project)[1]) == 1
     assert setup(project, LDM_EXTRAS="")[1] == ["-m pip install --quiet --constraint constraints.txt -e ."]
     assert setup(project, LDM_EXTRAS="", LDM_CONSTRAINTS="")[1] == ["-m pip install --quiet -e ."]
+
+
+def test_the_test_command_runs_the_cpu_capable_gpu_tests(project):
+    """./run.sh test (what CI runs) runs tests/gpu on the CPU where there is no CUDA, unless told not to."""
+    stubs = project / "stubs"
+    stubs.mkdir()
+    (stubs / "apt-get").write_text("#!/usr/bin/env bash\nexit 0\n")  # run.sh test installs chromium as root
+    (stubs / "apt-get").chmod(0o755)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("LDM_")}
+    environ["PATH"] = f"{stubs}{os.pathsep}{environ['PATH']}"
+    for env, expected in (({}, "1"), ({"LDM_GPU_TESTS_ON_CPU": "0"}, "0")):
+        proc = subprocess.run(["bash", str(project / "run.sh"), "test", "-x"], capture_output=True, text=True,
+                              timeout=60, env={**environ, "LDM_VENV": "venv", **env})
+        assert proc.returncode == 0, proc.stderr
+        log = project / "venv" / "pytest.log"
+        assert log.read_text().splitlines() == [f"LDM_GPU_TESTS_ON_CPU={expected} -m pytest -q -x"]
+        log.unlink()
 
 
 def test_setup_refuses_a_missing_lock(project):

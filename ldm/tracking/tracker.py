@@ -76,13 +76,15 @@ class Tracker:
         else:
             exp_id = exp.experiment_id
         self.experiment_id = exp_id
+        logged: dict[str, str] = {}
         if run_id is None:
             run_id = self._client.create_run(exp_id, run_name=self.run_name, tags=tags or {}).info.run_id
         else:
             self._client.update_run(run_id, status="RUNNING")
+            logged = self._client.get_run(run_id).data.params
         self.run_id = run_id
         if params:
-            self.log_params(params)
+            self.log_params(params, logged)
         self._start_system_metrics()
         return run_id
 
@@ -112,13 +114,19 @@ class Tracker:
             self._call(self._client.set_terminated, self.run_id, status)
 
     # --- logging -------------------------------------------------------------------------------------
-    def log_params(self, params: dict[str, Any]) -> None:
+    def log_params(self, params: dict[str, Any], logged: dict[str, str] | None = None) -> None:
+        """Log flattened params; ``logged``: those the run already has (a resumed run). MLflow refuses to change a
+        param, so a value that differs from the logged one (e.g. a resume with a larger train.max_steps) is recorded
+        as the tag ``changed.<key>`` ("old -> new") instead."""
         if not self.enabled:
             return
         from mlflow.entities import Param
 
         flat = {k: ("" if v is None else str(v))[:6000] for k, v in flatten(params).items()}
-        items = [Param(k, v) for k, v in flat.items()]
+        logged = logged or {}
+        for key in sorted(k for k in flat if k in logged and logged[k] != flat[k]):
+            self.set_tag(f"changed.{key}", f"{logged[key]} -> {flat[key]}"[:5000])
+        items = [Param(k, v) for k, v in flat.items() if k not in logged]
         for i in range(0, len(items), 100):
             self._call(self._client.log_batch, self.run_id, params=items[i:i + 100])
 

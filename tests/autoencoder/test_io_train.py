@@ -65,13 +65,32 @@ def test_round_trip_keeps_outputs_and_scaling(tmp_path: Path) -> None:
 
 
 def test_loading_never_unpickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    folder = save_pretrained(tiny_model(), tmp_path / "vae")
+    """Every way to unpickle in this process is blocked while the folder loads: torch's loaders (under every name they
+    are reachable by), pickle's and _pickle's functions and Unpickler, and numpy.load."""
+    import _pickle
+    import pickle
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("torch.load must not be used")
+    import numpy
 
-    monkeypatch.setattr(torch, "load", refuse)
-    load_pretrained(folder)
+    model = tiny_model()
+    folder = save_pretrained(model, tmp_path / "vae")
+    used = []
+
+    def refusing(name):
+        def refuse(*args, **kwargs):
+            used.append(name)
+            raise AssertionError(f"{name} must not be used to load weights")
+        return refuse
+
+    for module, names in ((torch, ["load"]), (torch.serialization, ["load", "_load"]),
+                          (pickle, ["load", "loads", "Unpickler", "_load", "_loads", "_Unpickler"]),
+                          (_pickle, ["load", "loads", "Unpickler"]), (numpy, ["load"])):
+        for name in names:
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, refusing(f"{module.__name__}.{name}"))
+    loaded = load_pretrained(folder)
+    assert used == []
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
 
 
 def test_mismatched_checkpoint_names_the_keys(tmp_path: Path) -> None:

@@ -47,7 +47,9 @@ def test_latent_cache_matches_on_the_fly_and_refuses_other_encoders(tmp_path, ti
         check_latent_cache(str(out), folder_hash(other))
 
 
-def test_training_from_cached_latents(tmp_path, tiny_shards, tiny_autoencoder):
+def test_training_from_cached_latents(tmp_path, tiny_shards, tiny_autoencoder, monkeypatch, trained_steps):
+    """Training from the cache never runs the autoencoder's encoder."""
+    from autoencoder.model import AutoencoderKL
     from ldm.cli.train import main as train_main
     from tests.conftest import ROOT, tiny_ldm_overrides
 
@@ -57,7 +59,16 @@ def test_training_from_cached_latents(tmp_path, tiny_shards, tiny_autoencoder):
     args = ["--config", str(ROOT / "configs/ldm/emoji.yaml"),
             *tiny_ldm_overrides(tiny_shards, tiny_autoencoder, tmp_path / "run", None), "train.max_steps=2",
             f"data.latents={out}"]
+    encoded = []
+    real_encode = AutoencoderKL.encode
+
+    def encode(self, *args, **kwargs):
+        encoded.append(args[0].shape)
+        return real_encode(self, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", encode)
     assert train_main(args) == 0
+    assert trained_steps == [1, 2] and encoded == []  # two steps trained, not one image encoded
     assert (tmp_path / "run" / "export" / "unet_ema.safetensors").exists()
 
     # the same cache with another autoencoder configured: refused at start, exit 2, naming data.latents

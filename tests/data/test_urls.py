@@ -84,14 +84,38 @@ def test_unreadable_urls_are_skipped_and_counted(tiny_shards, tmp_path, caplog):
         assert url in warned
 
 
+def _keys(data, position, n: int) -> list[str]:
+    """The sample keys of the next ``n`` micro-batches of the trainer's stream (seed 3, one rank) from ``position``."""
+    from ldm.train.position import batch_stream
+
+    stream = batch_stream(data, 3, 0, 1, position)
+    try:
+        return [k for _, batch in zip(range(n), stream) for k in batch["key"]]
+    finally:
+        stream.close()  # stops the loader (and its workers)
+
+
 def test_stop_and_resume_continues_with_the_unseen_samples(tiny_shards):
-    """The stream is a pure function of (seed, epoch, rank, worker): re-opening it at a saved position
-    (epoch, batches consumed) and skipping what was consumed continues exactly, with 0 or 2 workers."""
-    urls = resolve_shards(str(tiny_shards), "train")
-    for workers in (0, 2):
-        args = dict(batch_size=2, image_size=16, seed=3, shuffle_buffer=8, num_workers=workers,
-                    batches_per_epoch=6, epoch=1)
-        full = [b["key"] for b in make_loader(urls, **args)]
-        before = [b["key"] for _, b in zip(range(4), make_loader(urls, **args))]  # stopped after 4 batches
-        after = [b["key"] for i, b in enumerate(make_loader(urls, **args)) if i >= 4]  # resumed at position 4
-        assert before + after == full and len(full) == 6
+    """The trainer's data position over http shards: a stream stopped after k micro-batches (mid-epoch, at the epoch's
+    end) and re-opened from the position it saved, as a resumed run does, yields what the uninterrupted stream yields
+    next, across the epoch boundary, with 0 or 2 loader workers."""
+    from ldm.config import LDMConfig, load_config
+    from ldm.train.position import DataPosition
+    from tests.conftest import ROOT
+
+    names = sorted(os.path.basename(u) for u in resolve_shards(str(tiny_shards), "train"))
+    with serve_directory(tiny_shards, names[0]) as base:
+        pattern = f"{base}/train-{{000000..{len(names) - 1:06d}}}.tar"
+        for workers in (0, 2):
+            data = load_config(LDMConfig, ROOT / "configs/ldm/emoji.yaml", [
+                f"data.train={pattern}", "data.val=null", "data.image_size=16", "data.batch_size=2",
+                "data.shuffle_buffer=8", f"data.num_workers={workers}", "data.batches_per_epoch=6"]).data
+            full = _keys(data, DataPosition.of(data, 1, 1), 10)  # epoch 0 (6 micro-batches) and 4 of epoch 1
+            assert len(full) == 20 and full[12:] != full[:8]  # epoch 1 is another order than epoch 0
+            for stop in (4, 6):
+                position = DataPosition.of(data, 1, 1)
+                before = _keys(data, position, stop)
+                saved = {**position.state(), "world_size": 1, "micro_batch": 2}  # what a checkpoint stores
+                resumed = DataPosition.of(data, 1, 1)
+                assert resumed.restore(saved, 1, 2) is None  # same layout: no warning
+                assert before + _keys(data, resumed, 10 - stop) == full, (workers, stop)

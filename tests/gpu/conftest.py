@@ -2,7 +2,9 @@
 run on a machine with no network and no shipped data: bench/gpu_check.sh runs them there.
 
 LDM_GPU_TESTS_ON_CPU=1 runs them on the CPU instead (the same code paths with the device chosen at run
-time), to check the tests themselves where no GPU is at hand.
+time), to check the tests themselves where no GPU is at hand: `./run.sh test` (what CI runs) sets it, so bf16 ZeRO-2
+training, its exact resume and bf16 vs fp32 run in every CI run; the tests that need CUDA kernels or inductor's
+compile of the UNet skip themselves on the CPU.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import resumed_line
 from tests.gpu.conftest import CONFIG, DEVICE, IMAGE_SIZE, needs_gpu
 
 pytestmark = needs_gpu
@@ -22,8 +23,8 @@ STEPS, WINDOW = 30, 10  # "step 30: loss" is the mean of steps 21-30
 BF16_STEP1_RTOL, BF16_FINAL_RTOL = 0.02, 0.05
 
 
-def train(assets, out, *extra: str) -> dict[int, float]:
-    """Run ldm-train in this process; returns the printed losses {step: loss}."""
+def run_printed(assets, out, *extra: str) -> str:
+    """Run ldm-train in this process; returns what it printed."""
     from bench.offline_assets import training_overrides
     from ldm.cli.train import main
 
@@ -34,6 +35,12 @@ def train(assets, out, *extra: str) -> dict[int, float]:
                                                            f"run.device={DEVICE}", *extra)])
     printed = buffer.getvalue()
     assert rc == 0, printed[-3000:]
+    return printed
+
+
+def train(assets, out, *extra: str) -> dict[int, float]:
+    """Run ldm-train in this process; returns the printed losses {step: loss}."""
+    printed = run_printed(assets, out, *extra)
     return {int(s): float(v) for s, v in re.findall(r"^step (\d+): loss ([0-9.]+)", printed, re.M)}
 
 
@@ -61,8 +68,9 @@ def test_bf16_losses_track_fp32(assets, bf16_run, tmp_path):
     assert bf16[STEPS] == pytest.approx(fp32[STEPS], rel=BF16_FINAL_RTOL), (bf16, fp32)
 
 
-def test_zero2_bf16_checkpoint_resumes_exactly(assets, tmp_path):
-    """Steps 4-6 resumed from the step-3 checkpoint give bit-identical weights (deterministic kernels on)."""
+def test_zero2_bf16_checkpoint_resumes_exactly(assets, tmp_path, trained_steps):
+    """Steps 4-6 (only those) resumed from the step-3 checkpoint give bit-identical weights (deterministic kernels
+    on)."""
     run = ("train.precision=bf16", "train.zero_stage=2", "train.max_steps=6", "train.ckpt_every=3")
     torch.use_deterministic_algorithms(True)
     try:
@@ -72,9 +80,11 @@ def test_zero2_bf16_checkpoint_resumes_exactly(assets, tmp_path):
         shutil.copytree(straight / "checkpoints", resumed / "checkpoints",
                         ignore=lambda d, names: [n for n in names if n == "step00000006"])
         (resumed / "checkpoints" / "latest").write_text("step00000003\n")
-        train(assets, resumed, *run)
+        trained_steps.clear()
+        printed = run_printed(assets, resumed, *run)
     finally:
         torch.use_deterministic_algorithms(False)
+    assert resumed_line(resumed / "checkpoints", 3) in printed and trained_steps == [4, 5, 6]
     for name in ("unet.safetensors", "unet_ema.safetensors"):
         a, b = load_file(str(straight / "export" / name)), load_file(str(resumed / "export" / name))
         assert a.keys() == b.keys()

@@ -33,6 +33,8 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a - ref).norm() / ref.norm())
 
 
+@pytest.mark.skipif(DEVICE == "cpu", reason="inductor's C++ code generation for the UNet takes 457 s on 2 CPU cores "
+                    "(measured); on the CPU tests/train/test_fast_path.py checks compiled training with aot_eager")
 def test_compiled_unet_equals_eager_within_bf16_rounding():
     """Compiled and eager bf16 are each compared with fp32 (the same weights): compiling may change the
     order of the bf16 arithmetic but must not make it less accurate than eager bf16 (at most 1.5x its error,

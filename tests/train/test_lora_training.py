@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from ldm.cli.train import main as train_main
 from ldm.config import ConfigError, LDMConfig, load_config
-from tests.conftest import ROOT, tiny_ldm_overrides
+from tests.conftest import ROOT, resumed_line, tiny_ldm_overrides
 
 pytest.importorskip("peft")
 diffusers = pytest.importorskip("diffusers")
@@ -71,10 +71,17 @@ def test_only_adapters_train_and_are_checkpointed(lora_run, base_unet):
     assert set(ema) == set(trainable)
 
 
-def test_stopped_lora_run_resumes_exactly(tmp_path, lora_run, tiny_shards, tiny_autoencoder, base_unet):
+def test_stopped_lora_run_resumes_exactly(tmp_path, lora_run, tiny_shards, tiny_autoencoder, base_unet,
+                                          trained_steps, capsys):
+    """The adapter-only checkpoint of step 2 is resumed (over model.init_from): steps 3-4 alone are trained, and the
+    export equals the uninterrupted run's."""
     out = tmp_path / "run"
     assert train_main(_args(tiny_shards, tiny_autoencoder, out, base_unet, "train.max_steps=2")) == 0
+    trained_steps.clear()
+    capsys.readouterr()
     assert train_main(_args(tiny_shards, tiny_autoencoder, out, base_unet)) == 0  # resumes at step 2, to 4
+    assert resumed_line(out / "checkpoints", 2) in capsys.readouterr().out
+    assert trained_steps == [3, 4]
     for name in ("unet.safetensors", "unet_ema.safetensors", "lora/pytorch_lora_weights.safetensors",
                  "lora/pytorch_lora_weights_raw.safetensors"):
         a, b = load_file(str(lora_run / "export" / name)), load_file(str(out / "export" / name))

@@ -104,6 +104,17 @@ def test_reconstructing_a_width_in_between_matches_an_ema_tracked_alongside():
     torch.testing.assert_close(reconstruct(early, 0.10, step=600)["w"], at_600, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("times, miss", [(6, 3.2e-3), (12, 2.5e-4), (24, 1.7e-5)])
+def test_the_fit_misses_the_mass_by_what_the_readme_says(times, miss):
+    """0.075 from 0.05 and 0.10 snapshotted at `times` evenly spaced steps: the least-squares coefficients sum to
+    1 + miss (the README's 3e-3, 2.5e-4, 1.7e-5), the same at 24 and 1200 steps (the profiles are scale-free)."""
+    for steps in (24, 1200):
+        snaps = [(sigma_rel_to_gamma(w), steps * k / times) for k in range(1, times + 1) for w in (0.05, 0.10)]
+        x = posthoc_coefficients(snaps, sigma_rel_to_gamma(0.075), float(steps))
+        print(f"{times} snapshot times, {steps} steps: coefficients sum to 1 + {float(x.sum()) - 1:.2e}")
+        assert float(x.sum()) - 1 == pytest.approx(miss, rel=0.05), (times, steps, float(x.sum()))
+
+
 def test_state_dict_resumes_exactly():
     x = torch.zeros(8)
     a = PowerEMA({"x": x}, (0.05, 0.1))

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from ldm.config import ConfigError, LDMConfig, load_config
 from ldm.train.checkpoint import read_power_snapshots
 from ldm.train.power_ema import SIGMA_REL_MAX, Snapshot, reconstruct, sigma_rel_to_gamma
-from tests.conftest import ROOT, tiny_ldm_overrides
+from tests.conftest import ROOT, resumed_line, tiny_ldm_overrides
 
 WIDTHS = (0.05, 0.075, 0.10)
 # a snapshot every step: the least-squares fit of a profile between the tracked ones misses its mass (sum of the
@@ -119,16 +119,19 @@ def test_a_width_in_between_matches_the_ema_tracked_alongside(run):
     assert 20 * error < min(norm(diff(lo, mid)), norm(diff(hi, mid)))
 
 
-def test_resume_over_stale_snapshots_is_exact(tmp_path, run, tiny_shards, tiny_autoencoder):
-    """Resume the run at its step-12 checkpoint with its later snapshots left behind (and spoiled): steps 13-24 write
-    them again, and every power EMA, snapshot and EMA equals the uninterrupted run's bit for bit."""
+def test_resume_over_stale_snapshots_is_exact(tmp_path, run, tiny_shards, tiny_autoencoder, trained_steps, capsys):
+    """Resume the run at its step-12 checkpoint with its later snapshots left behind (and spoiled): steps 13-24 (and
+    only those) write them again, and every power EMA, snapshot and EMA equals the uninterrupted run's bit for bit."""
     resumed = tmp_path / "resumed"
     shutil.copytree(run, resumed, ignore=lambda d, names: [n for n in names if n in ("step00000024", "export")])
     (resumed / "checkpoints" / "latest").write_text("step00000012\n")
     stale = resumed / "checkpoints" / "power_ema" / "step00000016" / "power_ema_rank0.safetensors"
     stale.write_bytes(b"spoiled")
+    capsys.readouterr()
     result = train(resumed, tiny_shards, tiny_autoencoder, f"train.max_steps={STEPS}")
     assert result["step"] == STEPS
+    assert resumed_line(resumed / "checkpoints", CKPT) in capsys.readouterr().out
+    assert trained_steps == list(range(CKPT + 1, STEPS + 1))
     for step in range(EVERY, STEPS + 1, EVERY):
         folder = f"checkpoints/power_ema/step{step:08d}/power_ema_rank0.safetensors"
         a, b = load_file(str(run / folder)), load_file(str(resumed / folder))

@@ -76,8 +76,56 @@ def test_skipped_samples_are_summed_over_workers(tmp_path):
         urls.append(str(tmp_path / f"s{shard}" / names[0]))
     latest: dict[int, int] = {}
     for batch in make_loader(urls, batch_size=2, image_size=8, num_workers=2, shuffle_buffer=0):
-        latest[batch["worker"]] = batch["skipped"]  # what Trainer._loop keeps
-    assert latest == {0: 1, 1: 1} and sum(latest.values()) == 2
+        latest[batch["worker"]] = batch["skipped"]
+    assert latest == {0: 1, 1: 1}  # each worker's own running count (the trainer's sum: the test below)
+
+
+def _two_shards_with_a_bad_image_each(shards, out) -> None:
+    """The first two train shards of ``shards`` with the second image of each replaced by bytes that are no image."""
+    import io
+    import tarfile
+
+    out.mkdir()
+    index = json.loads((shards / "index.json").read_text())
+    train = index["splits"]["train"]
+    index["splits"] = {"train": {"shards": train["shards"][:2], "counts": train["counts"][:2],
+                                 "total": sum(train["counts"][:2])}}
+    (out / "index.json").write_text(json.dumps(index))
+    for name in train["shards"][:2]:
+        with tarfile.open(shards / name) as src:
+            members = [(m, src.extractfile(m).read()) for m in src.getmembers()]
+        pngs = [m.name for m, _ in members if m.name.endswith(".png")]
+        with tarfile.open(out / name, "w") as dst:
+            for member, data in members:
+                if member.name == pngs[1]:
+                    data = b"\x89PNG\r\n\x1a\n not an image"
+                    member.size = len(data)
+                dst.addfile(member, io.BytesIO(data))
+
+
+def test_trainer_logs_the_skips_of_every_worker(tmp_path, tiny_shards, tiny_autoencoder):
+    """Two loader workers each skip the bad image of their shard: the trainer's train/skipped_samples, read back from
+    MLflow, counts both (the sum over workers of each one's latest count)."""
+    from mlflow.tracking import MlflowClient
+
+    import ldm.train.trainer as trainer_mod
+    from ldm.config import LDMConfig, load_config
+
+    shards = tmp_path / "shards"
+    _two_shards_with_a_bad_image_each(tiny_shards, shards)  # one shard per worker
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(LDMConfig, ROOT / "configs/ldm/emoji.yaml",
+                      [*tiny_ldm_overrides(tiny_shards, tiny_autoencoder, tmp_path / "run", uri), f"data.train={shards}",
+                       "data.num_workers=2", "data.shuffle_buffer=0", "data.batch_size=2", "train.max_steps=3",
+                       "train.ckpt_every=3", "sampling.prompts=[x]", "tracking.experiment=skips"])
+    tr = trainer_mod.Trainer(cfg)
+    result = tr.train()
+    assert tr.skipped == {0: 1, 1: 1}
+    client = MlflowClient(tracking_uri=uri)
+    history = client.get_metric_history(result["run_id"], "train/skipped_samples")
+    assert [m.step for m in history] == [1, 2, 3]
+    # the first batch of worker 0 already passed its bad image; worker 1's first batch (step 2) adds its own
+    assert [m.value for m in history] == [1.0, 2.0, 2.0]
 
 
 def test_the_finiteness_check_is_one_fused_reduction(monkeypatch):

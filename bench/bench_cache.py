@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 # what the step times depend on (bench/provenance.py: a change to these after the results' commit makes them stale)
-MEASURES = ["bench/bench_cache.py", "ldm/train/trainer.py", "ldm/train/position.py", "ldm/data/stream.py",
+MEASURES = ["bench/bench_cache.py", "ldm/train/trainer.py", "ldm/data/run_stream.py", "ldm/data/stream.py",
             "ldm/data/decode.py", "ldm/data/latents.py", "ldm/data/text_cache.py", "ldm/conditioning/base.py",
             "ldm/conditioning/cache.py", "ldm/conditioning/hf.py", "ldm/conditioning/clip.py", "autoencoder/model.py",
             "ldm/models/unet.py", "ldm/models/blocks.py", "ldm/models/attention.py"]

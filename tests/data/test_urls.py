@@ -86,7 +86,7 @@ def test_unreadable_urls_are_skipped_and_counted(tiny_shards, tmp_path, caplog):
 
 def _keys(data, position, n: int) -> list[str]:
     """The sample keys of the next ``n`` micro-batches of the trainer's stream (seed 3, one rank) from ``position``."""
-    from ldm.train.position import batch_stream
+    from ldm.data.run_stream import batch_stream
 
     stream = batch_stream(data, 3, 0, 1, position)
     try:
@@ -100,7 +100,7 @@ def test_stop_and_resume_continues_with_the_unseen_samples(tiny_shards):
     end) and re-opened from the position it saved, as a resumed run does, yields what the uninterrupted stream yields
     next, across the epoch boundary, with 0 or 2 loader workers."""
     from ldm.config import LDMConfig, load_config
-    from ldm.train.position import DataPosition
+    from ldm.data.run_stream import DataPosition
     from tests.conftest import ROOT
 
     names = sorted(os.path.basename(u) for u in resolve_shards(str(tiny_shards), "train"))

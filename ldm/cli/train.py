@@ -28,12 +28,16 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_or_exit(LDMConfig, args)
 
     def body() -> int:
+        from ldm.train.checkpoint import CheckpointWriteError
         from ldm.train.trainer import Trainer, TrainingDiverged
 
         try:
             result = Trainer(cfg).train()
         except TrainingDiverged as e:
             print(f"error: training diverged: {e}", file=sys.stderr)
+            return 1
+        except CheckpointWriteError as e:
+            print(f"error: {e}", file=sys.stderr)
             return 1
         if result["preempted"]:
             print(f"pre-empted: checkpoint of step {result['step']} written; the next start resumes from it")

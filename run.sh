@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point that sets everything up on a fresh machine (Python 3.11 + pip, npm) and then runs:
 #   ./run.sh demo [key=value ...]   the whole pipeline on the embedded emoji default (26 min on 2 CPU cores)
-#   ./run.sh test [pytest args]     the test suite (what CI runs)
+#   ./run.sh test [pytest args]     the test suite (.ci/run: -m "not cluster", then -m cluster)
 # The virtual environment (.venv) is (re)installed only when pyproject.toml, the lock (constraints.txt:
 # the exact versions tested) or the extras change. LDM_EXTRAS picks the extras (default "test"; "" for
 # none, as the Docker image does); LDM_CONSTRAINTS another lock file ("" for none: pyproject's ranges).
@@ -31,9 +31,18 @@ setup() {
     "$venv/bin/python" -m pip install --quiet "${pin[@]}" -e "$target"
     echo "$stamp" > "$venv/.installed"
   fi
-  if [[ "$cmd" == test && ! -x /usr/bin/chromium ]] && command -v apt-get >/dev/null && [[ $EUID -eq 0 ]]; then
-    echo "[setup] installing Debian chromium (the review-report test renders its HTML in it)"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  if [[ "$cmd" == test && $EUID -eq 0 ]] && command -v apt-get >/dev/null; then
+    local -a debs=()
+    [[ -x /usr/bin/chromium ]] || debs+=(chromium)      # the review-report test renders its HTML in it
+    # the cluster tests (-m cluster): a real SLURM cluster, Open MPI, network namespaces as hosts
+    command -v slurmctld >/dev/null || debs+=(slurm-wlm)
+    command -v munged >/dev/null || debs+=(munge)
+    command -v mpirun >/dev/null || debs+=(openmpi-bin)
+    command -v ip >/dev/null || debs+=(iproute2)
+    if [[ ${#debs[@]} -gt 0 ]]; then
+      echo "[setup] installing Debian packages: ${debs[*]}"
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${debs[@]}" >/dev/null
+    fi
   fi
   export PATH="$PWD/$venv/bin:$PATH"
   export LDM_CACHE="${LDM_CACHE:-$PWD/.cache}"                       # npm tarballs (emoji data)

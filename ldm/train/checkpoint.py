@@ -123,9 +123,10 @@ class Checkpointer:
                 self._save_power(partial, ema)
         except Exception as e:  # noqa: BLE001 - re-raised with what it means for the run
             shutil.rmtree(partial, ignore_errors=True)  # frees the space; the other ranks fail at their next collective
-            raise CheckpointWriteError(f"checkpoint {tag} could not be written under {self.root} (rank {self.rank}): "
-                                       f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; the last complete "
-                                       f"checkpoint is {self.latest() or 'none'}") from e
+            free = shutil.disk_usage(self.root).free / 2**20  # torch.save reports a full disk as "unexpected pos"
+            raise CheckpointWriteError(f"checkpoint {tag} could not be written under {self.root} (rank {self.rank}, "
+                                       f"{free:.1f} MiB free there now): {str(e).splitlines()[0] or type(e).__name__}; "
+                                       f"the last complete checkpoint is {self.latest() or 'none'}") from e
         self._check_ranks_agree(digest)
         barrier()
         if self.rank == 0:

@@ -11,6 +11,7 @@ a namespace has no route anywhere else.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -106,6 +107,18 @@ class Host:
         subprocess.run(["ip", "-n", self.netns, "link", "set", "dev", self.veth, "up" if up else "down"], check=True)
 
 
+def remove_stale_namespaces() -> None:
+    """Namespaces of an earlier test session whose process is gone (killed before its teardown): their processes are
+    killed and the namespaces deleted."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    for name in re.findall(r"^(ldm25-(\d+)-\d)\b", listed, flags=re.M):
+        if not Path(f"/proc/{name[1]}").exists():
+            pids = subprocess.run(["ip", "netns", "pids", name[0]], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                kill_pid(int(pid))
+            subprocess.run(["ip", "netns", "del", name[0]], capture_output=True)
+
+
 @dataclass
 class Hosts:
     """Two hosts joined by a veth pair: 169.254.25.1 and .2."""
@@ -115,7 +128,8 @@ class Hosts:
 
     @classmethod
     def create(cls, base: Path) -> "Hosts":
-        tag = f"{os.getpid() % 100000}"
+        remove_stale_namespaces()
+        tag = f"{os.getpid()}"
         hosts_file = base / "hosts"
         made = cls(base)
         made.hosts = [Host(f"ldm25-{tag}-{i}", f"ldmnode{i}", f"{SUBNET}.{i + 1}", f"ldm{tag}v{i}", i % os.cpu_count(),

@@ -5,7 +5,7 @@ weights bit for bit (or, on another world size, continues)."""
 
 from __future__ import annotations
 
-import os
+import re
 import signal
 import subprocess
 import time
@@ -17,7 +17,7 @@ from ldm.train.distributed import free_port
 from tests.launch.cluster import (STEPS, bitwise_equal, checkpoint_weights, cluster_args, export_weights,
                                   kill_pid, latest_tag, run_processes, seconds_until_all_exit, train_env, wait_for,
                                   workers)
-from tests.launch.test_cluster_hosts import run_nodes, start_node
+from tests.launch.test_cluster_hosts import node_log, run_nodes, start_node
 
 pytestmark = pytest.mark.cluster
 EXIT_BOUND = 90  # seconds for every rank and launcher to exit after a fault (measured: README "On a cluster")
@@ -73,7 +73,7 @@ def test_rank_killed_mid_step(hosts, reference, tmp_path, tiny_shards, tiny_auto
     finally:
         stop_run(hosts, out, procs)
     print(f"rank 1 SIGKILLed: every rank and launcher exited within {elapsed:.1f} s")
-    logs = [Path(f"{out}.node{i}.log").read_text() for i in (0, 1)]
+    logs = [node_log(out, i).read_text() for i in (0, 1)]
     assert [p.returncode for p in procs] != [0, 0] and all(p.returncode != 0 for p in procs), logs
     assert "rank      : 1 (local_rank: 0)" in logs[1] and "Signal 9 (SIGKILL)" in logs[1], logs[1][-3000:]
     assert not workers(hosts[0], out) and not workers(hosts[1], out)
@@ -95,7 +95,7 @@ def test_link_cut_mid_run(hosts, reference, tmp_path, tiny_shards, tiny_autoenco
         hosts[1].link(True)
         stop_run(hosts, out, procs)
     print(f"link cut: every rank and launcher exited within {elapsed:.1f} s")
-    logs = [Path(f"{out}.node{i}.log").read_text() for i in (0, 1)]
+    logs = [node_log(out, i).read_text() for i in (0, 1)]
     assert all(p.returncode != 0 for p in procs), logs
     tag = latest_tag(out)
     complete(out, tag)
@@ -149,7 +149,7 @@ def test_kill_during_checkpoint_write(hosts, tmp_path, tiny_shards, tiny_autoenc
 def test_disk_full_during_checkpoint(hosts, reference, tmp_path, tiny_shards, tiny_autoencoder):
     out = tmp_path / "disk" / "run"
     out.parent.mkdir()
-    ckpt = sum(p.stat().st_size for p in (reference / "checkpoints" / "step00000002").iterdir())
+    ckpt = sum(p.stat().st_size for p in (reference / "checkpoints" / latest_tag(reference)).iterdir())
     overhead = sum(p.stat().st_size for p in reference.iterdir() if p.is_file())
     size = overhead + int(2.5 * ckpt) + (1 << 20)  # room for two checkpoints, not for a third
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "ldm25-disk", str(out.parent)], check=True)
@@ -159,13 +159,15 @@ def test_disk_full_during_checkpoint(hosts, reference, tmp_path, tiny_shards, ti
             elapsed = seconds_until_all_exit(procs, 900)
         finally:
             stop_run(hosts, out, procs)
-        logs = [Path(f"{out}.node{i}.log").read_text() for i in (0, 1)]
-        print(f"disk full: exited after {elapsed:.1f} s; {logs[0][-2000:]}")
+        logs = [node_log(out, i).read_text() for i in (0, 1)]
+        error = re.search(r"error: checkpoint step00000006 could not be written under .*", logs[0] + logs[1])
+        print(f"disk full: every rank and launcher exited {elapsed:.1f} s after the start; {error and error[0]}")
         assert all(p.returncode != 0 for p in procs), logs
-        assert "No space left on device" in logs[0] + logs[1]
-        tag = latest_tag(out)
-        assert tag == "step00000004"
-        complete(out, tag)
+        assert error and "MiB free there now" in error[0] and "last complete checkpoint is step00000004" in error[0]
+        assert latest_tag(out) == "step00000004"
+        complete(out, "step00000004")
+        assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == \
+            ["step00000002", "step00000004"]  # the partial write was removed: its space is free again
         subprocess.run(["mount", "-o", f"remount,size={size * 8}", str(out.parent)], check=True)
         run_nodes(hosts, out, cluster_args(tiny_shards, tiny_autoencoder, out))
         assert bitwise_equal(export_weights(out), export_weights(reference)) == []

@@ -21,10 +21,15 @@ from tests.launch.cluster import (STEPS, Hosts, bitwise_equal, cluster_args, exp
 pytestmark = pytest.mark.cluster
 
 
+def node_log(out: Path, index: int) -> Path:
+    """Where node `index` of the run writing to `out` logs: beside the run's parent folder (not on its disk)."""
+    return out.parent.parent / f"{out.parent.name}-{out.name}.node{index}.log"
+
+
 def start_node(hosts: Hosts, index: int, port: int, out: Path, args: list[str], *launcher: str, nnodes: str = "2",
                env: dict[str, str] | None = None) -> subprocess.Popen:
-    """launch/torchrun.sh on host `index` (rendezvous at host 0), its output in <out>.node<index>.log."""
-    log = open(f"{out}.node{index}.log", "w")
+    """launch/torchrun.sh on host `index` (rendezvous at host 0), its output appended to node_log(out, index)."""
+    log = open(node_log(out, index), "a")
     argv = hosts[index].argv("bash", str(ROOT / "launch/torchrun.sh"), "--nnodes", nnodes, "--node-rank", str(index),
                              "--master-addr", hosts[0].addr, "--master-port", str(port), *launcher, "--", *args)
     return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env or train_env(), cwd=out.parent,
@@ -43,7 +48,7 @@ def run_nodes(hosts: Hosts, out: Path, args: list[str], nodes=(0, 1), timeout: f
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    logs = [Path(f"{out}.node{i}.log").read_text() for i in nodes]
+    logs = [node_log(out, i).read_text().split("[launch] node ")[-1] for i in nodes]  # this run's
     for p, text in zip(procs, logs):
         assert p.returncode == 0, text[-4000:]
     return logs
@@ -107,7 +112,7 @@ def test_elastic_job_continues_on_the_survivor(hosts, reference, tmp_path, tiny_
             if p.poll() is None:
                 p.kill()
             p.wait()
-    log = Path(f"{out}.node0.log").read_text()
+    log = node_log(out, 0).read_text()
     assert procs[0].returncode == 0, log[-4000:]
     resumed = re.findall(r"resumed from \S+/(step\d{8}) at step (\d+)", log)
     assert len(resumed) == 1, log[-4000:]

@@ -48,6 +48,7 @@ def test_preempted_job_requeues_and_resumes_bit_for_bit(slurm, reference, tmp_pa
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-3000:]
     assert "(restart 0)" in text and "(restart 1)" in text
+    assert "requeue command failed" not in text  # SLURM's SIGTERM to the job reached `scontrol requeue` too
     stopped = int(re.search(r"pre-emption warning signal: checkpointed (\d+)", text).group(1))
     assert 2 <= stopped < STEPS
     assert f"resumed from {out / 'checkpoints' / f'step{stopped:08d}'} at step {stopped}" in text
@@ -69,8 +70,7 @@ def test_scancel_checkpoints_and_stays_cancelled(slurm, tmp_path, tiny_shards, t
     info, text = slurm.job(job), log.read_text()
     print(f"scancel: job {info['JobState']} {ended:.1f} s later, ExitCode {info['ExitCode']}")
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", text[-3000:]
-    assert "(restart 1)" not in text and "requeue" not in text.split("requeue command:")[-1], text[-3000:]
+    assert "(restart 1)" not in text and "requeueing:" not in text, text[-3000:]
     stopped = int(re.search(r"stop signal: checkpointed (\d+)", text).group(1))
     assert latest_tag(out) == f"step{stopped:08d}"
     assert "[launch] stopped by SIGTERM: exit 143" in text, text[-3000:]
-    assert "Traceback" not in text.split("stop signal: checkpointed")[0]  # the ranks stopped cleanly

@@ -25,7 +25,7 @@ import torch
 from tests.conftest import ROOT, tiny_ldm_overrides
 
 CONFIG = str(ROOT / "configs/ldm/emoji.yaml")
-STEPS = 8  # the cluster runs: 8 steps of the tiny model, a checkpoint every 2, ZeRO-1 (every rank writes its shard)
+STEPS = 8  # the cluster runs: 8 steps of the tiny model, a checkpoint every 2 (all kept), ZeRO-1 (per-rank shards)
 SUBNET = "169.254.25"  # link-local, only ever inside the two namespaces created here
 TOOLS = {"ip": "iproute2", "nsenter": "util-linux", "unshare": "util-linux", "taskset": "util-linux",
          "munged": "munge", "slurmctld": "slurm-wlm", "slurmd": "slurm-wlm", "sbatch": "slurm-wlm",
@@ -34,7 +34,7 @@ TOOLS = {"ip": "iproute2", "nsenter": "util-linux", "unshare": "util-linux", "ta
 
 def cluster_args(shards: Path, autoencoder: Path, out: Path, *extra: str) -> list[str]:
     return ["--config", CONFIG, *tiny_ldm_overrides(shards, autoencoder, out, None), f"train.max_steps={STEPS}",
-            "train.ckpt_every=2", "train.zero_stage=1", *extra]
+            "train.ckpt_every=2", "train.keep_last=10", "train.zero_stage=1", *extra]
 
 
 def train_env(**extra: str) -> dict[str, str]:

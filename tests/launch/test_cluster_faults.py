@@ -6,6 +6,7 @@ weights bit for bit (or, on another world size, continues)."""
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from ldm.train.checkpoint import PARTIAL
 from ldm.train.distributed import free_port
 from tests.launch.cluster import (STEPS, bitwise_equal, checkpoint_weights, cluster_args, export_weights,
                                   kill_pid, latest_tag, run_processes, seconds_until_all_exit, train_env, wait_for,
@@ -105,15 +107,19 @@ def test_link_cut_mid_run(hosts, reference, tmp_path, tiny_shards, tiny_autoenco
 
 def test_kill_during_checkpoint_write(hosts, tmp_path, tiny_shards, tiny_autoencoder):
     """Every process of the job SIGKILLed while a checkpoint is being written (a power cut), then the run resumes on
-    one host: `latest` never names a partial checkpoint and every checkpoint left reads back whole."""
+    one host: `latest` never names a partial checkpoint, every checkpoint left holds the files of one write, and the
+    two hosts resume from the one host's rewrite of the killed step. (Before: the rewrite went into the half-written
+    folder, next to the killed write's rank-1 ZeRO shard, and the two-host resume failed re-partitioning it.)"""
     out = tmp_path / "run"
     root = out / "checkpoints"
-    procs = start_both(hosts, out, cluster_args(tiny_shards, tiny_autoencoder, out))
+    args = cluster_args(tiny_shards, tiny_autoencoder, out)
+    procs = start_both(hosts, out, args)
 
     def being_written() -> str | None:
+        """`latest` while a later checkpoint is half written (rank 1 has begun writing its files)."""
         latest = latest_tag(out) if (root / "latest").exists() else ""
         for step in range(4, STEPS + 1, 2):
-            started = [p.name for p in root.glob(f"*step{step:08d}*")]
+            started = [f for d in root.glob(f"*step{step:08d}*") for f in d.glob("*rank*1*")]
             if started and latest != f"step{step:08d}":
                 return latest
         return None
@@ -132,11 +138,11 @@ def test_kill_during_checkpoint_write(hosts, tmp_path, tiny_shards, tiny_autoenc
         seconds_until_all_exit(procs, 30)
     finally:
         stop_run(hosts, out, procs)
-    partial = sorted(p.name for p in root.iterdir() if p.name > before and p.name.startswith(("step", ".step")))
+    partial = sorted(p.name for p in root.iterdir() if p.name > before and p.name.startswith("step"))
     print(f"killed while writing {partial} (latest: {before})")
     assert partial, "nothing was being written"
     complete(out, before)
-    [log] = run_nodes(hosts, out, cluster_args(tiny_shards, tiny_autoencoder, out), nodes=(0,))
+    [log] = run_nodes(hosts, out, args, nodes=(0,))
     assert f"resumed from {root / before}" in log
     for tag in sorted(p.name for p in root.glob("step*")):
         state = checkpoint_weights(out, tag)  # reads back whole: no file of the killed write is mixed in
@@ -144,6 +150,13 @@ def test_kill_during_checkpoint_write(hosts, tmp_path, tiny_shards, tiny_autoenc
         names = {p.name for p in (root / tag).iterdir()}
         world = 1 if tag > before else 2
         assert not any(f"rank{world}" in n or f"rank_{world}" in n for n in names), (tag, names)
+    # both hosts back: they resume from the step the kill interrupted, written again by one host (world size 1 -> 2)
+    again = tmp_path / "again"
+    (again / "checkpoints").mkdir(parents=True)
+    shutil.copytree(root / partial[0].removesuffix(PARTIAL), again / "checkpoints" / partial[0].removesuffix(PARTIAL))
+    (again / "checkpoints" / "latest").write_text(partial[0].removesuffix(PARTIAL) + "\n")
+    logs = run_nodes(hosts, again, cluster_args(tiny_shards, tiny_autoencoder, again))
+    assert f"resumed from {again / 'checkpoints' / partial[0].removesuffix(PARTIAL)}" in logs[0]
 
 
 def test_disk_full_during_checkpoint(hosts, reference, tmp_path, tiny_shards, tiny_autoencoder):
@@ -151,7 +164,7 @@ def test_disk_full_during_checkpoint(hosts, reference, tmp_path, tiny_shards, ti
     out.parent.mkdir()
     ckpt = sum(p.stat().st_size for p in (reference / "checkpoints" / latest_tag(reference)).iterdir())
     overhead = sum(p.stat().st_size for p in reference.iterdir() if p.is_file())
-    size = overhead + int(2.5 * ckpt) + (1 << 20)  # room for two checkpoints, not for a third
+    size = overhead + int(2.5 * ckpt) + (1 << 20)  # room for two checkpoints (steps 2 and 4), not for a third
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "ldm25-disk", str(out.parent)], check=True)
     try:
         procs = start_both(hosts, out, cluster_args(tiny_shards, tiny_autoencoder, out))

@@ -168,7 +168,8 @@ ldm_supervise() {
   if [[ -n "$_ldm_stopped_by" && "$rc" != 0 ]]; then
     # torchrun (or srun) exits 1 when it is stopped, whatever its workers did: say it was a stop, as 128 + signal
     rc=$((128 + $(kill -l "$_ldm_stopped_by")))
-    echo "[launch] stopped by SIG$_ldm_stopped_by: exit $rc (the training processes checkpoint first: see their output)" >&2
+    echo "[launch] stopped by SIG$_ldm_stopped_by: exit $rc (the training processes checkpoint first: see their" \
+      "output)" >&2
   fi
   return "$rc"
 }

@@ -1,10 +1,10 @@
 """Checkpoints: DeepSpeed engine state (every rank writes its shard) + per-rank EMA + trainer state.
 
 Layout ``<root>/step00001000/`` (DeepSpeed files, ``ema_rank{r}.safetensors``, ``trainer_rank{r}.pt``) and
-``<root>/latest``, a one-line pointer. Ranks write into ``step00001000.partial/``, renamed to ``step00001000/`` only after
-every rank has finished, and then ``latest`` is replaced atomically: neither ever names an incomplete checkpoint (a
-kill during the write leaves a ``.partial`` folder, removed by the next write). Only the last ``keep_last`` checkpoints
-are kept.
+``<root>/latest``, a one-line pointer. Ranks write into ``step00001000.partial/``, renamed to ``step00001000/`` only
+after every rank has finished, and then ``latest`` is replaced atomically: neither ever names an incomplete checkpoint
+(a kill during the write leaves a ``.partial`` folder, removed by the next write). Only the last ``keep_last``
+checkpoints are kept.
 With power EMAs (``train.power_ema``) a checkpoint also holds their running state and ``<root>/power_ema/step*/``
 their snapshots (kept, not pruned), both as ``power_ema_rank{r}.safetensors`` (this rank's ZeRO-3 partitions, or
 rank 0's full weights when every rank holds them) + ``power_ema.json`` (step, widths, exponents, full shapes),
@@ -81,6 +81,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _free_space(path: Path) -> str:
+    """Free space of the file system at `path` ("?" when it cannot be read): torch.save reports a full disk only as
+    "unexpected pos"."""
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB"
+    except OSError:
+        return "?"
+
+
 def _world() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
@@ -123,10 +132,10 @@ class Checkpointer:
                 self._save_power(partial, ema)
         except Exception as e:  # noqa: BLE001 - re-raised with what it means for the run
             shutil.rmtree(partial, ignore_errors=True)  # frees the space; the other ranks fail at their next collective
-            free = shutil.disk_usage(self.root).free / 2**20  # torch.save reports a full disk as "unexpected pos"
             raise CheckpointWriteError(f"checkpoint {tag} could not be written under {self.root} (rank {self.rank}, "
-                                       f"{free:.1f} MiB free there now): {str(e).splitlines()[0] or type(e).__name__}; "
-                                       f"the last complete checkpoint is {self.latest() or 'none'}") from e
+                                       f"{_free_space(self.root)} free there now): "
+                                       f"{str(e).splitlines()[0] or type(e).__name__}; the last complete checkpoint "
+                                       f"is {self.latest() or 'none'}") from e
         self._check_ranks_agree(digest)
         barrier()
         if self.rank == 0:

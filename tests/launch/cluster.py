@@ -27,9 +27,9 @@ from tests.conftest import ROOT, tiny_ldm_overrides
 CONFIG = str(ROOT / "configs/ldm/emoji.yaml")
 STEPS = 8  # the cluster runs: 8 steps of the tiny model, a checkpoint every 2 (all kept), ZeRO-1 (per-rank shards)
 SUBNET = "169.254.25"  # link-local, only ever inside the two namespaces created here
-TOOLS = {"ip": "iproute2", "nsenter": "util-linux", "unshare": "util-linux", "taskset": "util-linux",
-         "munged": "munge", "slurmctld": "slurm-wlm", "slurmd": "slurm-wlm", "sbatch": "slurm-wlm",
-         "mpirun": "openmpi-bin"}
+TOOLS = {"ip": "iproute2", "nsenter": "util-linux", "unshare": "util-linux", "taskset": "util-linux", "mount": "mount",
+         "munged": "munge", **dict.fromkeys(("slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "srun", "sinfo"),
+                                            "slurm-wlm"), "mpirun": "openmpi-bin", "ompi_info": "openmpi-bin"}
 
 
 def cluster_args(shards: Path, autoencoder: Path, out: Path, *extra: str) -> list[str]:
@@ -92,12 +92,13 @@ class Host:
     cpu: int
     hosts_file: Path
 
-    def argv(self, *cmd: str) -> list[str]:
+    def argv(self, *cmd: str, cpus: str | None = None) -> list[str]:
         """`cmd` run on this host: in its network namespace, with its own hostname (a UTS namespace) and /etc/hosts
-        (a mount namespace), pinned to its CPU. No process is added: nsenter, unshare and sh exec the next one."""
+        (a mount namespace), pinned to its CPU (or `cpus`). No process is added: nsenter, unshare and sh exec the
+        next one."""
         script = 'mount --bind "$0" /etc/hosts && hostname "$1" && shift && exec "$@"'
         return ["nsenter", f"--net=/run/netns/{self.netns}", "unshare", "--uts", "--mount", "--propagation", "private",
-                "--", "sh", "-c", script, str(self.hosts_file), self.name, "taskset", "-c", str(self.cpu), *cmd]
+                "--", "sh", "-c", script, str(self.hosts_file), self.name, "taskset", "-c", cpus or str(self.cpu), *cmd]
 
     def pids(self) -> list[int]:
         out = subprocess.run(["ip", "netns", "pids", self.netns], capture_output=True, text=True).stdout

@@ -3,6 +3,7 @@ reference run every fault and launcher is compared with bit for bit."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -24,18 +25,19 @@ def hosts(tmp_path_factory):
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory, hosts):
     """A SLURM cluster of the two hosts: slurmctld and a slurmd on ldmnode0, a slurmd on ldmnode1."""
-    require("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "srun")
+    require("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "srun", "sinfo")
     cluster = Slurm.start(tmp_path_factory.mktemp("slurm"), hosts)
     yield cluster
     cluster.stop()
 
 
 @pytest.fixture(scope="session")
-def reference(tmp_path_factory, tiny_shards, tiny_autoencoder) -> Path:
-    """The uninterrupted run: ldm-train with two processes (launch/local.sh -n 2, on 127.0.0.1) for STEPS steps."""
+def reference(tmp_path_factory, hosts, tiny_shards, tiny_autoencoder) -> Path:
+    """The uninterrupted run: ldm-train with two processes (launch/local.sh -n 2) on ldmnode0 with both CPUs, for
+    STEPS steps."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    proc = subprocess.run(["bash", str(ROOT / "launch/local.sh"), "-n", "2",
-                           *cluster_args(tiny_shards, tiny_autoencoder, out)],
-                          capture_output=True, text=True, env=train_env(), cwd=out.parent, timeout=900)
+    argv = ["bash", str(ROOT / "launch/local.sh"), "-n", "2", *cluster_args(tiny_shards, tiny_autoencoder, out)]
+    proc = subprocess.run(hosts[0].argv(*argv, cpus="0,1" if os.cpu_count() > 1 else "0"), capture_output=True,
+                          text=True, env=train_env(), cwd=out.parent, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out

@@ -27,6 +27,7 @@ def test_openmpi_launches_two_ranks(hosts, reference, tmp_path, tiny_shards, tin
                                         *cluster_args(tiny_shards, tiny_autoencoder, out)),
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     text = proc.stdout + proc.stderr
+    print("\n".join(line for line in text.splitlines() if "cmd = mpirun" in line or "ldm.train.distributed" in line))
     assert proc.returncode == 0, text[-4000:]
     assert "cmd = mpirun -n 2 -hostfile" in text  # DeepSpeed's runner started mpirun, not its local launcher
     assert "from Open MPI" in text and "rank 1 of 2" in text

@@ -95,6 +95,11 @@ def test_scripts_are_strict_and_document_themselves(script):
     (["deepspeed_hostfile.sh", "/nonexistent/hosts"], "not a readable file"),
     (["slurm.sbatch", "--dry-run"], "not inside a SLURM job"),
     (["torchrun.sh", "--rdzv-id", "a b"], "--rdzv-id must be"),
+    (["torchrun.sh", "--nnodes", "1:2", "--node-rank", "0", "--master-addr", "a", "--master-port", "1"],
+     "(elastic) needs --rdzv-id"),
+    (["torchrun.sh", "--nnodes", "3:2", "--rdzv-id", "x"], "MIN <= MAX"),
+    (["torchrun.sh", "--nnodes", "x:2", "--rdzv-id", "x"], "--nnodes MIN must be a positive integer"),
+    (["torchrun.sh", "--max-restarts", "-1"], "--max-restarts must be a non-negative integer"),
 ])
 def test_usage_errors_exit_2_with_one_line(args, message):
     proc = run([LAUNCH / args[0], *args[1:]], env=clean_env())
@@ -120,6 +125,16 @@ def test_local_and_torchrun_dry_runs():
         ("10.1.2.3", "29555", "3", "2", "12", "8-11")
     assert s["cmd"] == (f"{sys.executable} -m torch.distributed.run --nnodes 3 --node_rank 2 --nproc_per_node 4 "
                         f"--master_addr 10.1.2.3 --master_port 29555 -m ldm.cli.train --config {CONFIG}")
+
+    elastic = run([LAUNCH / "torchrun.sh", "--nnodes", "1:2", "--node-rank", "1", "--master-addr", "10.1.2.3",
+                   "--master-port", "29555", "--rdzv-id", "job7", "--max-restarts=2", "--dry-run", "x=1"],
+                  env=clean_env())
+    assert elastic.returncode == 0, elastic.stderr
+    s = sections(elastic.stdout)["job"]
+    assert (s["NNODES"], s["WORLD_SIZE"]) == ("1:2", "1-2")
+    assert s["cmd"] == (f"{sys.executable} -m torch.distributed.run --nnodes 1:2 --nproc_per_node 1 "
+                        "--rdzv_backend c10d --rdzv_endpoint 10.1.2.3:29555 --rdzv_id job7 --max_restarts 2 "
+                        "-m ldm.cli.train x=1")
 
 
 def fake_scontrol(bin_dir: Path, hosts: list[str]) -> None:

@@ -35,6 +35,8 @@ def test_sbatch_trains_like_ldm_train(slurm, reference, tmp_path, tiny_shards, t
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
     assert "2 nodes x 1 processes = world size 2" in text
     assert info["NodeList"] == "ldmnode[0-1]"
+    for node in (0, 1):  # each node's own name (before: the submitting host's $HOSTNAME, passed on by srun)
+        assert f"[launch] node {node}/2 on ldmnode{node}:" in text, text[-3000:]
     assert bitwise_equal(export_weights(out), export_weights(reference)) == []
 
 

@@ -376,3 +376,26 @@ def test_slurm_preemption_checkpoints_requeues_and_exits_0(tmp_path, tiny_shards
     through_srun = "srun stub: USR1" in (bin_dir / "srun.log").read_text()
     assert through_srun == (path == "srun"), output[-3000:]
     assert not list(tmp_path.glob("ldm-launch-*.pid"))  # node 0 removed its pid file
+
+
+def test_a_stopped_launcher_exits_128_plus_the_signal(tmp_path):
+    """SIGTERM to a launch script reaches its child; a child that then exits non-zero (torchrun exits 1 when stopped,
+    whatever its workers did) makes the script exit 143, saying it was a stop. Before: 1, like a failure."""
+    script = tmp_path / "launcher.sh"
+    script.write_text(f'source "{LAUNCH}/common.sh"\n'
+                      f'ldm_supervise 1 "{sys.executable}" -c "import signal, sys, time, pathlib; '
+                      f'signal.signal(signal.SIGTERM, lambda *a: sys.exit(1)); '
+                      f'pathlib.Path(\'{tmp_path}/ready\').touch(); time.sleep(60)"\n')
+    proc = subprocess.Popen(["bash", str(script)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "ready").exists():
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert "[launch] stopped by SIGTERM: exit 143" in err

@@ -76,7 +76,7 @@ def test_rank_killed_mid_step(hosts, reference, tmp_path, tiny_shards, tiny_auto
         stop_run(hosts, out, procs)
     print(f"rank 1 SIGKILLed: every rank and launcher exited within {elapsed:.1f} s")
     logs = [node_log(out, i).read_text() for i in (0, 1)]
-    assert [p.returncode for p in procs] != [0, 0] and all(p.returncode != 0 for p in procs), logs
+    assert all(p.returncode != 0 for p in procs), logs
     assert "rank      : 1 (local_rank: 0)" in logs[1] and "Signal 9 (SIGKILL)" in logs[1], logs[1][-3000:]
     assert not workers(hosts[0], out) and not workers(hosts[1], out)
     tag = latest_tag(out)
@@ -141,6 +141,7 @@ def test_kill_during_checkpoint_write(hosts, tmp_path, tiny_shards, tiny_autoenc
     partial = sorted(p.name for p in root.iterdir() if p.name > before and p.name.startswith("step"))
     print(f"killed while writing {partial} (latest: {before})")
     assert partial, "nothing was being written"
+    killed = partial[0].removesuffix(PARTIAL)
     complete(out, before)
     [log] = run_nodes(hosts, out, args, nodes=(0,))
     assert f"resumed from {root / before}" in log
@@ -153,19 +154,19 @@ def test_kill_during_checkpoint_write(hosts, tmp_path, tiny_shards, tiny_autoenc
     # both hosts back: they resume from the step the kill interrupted, written again by one host (world size 1 -> 2)
     again = tmp_path / "again"
     (again / "checkpoints").mkdir(parents=True)
-    shutil.copytree(root / partial[0].removesuffix(PARTIAL), again / "checkpoints" / partial[0].removesuffix(PARTIAL))
-    (again / "checkpoints" / "latest").write_text(partial[0].removesuffix(PARTIAL) + "\n")
+    shutil.copytree(root / killed, again / "checkpoints" / killed)
+    (again / "checkpoints" / "latest").write_text(killed + "\n")
     logs = run_nodes(hosts, again, cluster_args(tiny_shards, tiny_autoencoder, again))
-    assert f"resumed from {again / 'checkpoints' / partial[0].removesuffix(PARTIAL)}" in logs[0]
+    assert f"resumed from {again / 'checkpoints' / killed}" in logs[0]
 
 
 def test_disk_full_during_checkpoint(hosts, reference, tmp_path, tiny_shards, tiny_autoencoder):
-    out = tmp_path / "disk" / "run"
-    out.parent.mkdir()
+    out = tmp_path / "run"  # the output folder is a small disk of its own
+    out.mkdir()
     ckpt = sum(p.stat().st_size for p in (reference / "checkpoints" / latest_tag(reference)).iterdir())
     overhead = sum(p.stat().st_size for p in reference.iterdir() if p.is_file())
     size = overhead + int(2.5 * ckpt) + (1 << 20)  # room for two checkpoints (steps 2 and 4), not for a third
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "ldm25-disk", str(out.parent)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "ldm25-disk", str(out)], check=True)
     try:
         procs = start_both(hosts, out, cluster_args(tiny_shards, tiny_autoencoder, out))
         try:
@@ -182,8 +183,8 @@ def test_disk_full_during_checkpoint(hosts, reference, tmp_path, tiny_shards, ti
         complete(out, "step00000004")
         assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == \
             ["step00000002", "step00000004"]  # the partial write was removed: its space is free again
-        subprocess.run(["mount", "-o", f"remount,size={size * 8}", str(out.parent)], check=True)
+        subprocess.run(["mount", "-o", f"remount,size={size * 8}", str(out)], check=True)
         run_nodes(hosts, out, cluster_args(tiny_shards, tiny_autoencoder, out))
         assert bitwise_equal(export_weights(out), export_weights(reference)) == []
     finally:
-        subprocess.run(["umount", "-l", str(out.parent)], check=False)
+        subprocess.run(["umount", "-l", str(out)], check=False)

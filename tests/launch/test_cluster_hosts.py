@@ -22,8 +22,8 @@ pytestmark = pytest.mark.cluster
 
 
 def node_log(out: Path, index: int) -> Path:
-    """Where node `index` of the run writing to `out` logs: beside the run's parent folder (not on its disk)."""
-    return out.parent.parent / f"{out.parent.name}-{out.name}.node{index}.log"
+    """Where node `index` of the run writing to `out` logs: beside that folder (not on its disk)."""
+    return out.parent / f"{out.name}.node{index}.log"
 
 
 def start_node(hosts: Hosts, index: int, port: int, out: Path, args: list[str], *launcher: str, nnodes: str = "2",

@@ -10,14 +10,17 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from tests.launch.cluster import Hosts, Slurm, cluster_args, require, train_env
+from tests.launch.cluster import Hosts, Slurm, cluster_args, require, train_env, unavailable
 
 
 @pytest.fixture(scope="session")
 def hosts(tmp_path_factory):
     """Two hosts: network namespaces ldmnode0 (169.254.25.1, CPU 0) and ldmnode1 (169.254.25.2, CPU 1)."""
     require("ip", "nsenter", "unshare", "taskset", "mount")
-    made = Hosts.create(tmp_path_factory.mktemp("hosts"))
+    try:
+        made = Hosts.create(tmp_path_factory.mktemp("hosts"))
+    except subprocess.CalledProcessError as e:  # root without the capabilities (a container)
+        unavailable(f"cannot create network namespaces: {' '.join(map(str, e.cmd))} exited {e.returncode}")
     yield made
     made.remove()
 

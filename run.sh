@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One entry point that sets everything up on a fresh machine (Python 3.11 + pip, npm) and then runs:
 #   ./run.sh demo [key=value ...]   the whole pipeline on the embedded emoji default (26 min on 2 CPU cores)
-#   ./run.sh test [pytest args]     the test suite (what CI runs), the GPU tests that can run on a CPU included
+#   ./run.sh test [pytest args]     the test suite (what CI runs: -m "not cluster", then -m cluster; the GPU tests
+#                                   that can run on a CPU included); with arguments, pytest with them
 # The virtual environment (.venv) is (re)installed only when pyproject.toml, the lock (constraints.txt:
 # the exact versions tested) or the extras change. LDM_EXTRAS picks the extras (default "test"; "" for
 # none, as the Docker image does); LDM_CONSTRAINTS another lock file ("" for none: pyproject's ranges).
@@ -31,9 +32,18 @@ setup() {
     "$venv/bin/python" -m pip install --quiet "${pin[@]}" -e "$target"
     echo "$stamp" > "$venv/.installed"
   fi
-  if [[ "$cmd" == test && ! -x /usr/bin/chromium ]] && command -v apt-get >/dev/null && [[ $EUID -eq 0 ]]; then
-    echo "[setup] installing Debian chromium (the review-report test renders its HTML in it)"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  if [[ "$cmd" == test && $EUID -eq 0 ]] && command -v apt-get >/dev/null; then
+    local -a debs=()
+    [[ -x /usr/bin/chromium ]] || debs+=(chromium)      # the review-report test renders its HTML in it
+    # the cluster tests (-m cluster): a real SLURM cluster, Open MPI, network namespaces as hosts
+    command -v slurmctld >/dev/null || debs+=(slurm-wlm)
+    command -v munged >/dev/null || debs+=(munge)
+    command -v mpirun >/dev/null || debs+=(openmpi-bin)
+    command -v ip >/dev/null || debs+=(iproute2)
+    if [[ ${#debs[@]} -gt 0 ]]; then
+      echo "[setup] installing Debian packages: ${debs[*]}"
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${debs[@]}" >/dev/null
+    fi
   fi
   export PATH="$PWD/$venv/bin:$PATH"
   export LDM_CACHE="${LDM_CACHE:-$PWD/.cache}"                       # npm tarballs (emoji data)
@@ -49,7 +59,20 @@ shift || true
 case "$cmd" in
   demo) setup; exec "$venv/bin/ldm-demo" "$@" ;;
   # the GPU tests that can run on a CPU do (tests/gpu/conftest.py); LDM_GPU_TESTS_ON_CPU=0 leaves them out
-  test) setup; export LDM_GPU_TESTS_ON_CPU="${LDM_GPU_TESTS_ON_CPU-1}"; exec "$venv/bin/python" -m pytest -q "$@" ;;
+  test)
+    setup; export LDM_GPU_TESTS_ON_CPU="${LDM_GPU_TESTS_ON_CPU-1}"
+    [[ $# -eq 0 ]] || exec "$venv/bin/python" -m pytest -q "$@"
+    # the whole suite (what CI runs): the main tests, then the cluster tests (daemons, namespaces) in their own
+    # session; pytest's exit code 5 (nothing collected) is a failure; the exit code is the first failure's
+    status=0
+    for marker in "not cluster" "cluster"; do
+      echo "[test] pytest -m \"$marker\""
+      "$venv/bin/python" -m pytest -q -m "$marker"
+      rc=$?
+      if [[ $rc -eq 5 ]]; then echo "error: pytest -m \"$marker\" collected no tests" >&2; rc=1; fi
+      [[ $status -ne 0 ]] || status=$rc
+    done
+    exit $status ;;
   setup) setup ;;
   *) echo "usage: ./run.sh demo [key=value ...] | ./run.sh test [pytest args] | ./run.sh setup" >&2; exit 2 ;;
 esac

@@ -87,6 +87,7 @@ ldm_is_launcher() {
 
 _ldm_child=""
 _ldm_signalled=0
+_ldm_stopped_by="" # TERM, INT or HUP once one was forwarded
 _ldm_usr1_depth=1
 _ldm_usr1_pidfile=""
 _ldm_usr1_command=()
@@ -121,6 +122,7 @@ _ldm_forward() {
       return 0
     fi
   fi
+  _ldm_stopped_by="$sig"
   kill -s "$sig" "$_ldm_child" 2>/dev/null || true
 }
 
@@ -135,7 +137,8 @@ _ldm_forward() {
 #   holds the pid of a live process, which then gets it instead.
 #   With the array ldm_usr1_command set (not exported), USR1 runs that command instead (pdsh carrying
 #   the signal to other hosts), and the report says whether it succeeded.
-#   TERM, INT and HUP always go to CMD (torchrun, DeepSpeed and srun pass them on to their workers).
+#   TERM, INT and HUP always go to CMD (torchrun, DeepSpeed and srun pass them on to their workers); when CMD
+#   then exits non-zero (torchrun exits 1 when stopped), the return code is 128 + the signal (143 for TERM).
 ldm_supervise() {
   _ldm_usr1_depth="$1"
   _ldm_usr1_pidfile="${ldm_usr1_pidfile:-}"
@@ -162,5 +165,11 @@ ldm_supervise() {
     rc="$again"
   done
   trap - USR1 TERM INT HUP
+  if [[ -n "$_ldm_stopped_by" && "$rc" != 0 ]]; then
+    # torchrun (or srun) exits 1 when it is stopped, whatever its workers did: say it was a stop, as 128 + signal
+    rc=$((128 + $(kill -l "$_ldm_stopped_by")))
+    echo "[launch] stopped by SIG$_ldm_stopped_by: exit $rc (the training processes checkpoint first: see their" \
+      "output)" >&2
+  fi
   return "$rc"
 }

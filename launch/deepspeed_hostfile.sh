@@ -128,7 +128,10 @@ done
 python="$(ldm_python)"
 cmd=("$python" -m deepspeed.launcher.runner --hostfile "$hostfile")
 case "$launcher" in
-  ""|pdsh|slurm) cmd+=(--num_nodes "$nnodes") ;;
+  ""|pdsh) cmd+=(--num_nodes "$nnodes") ;;
+  # the runner starts a one-host hostfile itself (no mpirun/srun) unless forced to use the launcher
+  slurm) cmd+=(--num_nodes "$nnodes" --force_multi) ;;
+  *) cmd+=(--force_multi) ;;
 esac
 cmd+=(--master_addr "$master_addr" --master_port "$master_port")
 [[ -z "$num_gpus" ]] || cmd+=(--num_gpus "$num_gpus")

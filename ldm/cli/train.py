@@ -30,12 +30,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(cfg: LDMConfig) -> int:
     """Train the run of ``cfg`` and say what it left; the exit code (1: diverged; a pre-empted run's code)."""
+    from ldm.train.checkpoint import CheckpointWriteError
     from ldm.train.trainer import Trainer, TrainingDiverged
 
     try:
         result = Trainer(cfg).train()
     except TrainingDiverged as e:
         print(f"error: training diverged: {e}", file=sys.stderr)
+        return 1
+    except CheckpointWriteError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     if result["preempted"]:
         print(f"pre-empted: checkpoint of step {result['step']} written; the next start resumes from it")

@@ -1,8 +1,10 @@
 """Checkpoints: DeepSpeed engine state (every rank writes its shard) + per-rank EMA + trainer state.
 
 Layout ``<root>/step00001000/`` (DeepSpeed files, ``ema_rank{r}.safetensors``, ``trainer_rank{r}.pt``) and
-``<root>/latest``, a one-line pointer that is replaced atomically only after every rank has finished
-writing, so it never names an incomplete checkpoint. Only the last ``keep_last`` checkpoints are kept.
+``<root>/latest``, a one-line pointer. Ranks write into ``step00001000.partial/``, renamed to ``step00001000/`` only
+after every rank has finished, and then ``latest`` is replaced atomically: neither ever names an incomplete checkpoint
+(a kill during the write leaves a ``.partial`` folder, removed by the next write). Only the last ``keep_last``
+checkpoints are kept.
 With power EMAs (``train.power_ema``) a checkpoint also holds their running state and ``<root>/power_ema/step*/``
 their snapshots (kept, not pruned), both as ``power_ema_rank{r}.safetensors`` (this rank's ZeRO-3 partitions, or
 rank 0's full weights when every rank holds them) + ``power_ema.json`` (step, widths, exponents, full shapes),
@@ -21,6 +23,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,13 @@ from ldm.train.power_ema import Snapshot, split_flat
 
 POWER_DIR = "power_ema"  # <root>/power_ema/step*/: the snapshots
 POWER_INFO = "power_ema.json"
+PARTIAL = ".partial"  # <root>/step00001000.partial/: a checkpoint being written
+TAG = re.compile(r"step\d{8}")
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint this rank could not write (a full disk, a file system gone); the message names the last complete
+    one."""
 
 
 def tag_for(step: int) -> str:
@@ -71,6 +81,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _free_space(path: Path) -> str:
+    """Free space of the file system at `path` ("?" when it cannot be read): torch.save reports a full disk only as
+    "unexpected pos"."""
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB"
+    except OSError:
+        return "?"
+
+
 def _world() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
@@ -90,19 +109,38 @@ class Checkpointer:
         return tag
 
     def save(self, engine, ema: EMA, step: int, trainer_state: dict[str, Any]) -> Path:
-        """Collective: every rank calls it (DeepSpeed's save has barriers inside)."""
+        """Collective: every rank calls it (DeepSpeed's save has barriers inside).
+
+        Every rank writes into ``<tag>.partial``, which rank 0 renames to ``<tag>`` once all have finished, then points
+        ``latest`` at it: a folder named ``step*`` is always whole, and files of a write that was killed (another world
+        size's shards among them) never mix into a later one. A write that fails (a full disk) raises
+        CheckpointWriteError after removing what it wrote; the previous checkpoint stays as it was.
+        """
         tag = tag_for(step)
-        engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step}, save_latest=False,
-                               exclude_frozen_parameters=has_frozen(engine))
-        folder = self.root / tag
-        save_tensors(ema.state_dict(), folder / f"ema_rank{self.rank}.safetensors")
-        digest = param_digest(engine.module)
-        torch.save({**trainer_state, "rng": rng_state(), "param_digest": digest}, folder / f"trainer_rank{self.rank}.pt")
-        if ema.power is not None:
-            self._save_power(folder, ema)
+        partial, folder = self.root / (tag + PARTIAL), self.root / tag
+        if self.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # left by a write that was killed
+        barrier()
+        try:
+            engine.save_checkpoint(str(self.root), tag=partial.name, client_state={"step": step}, save_latest=False,
+                                   exclude_frozen_parameters=has_frozen(engine))
+            save_tensors(ema.state_dict(), partial / f"ema_rank{self.rank}.safetensors")
+            digest = param_digest(engine.module)
+            torch.save({**trainer_state, "rng": rng_state(), "param_digest": digest},
+                       partial / f"trainer_rank{self.rank}.pt")
+            if ema.power is not None:
+                self._save_power(partial, ema)
+        except Exception as e:  # noqa: BLE001 - re-raised with what it means for the run
+            shutil.rmtree(partial, ignore_errors=True)  # frees the space; the other ranks fail at their next collective
+            raise CheckpointWriteError(f"checkpoint {tag} could not be written under {self.root} (rank {self.rank}, "
+                                       f"{_free_space(self.root)} free there now): "
+                                       f"{str(e).splitlines()[0] or type(e).__name__}; the last complete checkpoint "
+                                       f"is {self.latest() or 'none'}") from e
         self._check_ranks_agree(digest)
         barrier()
         if self.rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)  # the same step written before (a resume from an earlier one)
+            os.replace(partial, folder)
             tmp = self.root / "latest.tmp"
             tmp.write_text(tag + "\n")
             os.replace(tmp, self.root / "latest")
@@ -146,9 +184,12 @@ class Checkpointer:
             raise RuntimeError(f"parameters differ across ranks: {digests}")
 
     def _prune(self) -> None:
-        tags = sorted(p.name for p in self.root.glob("step*") if p.is_dir())
+        """Keep the last ``keep_last`` checkpoints; remove the partial folders of writes that were killed."""
+        tags = sorted(p.name for p in self.root.glob("step*") if p.is_dir() and TAG.fullmatch(p.name))
         for old in tags[:-self.keep_last] if self.keep_last > 0 else []:
             shutil.rmtree(self.root / old, ignore_errors=True)
+        for stale in self.root.glob(f"step*{PARTIAL}"):
+            shutil.rmtree(stale, ignore_errors=True)
 
     def load(self, engine, ema: EMA, tag: str | None = None) -> dict[str, Any] | None:
         """Restore engine, EMA, RNG and trainer state from ``tag`` (default: latest); None when nothing to load.

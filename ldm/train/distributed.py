@@ -9,6 +9,7 @@ signs of a multi-process launch it cannot map is refused, never turned into one 
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import re
 import socket
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -74,7 +77,8 @@ def _tasks_on_this_node(spec: str, node: int) -> int:
 
 
 def launch_environment(env: Mapping[str, str]) -> dict[str, str]:
-    """RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT for this process.
+    """RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT for this process (and
+    LDM_RANK_FROM: the variables they came from, "RANK", a launcher's name, or "none" for a single process).
 
     Raises LaunchError where the process is one of several but its rank, the world size or (for more than
     one process) the rendezvous address is missing.
@@ -115,7 +119,8 @@ def launch_environment(env: Mapping[str, str]) -> dict[str, str]:
         raise LaunchError(f"rank {rank} is not below the world size {world} (from {source})")
     if local_rank >= max(local_world, 1):
         raise LaunchError(f"local rank {local_rank} is not below the local world size {local_world} (from {source})")
-    out.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(local_world))
+    out.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank), LOCAL_WORLD_SIZE=str(local_world),
+               LDM_RANK_FROM=source)
     if world > 1:
         missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
         if missing:
@@ -141,6 +146,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
     os.environ.update(launch_environment(os.environ))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
+    if world > 1:
+        log.info("rank %d of %d (local rank %d of %s on %s), from %s", rank, world, local_rank,
+                 os.environ["LOCAL_WORLD_SIZE"], socket.gethostname(), os.environ["LDM_RANK_FROM"])
     use_cuda = torch.cuda.is_available() and device in ("auto", "cuda") or device.startswith("cuda:")
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -92,7 +92,7 @@ def run_requeue(command: str | None = None, timeout: float = 120.0) -> bool | No
         return None
     log.warning("requeueing: %s", command)
     try:
-        proc = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=timeout)
+        proc = _run_ignoring_sigterm(command, timeout)
     except subprocess.TimeoutExpired:
         reason = f"did not finish within {timeout:g} s"
     else:
@@ -105,6 +105,19 @@ def run_requeue(command: str | None = None, timeout: float = 120.0) -> bool | No
     log.error(message)
     print(f"error: {message}", file=sys.stderr, flush=True)
     return False
+
+
+def _run_ignoring_sigterm(command: str, timeout: float) -> subprocess.CompletedProcess:
+    """Run the shell command with SIGTERM ignored (inherited through exec): `scontrol requeue` makes SLURM end every
+    process of the job with SIGTERM while the command returns, its own process among them, which turned a requeue that
+    happened into a "failed (exited -15)" report. The timeout still bounds it."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if main else None
+    try:
+        return subprocess.run(command, shell=True, capture_output=True, text=True, timeout=timeout)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def exit_code(action: str, requeued: bool | None) -> int:

@@ -92,6 +92,20 @@ def test_runner_starts_mpi_and_srun_launchers(tmp_path, launcher):
         assert "usage: ldm-train" in proc.stdout  # the file started ldm-train
 
 
+def test_mpi_launcher_is_used_for_a_one_host_hostfile(tmp_path):
+    """Before: with one host the runner took its local path (deepspeed.launcher.launch) and never ran mpirun."""
+    bin_dir = tmp_path / "bin"
+    stubs(bin_dir)
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost slots=2\n")
+    env = clean_env(PATH=f"{bin_dir}:{clean_env()['PATH']}")
+    proc = subprocess.run(["bash", str(SCRIPT), hosts, "--launcher", "openmpi", "--master-port", str(free_port()),
+                           "--no-ssh-check", "--", "--help"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert (bin_dir / "mpirun.log").read_text().startswith("mpirun -n 2 -hostfile ")
+
+
 def test_pdsh_multinode_sigusr1_reaches_the_workers_on_every_host(tmp_path):
     """Before: SIGUSR1 went to pdsh's ssh clients (which ignore it) and the script said it was forwarded."""
     bin_dir, marks = tmp_path / "bin", tmp_path / "marks"

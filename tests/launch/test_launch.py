@@ -95,6 +95,11 @@ def test_scripts_are_strict_and_document_themselves(script):
     (["deepspeed_hostfile.sh", "/nonexistent/hosts"], "not a readable file"),
     (["slurm.sbatch", "--dry-run"], "not inside a SLURM job"),
     (["torchrun.sh", "--rdzv-id", "a b"], "--rdzv-id must be"),
+    (["torchrun.sh", "--nnodes", "1:2", "--node-rank", "0", "--master-addr", "a", "--master-port", "1"],
+     "(elastic) needs --rdzv-id"),
+    (["torchrun.sh", "--nnodes", "3:2", "--rdzv-id", "x"], "MIN <= MAX"),
+    (["torchrun.sh", "--nnodes", "x:2", "--rdzv-id", "x"], "--nnodes MIN must be a positive integer"),
+    (["torchrun.sh", "--max-restarts", "-1"], "--max-restarts must be a non-negative integer"),
 ])
 def test_usage_errors_exit_2_with_one_line(args, message):
     proc = run([LAUNCH / args[0], *args[1:]], env=clean_env())
@@ -120,6 +125,16 @@ def test_local_and_torchrun_dry_runs():
         ("10.1.2.3", "29555", "3", "2", "12", "8-11")
     assert s["cmd"] == (f"{sys.executable} -m torch.distributed.run --nnodes 3 --node_rank 2 --nproc_per_node 4 "
                         f"--master_addr 10.1.2.3 --master_port 29555 -m ldm.cli.train --config {CONFIG}")
+
+    elastic = run([LAUNCH / "torchrun.sh", "--nnodes", "1:2", "--node-rank", "1", "--master-addr", "10.1.2.3",
+                   "--master-port", "29555", "--rdzv-id", "job7", "--max-restarts=2", "--dry-run", "x=1"],
+                  env=clean_env())
+    assert elastic.returncode == 0, elastic.stderr
+    s = sections(elastic.stdout)["job"]
+    assert (s["NNODES"], s["WORLD_SIZE"]) == ("1:2", "1-2")
+    assert s["cmd"] == (f"{sys.executable} -m torch.distributed.run --nnodes 1:2 --nproc_per_node 1 "
+                        "--rdzv_backend c10d --rdzv_endpoint 10.1.2.3:29555 --rdzv_id job7 --max_restarts 2 "
+                        "-m ldm.cli.train x=1")
 
 
 def fake_scontrol(bin_dir: Path, hosts: list[str]) -> None:
@@ -361,3 +376,26 @@ def test_slurm_preemption_checkpoints_requeues_and_exits_0(tmp_path, tiny_shards
     through_srun = "srun stub: USR1" in (bin_dir / "srun.log").read_text()
     assert through_srun == (path == "srun"), output[-3000:]
     assert not list(tmp_path.glob("ldm-launch-*.pid"))  # node 0 removed its pid file
+
+
+def test_a_stopped_launcher_exits_128_plus_the_signal(tmp_path):
+    """SIGTERM to a launch script reaches its child; a child that then exits non-zero (torchrun exits 1 when stopped,
+    whatever its workers did) makes the script exit 143, saying it was a stop. Before: 1, like a failure."""
+    script = tmp_path / "launcher.sh"
+    script.write_text(f'source "{LAUNCH}/common.sh"\n'
+                      f'ldm_supervise 1 "{sys.executable}" -c "import signal, sys, time, pathlib; '
+                      f'signal.signal(signal.SIGTERM, lambda *a: sys.exit(1)); '
+                      f'pathlib.Path(\'{tmp_path}/ready\').touch(); time.sleep(60)"\n')
+    proc = subprocess.Popen(["bash", str(script)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "ready").exists():
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert "[launch] stopped by SIGTERM: exit 143" in err

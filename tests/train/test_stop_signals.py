@@ -59,6 +59,16 @@ def test_failed_requeue_is_logged_and_sets_the_exit_code(caplog, capsys, command
     assert exit_code("requeue", False) == 1
 
 
+def test_requeue_command_survives_the_sigterm_of_the_requeue(caplog):
+    """`scontrol requeue` makes SLURM SIGTERM every process of the job, the command's own among them: that is the
+    requeue happening, not a failure (it was reported as "exited -15")."""
+    handler = signal.getsignal(signal.SIGTERM)
+    with caplog.at_level(logging.ERROR, logger="ldm.train.preemption"):
+        assert run_requeue("kill -TERM $$; echo requeued", timeout=30) is True
+    assert "failed" not in caplog.text
+    assert signal.getsignal(signal.SIGTERM) is handler  # this process's handler is back
+
+
 def test_exit_code_needs_a_stop():
     with pytest.raises(ValueError):
         exit_code("", None)

@@ -76,7 +76,7 @@ FLOW = ["diffusion.process=flow", "diffusion.prediction=velocity", "diffusion.ti
 
 
 def _like(pipe, info) -> torch.Tensor:
-    from ldm.export_pipeline import sample_like_ldm
+    from ldm.export.pipeline_folder import sample_like_ldm
 
     return sample_like_ldm(pipe, PROMPTS, SEEDS, **info["reproduce"])
 
@@ -159,7 +159,7 @@ def test_folded_latent_shift_decodes_and_encodes_as_before(tiny_autoencoder):
     import copy
 
     import autoencoder
-    from ldm.export_pipeline import fold_latent_shift
+    from ldm.export.pipeline_folder import fold_latent_shift
 
     model = autoencoder.load_pretrained(tiny_autoencoder).eval()
     assert model.shift_factor != 0.0  # the trained emoji autoencoder centres its latents

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ldm.assemble.diffusion import build_process
-from ldm.assemble.models import init_weights
+from ldm.assemble.models import check_patches, init_weights
 from ldm.assemble.text_encoders import text_fingerprint
 from ldm.config import ConfigError, LDMConfig, load_config, resume_conflicts
 from ldm.data import dataset_size, resolve_shards
@@ -55,6 +55,7 @@ def check_inputs(cfg: LDMConfig, *, training: bool = True) -> None:
     if cfg.data.image_size % factor:
         raise ConfigError(f"data.image_size: {cfg.data.image_size} is not divisible by the autoencoder's "
                           f"downsampling factor {factor} ({cfg.autoencoder.path})")
+    check_patches(cfg.model, cfg.data.image_size // factor)
     te = cfg.text_encoder
     for key, path in [("text_encoder.path", te.path)] + [(f"text_encoder.encoders[{i}].path", e.path)
                                                          for i, e in enumerate(te.encoders or [])]:
@@ -75,7 +76,7 @@ def check_inputs(cfg: LDMConfig, *, training: bool = True) -> None:
         raise ConfigError(f"run.output_dir: {out} exists and is not a folder")
     check_resume(cfg)
     if cfg.model.init_from is not None:
-        init_weights(cfg.model.init_from)  # names what it found instead of weights
+        init_weights(cfg.model.init_from, cfg.model.kind)  # names what it found instead of weights
     src = train_source(cfg.data)
     try:
         urls = resolve_shards(src.spec, "train")

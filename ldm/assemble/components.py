@@ -20,14 +20,13 @@ from autoencoder import load_pretrained
 from ldm.assemble import text_encoders
 from ldm.assemble.checks import check_text_cache_fits
 from ldm.assemble.diffusion import build_objective, build_process, precondition
-from ldm.assemble.models import build_unet, unet_kwargs
+from ldm.assemble.models import build_unet, micro_conditioned, unet_kwargs
 from ldm.conditioning import BatchConditioning, Cond, null_condition
 from ldm.conditioning.cache import CachedTextEncoder
 from ldm.config import LDMConfig
 from ldm.data.text_cache import load_cached_null_condition
 from ldm.diffusion import GaussianProcess, Objective
 from ldm.export import read_export
-from ldm.models import micro_conditioned
 from ldm.pipeline import TextToImage, unet_denoiser
 from ldm.precision import autocast_frozen, frozen_dtype
 
@@ -49,8 +48,8 @@ class Components:
 
     @functools.cached_property
     def micro_conditioned(self) -> bool:
-        """True when the UNet takes SDXL's pooled text and size/crop ids (``time_ids``)."""
-        return micro_conditioned(self.unet_kwargs())
+        """True when the network takes size/crop ids (``time_ids``): SDXL's UNet, PixArt's size-conditioned DiT."""
+        return micro_conditioned(self.cfg.model, self.unet_kwargs())
 
     @functools.cached_property
     def conditioning(self) -> BatchConditioning:
@@ -59,7 +58,7 @@ class Components:
                                  self.autoencoder.downsample_factor)
 
     def unet_kwargs(self) -> dict[str, Any]:
-        return unet_kwargs(self.cfg.model, self.latent_shape[0], self.context_dim, self.pooled_dim)
+        return unet_kwargs(self.cfg.model, self.latent_shape[0], self.context_dim, self.pooled_dim, self.latent_shape[1])
 
     def denoiser(self, model: torch.nn.Module):
         """The denoiser (x_t, model_time, cond) -> prediction a UNet (or its DeepSpeed engine) is trained and sampled
@@ -67,9 +66,10 @@ class Components:
         return precondition(self.cfg.diffusion, self.process, unet_denoiser(model))
 
     def unet(self, state: dict[str, torch.Tensor] | None = None, source: str = "<state dict>") -> torch.nn.Module:
-        """A fresh UNet of the config: random weights or model.init_from's, with model.lora's adapters; ``state``: the
-        trained module's own state loaded over them, or plain full weights (a plain UNet)."""
-        return build_unet(self.cfg.model, self.latent_shape[0], self.context_dim, self.pooled_dim, state, source)
+        """A fresh network of the config (``model.kind``): random weights or model.init_from's, with model.lora's
+        adapters; ``state``: the trained module's own state loaded over them, or plain full weights (a plain one)."""
+        return build_unet(self.cfg.model, self.latent_shape[0], self.context_dim, self.pooled_dim, state, source,
+                          self.latent_shape[1])
 
     def pipeline(self, unet: torch.nn.Module) -> TextToImage:
         """The text-to-image pipeline over ``unet`` (moved to the device, eval mode, frozen)."""

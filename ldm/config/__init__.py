@@ -16,14 +16,14 @@ from ldm.config.autoencoder import (
 from ldm.config.resume import defines_model, resume_conflicts
 from ldm.config.schema import ConfigError, apply_override, flatten, from_dict, load_config, save_config, to_dict
 from ldm.config.sections import (
-    COMPILE_KEYWORDS, UNET_EXTRA, AutoencoderRef, DiffusionConfig, EvalConfig, LDMConfig, LoRAConfig, SamplingConfig,
-    TrainConfig, UNetConfig,
+    COMPILE_KEYWORDS, MODEL_KEYS, UNET_EXTRA, AutoencoderRef, DiffusionConfig, EvalConfig, LDMConfig, LoRAConfig,
+    SamplingConfig, TrainConfig, UNetConfig,
 )
 from ldm.config.shared import BucketConfig, DataConfig, RunConfig, TrackingConfig
 from ldm.config.text import TextEncoderConfig, TextEncoderSpec
 
-__all__ = ["COMPILE_KEYWORDS", "UNET_EXTRA", "AutoencoderConfig", "AutoencoderEvalConfig", "AutoencoderModelConfig",
-           "AutoencoderRef", "AutoencoderTrainConfig", "BucketConfig", "ConfigError", "DataConfig", "DiffusionConfig",
-           "EvalConfig", "LDMConfig", "LoRAConfig", "RunConfig", "SamplingConfig", "TextEncoderConfig",
-           "TextEncoderSpec", "TrackingConfig", "TrainConfig", "UNetConfig", "apply_override", "defines_model",
-           "flatten", "from_dict", "load_config", "resume_conflicts", "save_config", "to_dict"]
+__all__ = ["COMPILE_KEYWORDS", "MODEL_KEYS", "UNET_EXTRA", "AutoencoderConfig", "AutoencoderEvalConfig",
+           "AutoencoderModelConfig", "AutoencoderRef", "AutoencoderTrainConfig", "BucketConfig", "ConfigError",
+           "DataConfig", "DiffusionConfig", "EvalConfig", "LDMConfig", "LoRAConfig", "RunConfig", "SamplingConfig",
+           "TextEncoderConfig", "TextEncoderSpec", "TrackingConfig", "TrainConfig", "UNetConfig", "apply_override",
+           "defines_model", "flatten", "from_dict", "load_config", "resume_conflicts", "save_config", "to_dict"]

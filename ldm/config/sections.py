@@ -7,6 +7,7 @@ Fields made with ``defining`` change what a checkpoint's weights mean (``ldm.con
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -35,28 +36,52 @@ class LoRAConfig:
 
 @dataclass
 class UNetConfig:
-    preset: str | None = "emoji-cpu"
+    """The network: the cross-attention UNet (default), PixArt-alpha's DiT or SD3's MMDiT (``kind``), a size preset of
+    that kind and the keys it overrides; the text widths come from the text encoder, the latent size from the data."""
+
+    kind: Literal["unet", "dit", "mmdit"] = defining("unet")
+    preset: str | None = "emoji-cpu"  # a name of ldm.models.presets for this kind
+    # the UNet's keys
     block_out_channels: list[int] | None = None
     layers_per_block: int | None = None
     cross_attention: list[bool] | None = None
-    num_heads: int | list[int] | None = None
+    num_heads: int | list[int] | None = None  # every kind
     head_dim: int | None = None
     transformer_depth: int | list[int] | None = None  # shared, or one per encoder level (SDXL: [1, 2, 10])
     use_linear_projection: bool | None = None
     norm_num_groups: int | None = None
-    # SDXL's pooled-text + size/crop conditioning (addition_embed_type "text_time"): features per micro-condition
-    # (256), their number (6), the pooled width (None: the text encoder's)
+    # SDXL's pooled-text + size/crop conditioning (addition_time_embed_dim "text_time"): features per micro-condition
+    # (256), their number (6), the pooled width (None: the text encoder's; the MMDiT's too)
     addition_time_embed_dim: int | None = None
     num_time_ids: int | None = None
     pooled_dim: int | None = None
+    # the transformers' keys (DiT and MMDiT): token width, blocks, patch side; the DiT's PixArt size conditioning and
+    # position stretch; the MMDiT's position table side (in patches)
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    patch_size: int | None = None
+    size_conditioning: bool | None = None
+    interpolation_scale: float | None = None
+    pos_embed_max_size: int | None = None
     gradient_checkpointing: bool = defining(False, defines=False)  # memory for compute, the same weights
     # start from these weights: a diffusers UNet folder (or a pipeline folder with unet/), a Stable Diffusion
-    # single-file checkpoint (.safetensors/.ckpt, CompVis names), or an export of ours
+    # single-file checkpoint (.safetensors/.ckpt, CompVis names), or an export of ours; a transformer: a diffusers
+    # model folder (or a pipeline folder with transformer/) or a weights file in diffusers' names
     init_from: str | None = None
     lora: LoRAConfig | None = None  # train LoRA adapters on init_from's frozen weights instead of all weights
 
 
-UNET_EXTRA = ("preset", "init_from", "lora")  # UNetConfig keys that are not UNet constructor arguments
+UNET_EXTRA = ("kind", "preset", "init_from", "lora")  # UNetConfig keys that are no network's constructor argument
+# the constructor keys the model section may set, per kind (the rest are derived: channels, text widths, sample size)
+MODEL_KEYS = {
+    "unet": ("block_out_channels", "layers_per_block", "cross_attention", "num_heads", "head_dim", "transformer_depth",
+             "use_linear_projection", "norm_num_groups", "addition_time_embed_dim", "num_time_ids", "pooled_dim",
+             "gradient_checkpointing"),
+    "dit": ("hidden_size", "num_heads", "num_layers", "patch_size", "size_conditioning", "interpolation_scale",
+            "gradient_checkpointing"),
+    "mmdit": ("hidden_size", "num_heads", "num_layers", "patch_size", "pooled_dim", "pos_embed_max_size",
+              "gradient_checkpointing"),
+}
 
 
 @dataclass
@@ -270,7 +295,6 @@ class LDMConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def check(self) -> None:
-        from ldm.models.presets import UNET_PRESETS
         from ldm.sampling import SAMPLERS
 
         require_positive(self, "data.batch_size", "data.image_size", "train.max_steps", "train.grad_accum", "train.lr",
@@ -280,8 +304,6 @@ class LDMConfig:
         require_non_negative(self, "train.warmup_steps", "train.val_every", "train.sample_every", "train.weight_decay",
                       "train.grad_clip", "eval.every", "eval.bootstrap", "data.num_workers", "data.shuffle_buffer",
                       "sampling.guidance", "eval.guidance")
-        if self.model.preset is not None and self.model.preset not in UNET_PRESETS:
-            raise ConfigError(f"model.preset: unknown preset {self.model.preset!r}; choose from {sorted(UNET_PRESETS)}")
         for key in ("sampling.sampler", "eval.sampler"):
             section, name = key.split(".")
             if getattr(getattr(self, section), name) not in SAMPLERS:
@@ -329,11 +351,31 @@ class LDMConfig:
 
     def _check_model(self) -> None:
         m, lora = self.model, self.model.lora
-        from ldm.models.presets import UNET_PRESETS
+        from ldm.models.presets import PRESETS
 
-        preset = UNET_PRESETS.get(m.preset, {}) if m.preset else {}
+        presets = PRESETS[m.kind]
+        if m.preset is not None and m.preset not in presets:
+            raise ConfigError(f"model.preset: unknown {m.kind} preset {m.preset!r}; choose from {sorted(presets)}")
+        foreign = [f.name for f in dataclasses.fields(m) if f.name not in UNET_EXTRA + MODEL_KEYS[m.kind]
+                   and getattr(m, f.name) is not None]
+        if foreign:
+            raise ConfigError(f"model.{foreign[0]}: not a key of model.kind {m.kind!r} (its keys: "
+                              f"{', '.join(MODEL_KEYS[m.kind])})")
+        for key in ("hidden_size", "num_layers", "patch_size", "pos_embed_max_size"):
+            if getattr(m, key) is not None and getattr(m, key) < 1:
+                raise ConfigError(f"model.{key}: must be >= 1, got {getattr(m, key)}")
+        preset = presets.get(m.preset, {}) if m.preset else {}
+        if m.kind in ("dit", "mmdit"):
+            width = m.hidden_size or preset.get("hidden_size")
+            heads = m.num_heads or preset.get("num_heads")
+            if width is not None and heads is not None and (not isinstance(heads, int) or heads < 1
+                                                            or width % heads):
+                raise ConfigError(f"model.num_heads: {heads} heads do not divide model.hidden_size {width}")
+        if m.kind == "mmdit" and not self.text_encoder.gives_pooled():
+            raise ConfigError("model.kind: the MMDiT embeds a pooled text vector, and the text encoder gives none: set "
+                              "text_encoder.pooled (or an encoder's pooled) to true")
         added = m.addition_time_embed_dim or preset.get("addition_time_embed_dim")
-        if added is None and (m.num_time_ids is not None or m.pooled_dim is not None):
+        if m.kind == "unet" and added is None and (m.num_time_ids is not None or m.pooled_dim is not None):
             raise ConfigError("model.addition_time_embed_dim: needed for SDXL conditioning (model.num_time_ids / "
                               "model.pooled_dim are set)")
         if lora is None:

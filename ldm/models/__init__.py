@@ -16,11 +16,14 @@ from ldm.models.mmdit import MMDiT
 from ldm.models.presets import DIT_PRESETS, MMDIT_PRESETS, PRESETS, UNET_PRESETS, model_preset, unet_preset
 from ldm.models.unet import UNet, micro_conditioned
 
+NETWORKS = {"unet": UNet, "dit": DiT, "mmdit": MMDiT}  # model.kind -> the network
+
 __all__ = [
     "Attention",
     "DIT_PRESETS",
     "DiT",
     "MMDIT_PRESETS",
+    "NETWORKS",
     "MMDiT",
     "PRESETS",
     "SpatialTransformer",

@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ldm.assemble import Components, autoencoder_config, build_unet, plain_state, state_dims, unet_kwargs
+from ldm.assemble import (
+    Components, autoencoder_config, build_unet, downsample_factor, plain_state, state_dims, unet_kwargs,
+)
 from ldm.config import LDMConfig, load_config
 from ldm.export import check_target, save_export
 from ldm.io import load_tensors
@@ -67,13 +69,14 @@ def export_checkpoint(run_dir: str | Path, out: str | Path | None = None, tag: s
         ema, record = posthoc_ema(run_dir / "checkpoints", tag, ema_sigma_rel)
     null = load_tensors(run_dir / "null_condition.safetensors")
     context_dim, pooled_dim = state_dims(cfg.model, ema)  # the text widths the weights read
-    latent_channels = int(autoencoder_config(cfg.autoencoder.path)["latent_channels"])
+    ae = autoencoder_config(cfg.autoencoder.path)
+    latent_channels, latent_size = int(ae["latent_channels"]), cfg.data.image_size // downsample_factor(ae)
     adapters = None
     if cfg.model.lora is not None:  # adapters over model.init_from's weights: merged for the full weights
-        adapters = {k: build_unet(cfg.model, latent_channels, context_dim, pooled_dim, s, f"{tag} {k}")
+        adapters = {k: build_unet(cfg.model, latent_channels, context_dim, pooled_dim, s, f"{tag} {k}", latent_size)
                     for k, s in (("raw", raw), ("ema", ema))}
         raw, ema = plain_state(adapters["raw"]), plain_state(adapters["ema"])
     return save_export(out, cfg, raw, ema, null, cfg.autoencoder.path,
-                       unet_kwargs(cfg.model, latent_channels, context_dim, pooled_dim),
+                       unet_kwargs(cfg.model, latent_channels, context_dim, pooled_dim, latent_size),
                        {"step": int(tag.removeprefix("step")), "source": str(run_dir.resolve()), "tag": tag,
                         "ema": record}, adapters)

@@ -197,3 +197,30 @@ def test_files_fingerprint_covers_appended_encoders(sd3_folder):
     assert with_t5 != files_fingerprint(args["specs"], "empty", args["pooled_from"], longer)
     (folder / "tokenizer_3" / "extra.txt").write_text("changed")  # a file of T5's tokenizer folder
     assert with_t5 != files_fingerprint(args["specs"], "empty", args["pooled_from"], args["appended"])
+
+
+def test_the_config_sections_t5_and_sd3_build_these_encoders(t5_folder, sd3_folder):
+    """``text_encoder: {kind: t5}`` and ``{kind: sd3}`` build what the library functions build (the same encodings),
+    their fingerprints differ, and the sd3 section gives the pooled vector an MMDiT needs."""
+    from ldm.assemble import build_text_encoder, text_fingerprint
+    from ldm.config import ConfigError, TextEncoderConfig
+    from ldm.conditioning import build_text_encoder as library_encoder
+
+    t5 = TextEncoderConfig(kind="t5", path=str(t5_folder), max_length=T5_LENGTH)
+    t5.check()
+    ours, ref = build_text_encoder(t5)(PROMPTS), library_encoder("t5", str(t5_folder), T5_LENGTH)(PROMPTS)
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ours)
+    assert not t5.gives_pooled()
+
+    folder, _ = sd3_folder
+    sd3 = TextEncoderConfig(kind="sd3", path=str(folder), max_length=CLIP_LENGTH, t5_max_length=T5_LENGTH)
+    sd3.check()
+    ours = build_text_encoder(sd3)(PROMPTS)
+    ref = build_text_encoders(**sd3_text_encoders(folder, max_length=CLIP_LENGTH, t5_max_length=T5_LENGTH))(PROMPTS)
+    assert ours.keys() == ref.keys() == {"context", "context_mask", "pooled"}
+    assert all(torch.equal(ours[k], ref[k]) for k in ours) and sd3.gives_pooled()
+    assert len({text_fingerprint(t5), text_fingerprint(sd3)}) == 2
+    with pytest.raises(ConfigError, match="text_encoder.path: required for kind 'sd3'"):
+        TextEncoderConfig(kind="sd3").check()
+    with pytest.raises(ConfigError, match="text_encoder.layer: not an option of kind 't5'"):
+        TextEncoderConfig(kind="t5", path=str(t5_folder), layer="penultimate").check()

@@ -2,6 +2,8 @@
 
     diffusers/model_index.json      StableDiffusionPipeline: unet, vae, text_encoder, tokenizer, scheduler
     diffusers/unet/                 the EMA UNet (UNet2DConditionModel)
+    diffusers/transformer/          instead, a DiT's or MMDiT's EMA weights (PixArtTransformer2DModel,
+                                    SD3Transformer2DModel) beside vae/; no pipeline index for them yet
     diffusers/vae/                  the autoencoder (AutoencoderKL), its latent shift folded into its 1x1 convolutions
                                     (diffusers' Stable Diffusion pipelines ignore ``shift_factor``)
     diffusers/text_encoder/, tokenizer/   the frozen text encoder (transformers), tokenizer cut at the trained length
@@ -128,12 +130,19 @@ def write_pipeline(folder: Path, cfg, ema_state: dict, unet_kwargs: dict[str, An
     """Write ``folder`` (an export's diffusers/) as a StableDiffusionPipeline folder where the settings allow (the UNet
     and the VAE always); returns what ldm_pipeline.json records."""
     import autoencoder
-    from ldm.models import UNet, save_diffusers
+    from ldm.models import NETWORKS, save_diffusers
 
-    unet = UNet(**unet_kwargs)
+    unet = NETWORKS[cfg.model.kind](**unet_kwargs)
     unet.load_state_dict({k: v.float() for k, v in ema_state.items()})
-    save_diffusers(unet, folder / "unet")
     autoencoder.save_diffusers(fold_latent_shift(autoencoder.load_pretrained(autoencoder_dir)), folder / "vae")
+    if cfg.model.kind != "unet":  # the transformer and the VAE in diffusers' layout; no pipeline folder yet
+        save_diffusers(unet, folder / "transformer")
+        why = (f"model.kind={cfg.model.kind!r}: the export writes the transformer and the VAE in diffusers' layout "
+               "(transformer/, vae/), not yet a PixArtAlphaPipeline / StableDiffusion3Pipeline folder")
+        info = {"pipeline": None, "exact": False, "differences": [why], "unsupported": [why]}
+        write_json(folder / INFO_FILE, info)
+        return info
+    save_diffusers(unet, folder / "unet")
     scheduler, grid, stock, unsupported = scheduler_config(cfg)
     unsupported += unsupported_settings(cfg)
     if masks_text(cfg):

@@ -8,7 +8,7 @@
                                 the settings allow, text_encoder/, tokenizer/, scheduler/ and model_index.json, so
                                 ``DiffusionPipeline.from_pretrained(export/diffusers)`` loads a StableDiffusionPipeline;
                                 diffusers/ldm_pipeline.json (and export.json's "diffusers") says whether it reproduces
-                                our sample and with which call arguments (``ldm.export_pipeline``)
+                                our sample and with which call arguments (``ldm.export.pipeline_folder``)
     null_condition.safetensors  the empty-prompt embedding the model was trained with
     autoencoder/                the frozen first stage (model.safetensors + config.json with scale and shift)
     lora/                       LoRA runs: the adapters in diffusers' format (``pipe.load_lora_weights(export/lora)``
@@ -106,8 +106,8 @@ def save_export(folder: str | Path, cfg: LDMConfig, unet_state: dict, ema_state:
 
 def _write_diffusers(folder: Path, cfg: LDMConfig, ema_state: dict, unet_kwargs: dict[str, Any]) -> dict:
     """diffusers/: the EMA UNet and the autoencoder in diffusers' layout, and where the settings allow a complete
-    StableDiffusionPipeline (``ldm.export_pipeline``); returns what diffusers/ldm_pipeline.json records."""
-    from ldm.export_pipeline import write_pipeline
+    StableDiffusionPipeline (``ldm.export.pipeline_folder``); returns what diffusers/ldm_pipeline.json records."""
+    from ldm.export.pipeline_folder import write_pipeline
 
     return write_pipeline(folder / "diffusers", cfg, ema_state, unet_kwargs, folder / "autoencoder")
 

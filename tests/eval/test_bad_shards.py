@@ -7,7 +7,7 @@ import json
 import logging
 import shutil
 
-from ldm.eval import Evaluator
+from ldm.eval import prepare_evaluator
 from ldm.eval.realset import read_split
 
 
@@ -33,6 +33,6 @@ def test_an_empty_and_a_corrupt_shard_are_skipped_and_reported(eval_shards, tiny
     n = len(clean) // 3
     settings = dict(image_size=32, num_images=n, reference_images=n, inception=tiny_inception, bootstrap=5,
                     batch_size=8, progress=False)
-    evaluator = Evaluator(str(data), cache_dir=tmp_path / "cache", **settings)  # raised tarfile.ReadError before
-    reference = Evaluator(str(eval_shards), cache_dir=tmp_path / "cache-clean", **settings)
+    evaluator = prepare_evaluator(str(data), cache_dir=tmp_path / "cache", **settings)  # raised tarfile.ReadError before
+    reference = prepare_evaluator(str(eval_shards), cache_dir=tmp_path / "cache-clean", **settings)
     assert evaluator.prompts == reference.prompts and evaluator.reference.keys == reference.reference.keys

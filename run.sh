@@ -46,7 +46,7 @@ setup() {
     fi
   fi
   export PATH="$PWD/$venv/bin:$PATH"
-  export LDM_CACHE="${LDM_CACHE:-$PWD/.cache}"                       # npm tarballs (emoji data)
+  # npm tarballs, real-image features and the classifier: $LDM_CACHE, else ~/.cache/ldm (as ldm-train run alone)
   export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"  # DeepSpeed ops
   export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
   if ! "$venv/bin/python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then

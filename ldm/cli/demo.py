@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         from ldm.train.autoencoder import train_stage1
 
         t0 = time.time()
+        times: dict[str, float] = {}  # minutes per stage, printed at the end
         ae_cfg = load_config(AutoencoderConfig, args.autoencoder_config, [f"data.train={args.data}",
                                                                           f"data.val={args.data}"])
         ldm_cfg = load_config(LDMConfig, args.ldm_config, [f"data.train={args.data}", f"data.val={args.data}",
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
             build_emoji_shards(args.data, image_size=ae_cfg.data.image_size)
         else:
             print(f"[1/3] shards present in {args.data}")
+        times["shards"] = (time.time() - t0) / 60
+        t1 = time.time()
         ae_dir = Path(ae_cfg.run.output_dir)
         record = ae_dir.parent / f"{ae_dir.name}.{STAGE1_RESULT}"
         if not (ae_dir / "config.json").exists():
@@ -56,14 +59,18 @@ def main(argv: list[str] | None = None) -> int:
         if stage1 is not None:
             print(f"      stage 1: {stage1_summary(stage1)}")
             print(f"      reconstructions (held-out above, decoded below): {Path(stage1['grid']).resolve()}")
+        times["stage 1"] = (time.time() - t1) / 60
+        t2 = time.time()
         print(f"[3/3] training the text-conditioned LDM under DeepSpeed -> {ldm_cfg.run.output_dir}")
         trainer = Trainer(ldm_cfg)
         result = trainer.train()
         if result["preempted"]:
             print(f"stopped by a signal at step {result['step']}; run the same command again to resume")
             return 0
+        times["LDM (training, grid, evaluation, export)"] = (time.time() - t2) / 60
         print("")
-        print(f"done in {(time.time() - t0) / 60:.1f} min")
+        print(f"done in {(time.time() - t0) / 60:.1f} min: "
+              + ", ".join(f"{stage} {minutes:.1f} min" for stage, minutes in times.items()))
         if stage1 is not None:
             print(f"stage 1: {stage1_summary(stage1)}")
         if result["first_loss"] is not None:

@@ -4,6 +4,8 @@ last checkpoint."""
 
 from __future__ import annotations
 
+import re
+
 import yaml
 
 from tests.conftest import ROOT, resumed_line, tiny_ldm_overrides
@@ -32,6 +34,8 @@ def test_rerun_skips_finished_stages_and_resumes(tmp_path, tiny_shards, trained_
     first = capsys.readouterr().out
     assert stage1_runs == [1] and trained_steps == [1, 2]
     assert "[2/3] training the stage-1 autoencoder" in first and "stage 1: held-out PSNR" in first
+    assert re.search(r"done in [\d.]+ min: shards [\d.]+ min, stage 1 [\d.]+ min, LDM \(training, grid, evaluation, "
+                     r"export\) [\d.]+ min", first)  # each stage's time
 
     assert demo_main(argv) == 0  # everything finished: nothing is trained again
     again = capsys.readouterr().out

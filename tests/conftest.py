@@ -101,9 +101,19 @@ def tiny_ldm_run(tmp_path_factory, tiny_shards, tiny_autoencoder) -> Path:
     return out
 
 
-def tiny_ldm_overrides(shards: Path, autoencoder: Path, out: Path, tracking_uri: str | None) -> list[str]:
-    """Overrides that shrink configs/ldm/emoji.yaml to seconds on a CPU."""
-    return [f"data.train={shards}", f"data.val={shards}", "data.image_size=16", "data.batch_size=4",
+# The DDPM chain with eps prediction: the tiny model most tests train and sample (its tools: the ELBO, the chain's step
+# cap, DDPM/DDIM against diffusers' schedulers); the shipped default (rectified flow) runs with recipe="default".
+CHAIN = ["diffusion.process=discrete", "diffusion.prediction=eps", "diffusion.time_sampling=uniform",
+         "sampling.sampler=ddpm", "eval.sampler=dpmpp_2m", "eval.steps=20"]
+
+
+def tiny_ldm_overrides(shards: Path, autoencoder: Path, out: Path, tracking_uri: str | None,
+                       recipe: str = "chain") -> list[str]:
+    """Overrides that shrink configs/ldm/emoji.yaml to seconds on a CPU; ``recipe`` "chain" trains on the DDPM chain
+    (``CHAIN``), "default" keeps the config's own recipe."""
+    if recipe not in ("chain", "default"):
+        raise ValueError(f"recipe must be 'chain' or 'default', got {recipe!r}")
+    return [*(CHAIN if recipe == "chain" else []), f"data.train={shards}", f"data.val={shards}", "data.image_size=16", "data.batch_size=4",
             "data.shuffle_buffer=8", f"autoencoder.path={autoencoder}", "model.preset=tiny", "text_encoder.max_length=8",
             "train.max_steps=4", "train.ckpt_every=2", "train.log_every=1", "train.warmup_steps=1",
             "sampling.steps=3", "sampling.images_per_prompt=1", "sampling.prompts=[red apple, dog face]",

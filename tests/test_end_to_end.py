@@ -21,7 +21,7 @@ def test_pipeline_end_to_end(tmp_path, tiny_shards, tiny_autoencoder):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "ldm"
     rc = train_main(["--config", str(ROOT / "configs/ldm/emoji.yaml"),
-                     *tiny_ldm_overrides(tiny_shards, tiny_autoencoder, out, uri)])
+                     *tiny_ldm_overrides(tiny_shards, tiny_autoencoder, out, uri, recipe="default")])  # as shipped
     assert rc == 0
 
     # checkpoint: the latest pointer names a complete checkpoint; keep_last=2 kept steps 2 and 4

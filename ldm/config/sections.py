@@ -355,7 +355,8 @@ class LDMConfig:
 
         presets = PRESETS[m.kind]
         if m.preset is not None and m.preset not in presets:
-            raise ConfigError(f"model.preset: unknown {m.kind} preset {m.preset!r}; choose from {sorted(presets)}")
+            raise ConfigError(f"model.preset: unknown preset {m.preset!r} for model.kind {m.kind!r}; choose from "
+                              f"{sorted(presets)}")
         foreign = [f.name for f in dataclasses.fields(m) if f.name not in UNET_EXTRA + MODEL_KEYS[m.kind]
                    and getattr(m, f.name) is not None]
         if foreign:

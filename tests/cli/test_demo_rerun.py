@@ -25,7 +25,7 @@ def test_rerun_skips_finished_stages_and_resumes(tmp_path, tiny_shards, trained_
     (tmp_path / "ae.yaml").write_text(yaml.safe_dump(ae_cfg))
     out = tmp_path / "ldm"
     argv = ["--data", str(tiny_shards), "--autoencoder-config", str(tmp_path / "ae.yaml"),
-            *tiny_ldm_overrides(tiny_shards, tmp_path / "autoencoder", out, None), "train.max_steps=2"]
+            *tiny_ldm_overrides(tiny_shards, tmp_path / "autoencoder", out, None, recipe="default"), "train.max_steps=2"]
     stage1_runs = []
     real_stage1 = stage1.train_stage1
     monkeypatch.setattr(stage1, "train_stage1", lambda cfg: stage1_runs.append(1) or real_stage1(cfg))

@@ -71,7 +71,7 @@ def test_a_transformer_trains_resumes_exports_and_samples(kind, tmp_path, tiny_s
     (["model.kind=dit", "model.patch_size=3"], "model.patch_size: 3 does not divide the latent side 8"),
     (["model.kind=dit", "model.num_heads=5"], "model.num_heads: 5 heads do not divide model.hidden_size 32"),
     (["model.kind=dit", "model.block_out_channels=[8, 16]"], "model.block_out_channels: not a key of model.kind 'dit'"),
-    (["model.kind=mmdit", "model.preset=sd15"], "model.preset: unknown mmdit preset 'sd15'"),
+    (["model.kind=mmdit", "model.preset=sd15"], "model.preset: unknown preset 'sd15' for model.kind 'mmdit'"),
     (["model.kind=mmdit"], "model.kind: the MMDiT embeds a pooled text vector, and the text encoder gives none"),
     (["model.kind=vit"], "model.kind"),
 ])

@@ -30,6 +30,12 @@ class AutoencoderTrainConfig:
     log_every: int = 50
     scale_batches: int = 20  # batches used to measure the latent statistics (scale and shift)
     shift: bool = True  # store the latents' mean as shift_factor (diffusers' convention); False: scale only (LDM)
+    # LDM's first-stage adversarial term (autoencoder.adversarial): a PatchGAN of disc_layers strided layers, hinge
+    # loss, weighted disc_weight x the adaptive weight ||grad rec|| / ||grad adv|| at the decoder's last layer, from
+    # step disc_start on; 0: off
+    disc_weight: float = 0.0
+    disc_start: int = 0
+    disc_layers: int = 2
 
 
 @dataclass
@@ -54,7 +60,9 @@ class AutoencoderConfig:
     def check(self) -> None:
         require_positive(self, "data.batch_size", "data.image_size", "train.steps", "train.lr", "train.log_every",
                          "train.scale_batches", "eval.grid_images")
-        require_non_negative(self, "train.warmup_steps", "train.kl_weight")
+        require_non_negative(self, "train.warmup_steps", "train.kl_weight", "train.disc_weight", "train.disc_start")
+        if self.train.disc_layers < 1:
+            raise ConfigError(f"train.disc_layers: must be >= 1, got {self.train.disc_layers}")
         factor = 2 ** (len(self.model.block_out_channels) - 1)
         if self.data.image_size % factor:
             raise ConfigError(f"data.image_size: {self.data.image_size} is not divisible by the autoencoder's "

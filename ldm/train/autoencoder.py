@@ -99,7 +99,8 @@ def train_stage1(cfg: AutoencoderConfig, progress: bool = True) -> dict[str, Any
         train_metrics = train_autoencoder(
             model, image_batches(cfg, "train", cfg.run.seed, device), steps=t.steps, lr=t.lr, kl_weight=t.kl_weight,
             loss=t.loss, seed=cfg.run.seed, lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps, crop=t.crop,
-            log_every=t.log_every, progress=progress,
+            log_every=t.log_every, disc_weight=t.disc_weight, disc_start=t.disc_start, disc_layers=t.disc_layers,
+            progress=progress,
             on_log=lambda step, values: tracker.log_metrics({f"autoencoder/{k}": v for k, v in values.items()}, step))
         model.eval()
         mean, std = measure_latent_stats(model, image_batches(cfg, "train", cfg.run.seed + 1, device),

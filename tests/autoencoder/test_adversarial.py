@@ -59,3 +59,26 @@ def test_discriminator_switches_on_at_disc_start_and_learns():
     assert all(0 < logs[s]["disc_lambda"] <= 0.5 * 1e4 for s in (30, 60))
     with pytest.raises(ValueError, match="disc_weight"):
         train_autoencoder(tiny_model(), batches(), steps=1, disc_weight=-1.0, progress=False)
+
+
+def test_the_stage1_config_turns_the_adversarial_term_on(tmp_path, tiny_shards):
+    """train.disc_weight / disc_start / disc_layers reach the training loop through ldm-train-autoencoder (the
+    discriminator's losses are logged to MLflow from disc_start on); a bad value exits 2 before training."""
+    from mlflow.tracking import MlflowClient
+
+    from ldm.cli.train_autoencoder import main
+    from tests.conftest import ROOT
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["--config", str(ROOT / "configs/autoencoder/emoji.yaml"), f"data.train={tiny_shards}",
+            f"data.val={tiny_shards}", "data.image_size=16", "data.batch_size=4", "model.block_out_channels=[8,16]",
+            "model.norm_num_groups=8", "model.latent_channels=4", "train.steps=4", "train.scale_batches=1",
+            "train.log_every=1", "eval.rfid=false", f"run.output_dir={tmp_path / 'ae'}", f"tracking.uri={uri}"]
+    assert main([*args, "train.disc_weight=0.5", "train.disc_start=2", "train.disc_layers=1"]) == 0
+    client = MlflowClient(tracking_uri=uri)
+    run = client.search_runs([client.get_experiment_by_name("emoji-autoencoder").experiment_id])[0]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "autoencoder/d_loss")] == [3, 4]
+    assert run.data.params["train.disc_weight"] == "0.5"
+    with pytest.raises(SystemExit) as e:
+        main([*args, "train.disc_layers=0", f"run.output_dir={tmp_path / 'bad'}"])
+    assert e.value.code == 2 and not (tmp_path / "bad").exists()

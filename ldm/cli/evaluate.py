@@ -48,6 +48,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="sweep axis, repeatable: guidance=0,1,2,4,8 | sampler=ddim,heun_ode | steps=10,25,50; "
                         "axes not swept keep --guidance/--sampler/--steps")
     p.add_argument("--seed", type=int, default=None, help="picks the real sets; image i uses seed + i")
+    p.add_argument("--prompt-set", choices=("scored", "tuning"), default="scored",
+                   help="scored: the protocol's prompts; tuning: prompts that are never scored, to choose a sampler "
+                        "and guidance on (ldm/eval/tuning.py), then score the choice once on the scored set")
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: eval.batch_size)")
     p.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples for the intervals (0: none)")
     p.add_argument("--inception", default=None,
@@ -118,13 +121,14 @@ def evaluate(args: argparse.Namespace) -> None:
                                     reference_images=args.reference_images, seed=args.seed,
                                     inception=args.inception, classifier=args.classifier,
                                     bootstrap=args.bootstrap, clip=args.clip, clip_model=args.clip_model,
-                                    batch_size=args.batch_size, cache_dir=args.cache_dir)
+                                    batch_size=args.batch_size, cache_dir=args.cache_dir, prompt_set=args.prompt_set)
     except (ValueError, FileNotFoundError) as err:
         usage_error(str(err))
     tracker = Tracker(tracking_uri(args.tracking_uri, cfg.tracking.uri), args.experiment or cfg.tracking.experiment,
                       f"eval-{cfg.run.name}", enabled=args.tracking)
     options = {**pipe.defaults, **args.guidance_options}  # the flags over the model's configured defaults
-    settings = {"model": args.model, "data": data, "num_images": evaluator.num_images, **options,
+    settings = {"model": args.model, "data": data, "prompt_set": args.prompt_set, "num_images": evaluator.num_images,
+                **options,
                 "reference_images": len(evaluator.reference), "seed": evaluator.seed,
                 "inception": str(evaluator.inception.path), "classifier": evaluator.classifier is not None,
                 "bootstrap": evaluator.bootstrap, "weights": "raw" if args.raw_weights else "ema"}

@@ -19,7 +19,10 @@ from ldm.eval.realset import (
     RealSet, Split, cache_key, default_cache_dir, load_features, read_split, resolve_shards, save_features, shards_hash,
     split_pool,
 )
+from ldm.eval.tuning import TUNING_SEED_OFFSET, tuning_indices
 from ldm.io import atomic_write_bytes
+
+PROMPT_SETS = ("scored", "tuning")  # the floor set's captions, or the tuning set's (ldm.eval.tuning)
 
 CLASSIFIER_POOL = 50_000  # at most this many real images are read for the classifier (plus the floor and reference)
 
@@ -29,10 +32,16 @@ def prepare_evaluator(data: str, *, image_size: int, caption: str = "label", num
                       classifier: bool = True, classifier_label: str = "subcategory", bootstrap: int = 50,
                       clip: str | Path | None = None, clip_model: str = "ViT-B-32", batch_size: int = 100,
                       cache_dir: str | Path | None = None, device: torch.device | str = "cpu",
-                      progress: bool = True) -> Evaluator:
+                      progress: bool = True, prompt_set: str = "scored") -> Evaluator:
     """The protocol on the training split of ``data``: ``num_images`` prompts (the floor set's captions) and seeds,
     FID/KID against ``reference_images`` real images, the alignment classifier (``classifier``) and CLIP score
-    (``clip`` weights), all fixed by ``seed``; cached under ``cache_dir`` by a hash of everything they depend on."""
+    (``clip`` weights), all fixed by ``seed``; cached under ``cache_dir`` by a hash of everything they depend on.
+
+    ``prompt_set="tuning"``: the same protocol on the tuning set instead of the floor set (``ldm.eval.tuning``: rest
+    images whose captions are not scored prompts, seeds offset by ``TUNING_SEED_OFFSET``), for choosing how a model
+    is sampled without looking at the scored prompts; its own floor is its real images against the reference set."""
+    if prompt_set not in PROMPT_SETS:
+        raise ValueError(f"prompt_set must be one of {PROMPT_SETS}, got {prompt_set!r}")
     if num_images < 2 or reference_images < 2:
         raise ValueError(f"FID needs at least 2 images per set, got num_images={num_images}, "
                          f"reference_images={reference_images}")
@@ -54,13 +63,23 @@ def prepare_evaluator(data: str, *, image_size: int, caption: str = "label", num
     if classifier:
         label_classifier, real_alignment = _alignment_classifier(folder, pool, split, floor.labels, classifier_label,
                                                                  data, seed, progress)
+    if prompt_set == "tuning":  # the classifier's ceiling stays the floor set's (it was trained on the rest)
+        tuning = load_features(folder, "tuning")
+        if tuning is None:
+            pool = read_split(data, "train", image_size, caption, classifier_label,
+                              limit=num_images + reference_images + CLASSIFIER_POOL, progress=progress)
+            split = split_pool(len(pool), num_images, reference_images, seed)
+            tuning = _tuning_features(network, pool, split, floor, reference, folder, num_images, bootstrap, seed,
+                                      progress)
+        floor, floor_scores = tuning, json.loads((folder / "tuning.json").read_text())["scores"]
     clip_scorer = None
     if clip is not None:
         from ldm.eval.clip_score import ClipScorer
 
         clip_scorer = ClipScorer(clip, clip_model, device)
     return Evaluator(network, floor, reference, floor_scores, label_classifier, real_alignment, clip_scorer,
-                     seed=seed, bootstrap=bootstrap, batch_size=batch_size, progress=progress, folder=folder)
+                     seed=seed + (TUNING_SEED_OFFSET if prompt_set == "tuning" else 0), bootstrap=bootstrap,
+                     batch_size=batch_size, progress=progress, folder=folder)
 
 
 def _classifier_file(folder: Path) -> Path:
@@ -77,6 +96,24 @@ def _real_features(network: InceptionFeatures, pool: RealSet, split: Split, fold
     save_features(folder, "reference", reference)
     save_features(folder, "floor", floor, {"scores": floor_scores, "data": str(data)})
     return floor, reference
+
+
+def _tuning_features(network: InceptionFeatures, pool: RealSet, split: Split, floor: RealSet, reference: RealSet,
+                     folder: Path, num_images: int, bootstrap: int, seed: int, progress: bool) -> RealSet:
+    """The tuning set (as many images as the floor set, fewer when the rest is short) with its features and its own
+    floor against the reference set, computed and cached. Whatever pool the cached sets were drawn from, no tuning
+    image is one of theirs and no tuning caption is a scored prompt."""
+    scored, used = set(floor.captions), set(floor.keys) | set(reference.keys)
+    indices = [i for i in tuning_indices(pool.captions, split.floor, split.rest, len(pool))
+               if pool.captions[i] not in scored and pool.keys[i] not in used][:num_images]
+    if len(indices) < 2:
+        raise ValueError(f"the tuning set needs real images outside the floor and reference sets whose captions are "
+                         f"not scored prompts; the data has {len(indices)}")
+    tuning = pool.subset(indices)
+    tuning.features = network.features(tuning.floats(), desc="inception (real tuning set)", progress=progress)
+    save_features(folder, "tuning", tuning, {"scores": fid_kid_bootstrap(tuning.features, reference.features,
+                                                                         bootstrap, seed)})
+    return tuning
 
 
 def _alignment_classifier(folder: Path, pool: RealSet | None, split: Split | None, floor_labels: list[str],

@@ -58,7 +58,8 @@ class Components:
                                  self.autoencoder.downsample_factor)
 
     def unet_kwargs(self) -> dict[str, Any]:
-        return unet_kwargs(self.cfg.model, self.latent_shape[0], self.context_dim, self.pooled_dim, self.latent_shape[1])
+        channels, side = self.latent_shape[0], self.latent_shape[1]
+        return unet_kwargs(self.cfg.model, channels, self.context_dim, self.pooled_dim, side)
 
     def denoiser(self, model: torch.nn.Module):
         """The denoiser (x_t, model_time, cond) -> prediction a UNet (or its DeepSpeed engine) is trained and sampled

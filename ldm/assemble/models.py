@@ -1,7 +1,7 @@
 """The network of the ``model`` section, the one place that knows which network a config describes (``model.kind``:
 the cross-attention UNet, PixArt-alpha's DiT or SD3's MMDiT; every function below takes any of them, the names say
-"unet" for the default): its constructor arguments, its initial weights (``model.init_from``), LoRA adapters (``model.lora``), trained
-states loaded back, and plain full weights (adapters merged) for exports.
+"unet" for the default): its constructor arguments, its initial weights (``model.init_from``), LoRA adapters
+(``model.lora``), trained states loaded back, and plain full weights (adapters merged) for exports.
 
 A trained state is either plain full weights (an export's: a plain UNet, loaded strictly) or the trained module's
 own state, which with LoRA holds peft's names (``...to_q.lora_A.default.weight``, ``...to_q.base_layer.weight``) and
@@ -38,7 +38,8 @@ def unet_kwargs(cfg: UNetConfig, in_channels: int, context_dim: int, pooled_dim:
     """The network's constructor arguments: the preset, then every key the config sets explicitly; the latent
     channels (in and out) come from the autoencoder, the text widths from the text encoder (or its cache): context_dim
     always, pooled_dim when the network takes a pooled vector (SDXL's added conditioning, the MMDiT); a transformer's
-    positions are laid out for the trained latent side ``latent_size``."""
+    positions are laid out for the trained latent side ``latent_size``. The output has the latent's channels (the
+    published PixArt presets' learned-variance half is not trained here)."""
     kwargs = {**_declared(cfg), "in_channels": in_channels, "out_channels": in_channels, "context_dim": context_dim}
     if cfg.kind != "unet":
         return _transformer_kwargs(cfg, kwargs, pooled_dim, latent_size)
@@ -161,9 +162,9 @@ def is_adapter_state(state: dict[str, torch.Tensor]) -> bool:
 def build_unet(cfg: UNetConfig, in_channels: int, context_dim: int, pooled_dim: int | None = None,
                state: dict[str, torch.Tensor] | None = None, source: str = "<state dict>",
                latent_size: int | None = None) -> torch.nn.Module:
-    """The network of ``cfg`` (``model.kind``). Without a state, or with the trained module's own: random weights, or init_from's, with
-    model.lora's adapters added (only they then require gradients), the state's tensors loaded over them. With
-    plain full weights: a plain UNet holding them (strictly)."""
+    """The network of ``cfg`` (``model.kind``). Without a state, or with the trained module's own: random weights, or
+    init_from's, with model.lora's adapters added (only they then require gradients), the state's tensors loaded over
+    them. With plain full weights: a plain network holding them (strictly)."""
     unet = NETWORKS[cfg.kind](**unet_kwargs(cfg, in_channels, context_dim, pooled_dim, latent_size))
     if state is not None and not is_adapter_state(state):
         return load_model_weights(unet, {k: v.float() for k, v in state.items()})

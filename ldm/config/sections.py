@@ -50,7 +50,7 @@ class UNetConfig:
     transformer_depth: int | list[int] | None = None  # shared, or one per encoder level (SDXL: [1, 2, 10])
     use_linear_projection: bool | None = None
     norm_num_groups: int | None = None
-    # SDXL's pooled-text + size/crop conditioning (addition_time_embed_dim "text_time"): features per micro-condition
+    # SDXL's pooled-text + size/crop conditioning (addition_embed_type "text_time"): features per micro-condition
     # (256), their number (6), the pooled width (None: the text encoder's; the MMDiT's too)
     addition_time_embed_dim: int | None = None
     num_time_ids: int | None = None

@@ -17,8 +17,11 @@ from tests.conftest import ROOT
 
 README = ROOT / "README.md"
 # cited results files whose figures another issue is measuring again (issue 28: the recipe and sampler studies)
-PENDING = {"eval.md": "issue 28 measures the sampler study again (README 'Samplers on the trained model')",
-           "recipe.md": "issue 28 measures the recipe study again (README 'Recipes')"}
+PENDING = {"eval.md": "the sampler table of the earlier eps default (2026-12-04): no provenance line; issue 28 measures "
+                      "the sampler study again on the flow default",
+           "recipe.md": "the recipe study (hours of CPU) was measured at 2b4fa82, before the glue refactor's merge, and "
+                        "bench_recipe writes no provenance line yet (issue 28); each run records its commit in "
+                        "recipe.json"}
 
 
 def cited() -> list[str]:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point that sets everything up on a fresh machine (Python 3.11 + pip, npm) and then runs:
-#   ./run.sh demo [key=value ...]   the whole pipeline on the embedded emoji default (26 min on 2 CPU cores)
+#   ./run.sh demo [key=value ...]   the whole pipeline on the embedded emoji default (each stage's time printed)
 #   ./run.sh test [pytest args]     the test suite (what CI runs: -m "not cluster", then -m cluster; the GPU tests
 #                                   that can run on a CPU included); with arguments, pytest with them
 # The virtual environment (.venv) is (re)installed only when pyproject.toml, the lock (constraints.txt:

@@ -87,7 +87,7 @@ def peer_batches(cfg, parts) -> Iterator[tuple[Tensor, dict, list[str]]]:
     for batch in batch_stream(cfg.data, cfg.run.seed, 0, 1, position):
         if "latent" not in batch:
             raise ValueError("the peer trains from cached latents (data.latents or data.text_cache)")
-        yield batch["latent"], parts.condition(batch), list(batch["key"])
+        yield batch["latent"], parts.conditioning(batch, batch["latent"]), list(batch["key"])
 
 
 class PeerTrainer:

@@ -53,7 +53,7 @@ def test_pipeline_end_to_end(tmp_path, tiny_shards, tiny_autoencoder):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     proc = subprocess.run([sys.executable, "-m", "ldm.cli.sample", "--model", str(out / "export"),
                            "--prompt", "red apple", "--prompt", "dog face", "--guidance", "3", "--steps", "4",
-                           "--sampler", "euler_maruyama", "--images-per-prompt", "2", "--seed", "5",
+                           "--sampler", "flow_sde", "--images-per-prompt", "2", "--seed", "5",
                            "--out", str(samples)], capture_output=True, text=True, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     files = sorted(p.name for p in samples.glob("0*.png"))
@@ -69,7 +69,7 @@ def test_pipeline_end_to_end(tmp_path, tiny_shards, tiny_autoencoder):
 
     shutil.rmtree(out / "export")
     again = subprocess.run([sys.executable, "-m", "ldm.cli.sample", "--model", str(out), "--prompt", "red apple",
-                            "--prompt", "dog face", "--guidance", "3", "--steps", "4", "--sampler", "euler_maruyama",
+                            "--prompt", "dog face", "--guidance", "3", "--steps", "4", "--sampler", "flow_sde",
                             "--images-per-prompt", "2", "--seed", "5", "--out", str(tmp_path / "again")],
                            capture_output=True, text=True, env=env, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-2000:]

@@ -21,7 +21,7 @@ from ldm.diffusion.parameterization import Predictor
 from ldm.sampling.guidance import (
     ClassifierFreeGuidance, ClassifierGuidance, GuidanceInterval, Guided, concat_cond, guide,
 )
-from ldm.sampling.samplers import DEFAULT_CONTINUOUS_SPACING, DEFAULT_SPACING, SAMPLERS
+from ldm.sampling.samplers import DEFAULT_CONTINUOUS_SPACING, DEFAULT_SPACING, SAMPLERS, check_finite_sde
 
 
 def time_grid(process, sampler: str, steps: int, spacing: str | None = None, time_shift: float = 1.0) -> torch.Tensor:
@@ -43,8 +43,11 @@ def time_grid(process, sampler: str, steps: int, spacing: str | None = None, tim
 
 def check_sampling(process, prediction: str, sampler: str, steps: int, spacing: str | None = None) -> None:
     """ValueError naming the problem when a model of this process and prediction cannot be sampled with these settings:
-    an unknown sampler, a grid the process cannot make, or eps / score on a schedule with zero terminal SNR."""
-    time_grid(process, sampler, steps, spacing)
+    an unknown sampler, a grid the process cannot make, a reverse SDE started where the forward SDE is singular (the
+    flow at t = 1), or eps / score on a schedule with zero terminal SNR."""
+    ts = time_grid(process, sampler, steps, spacing)
+    if sampler == "euler_maruyama":
+        check_finite_sde(process, float(ts[0]), sampler)
     if prediction in ("eps", "score") and float(process.alpha(1.0)) == 0.0:
         raise ValueError(f"this model predicts {prediction} on a schedule with zero terminal SNR: "
                          "x0 = (x_t - sigma eps) / alpha is undefined at t = 1; such models must predict v or x0")

@@ -25,7 +25,8 @@ from ldm.sampling.steps import noise_like as _noise
 Tensor = torch.Tensor
 
 
-def _finite_sde(p, t: float, name: str) -> None:
+def check_finite_sde(p, t: float, name: str) -> None:
+    """ValueError when the process's forward SDE is singular at the grid's first time (a reverse-SDE start there)."""
     if not math.isfinite(float(p.g2(t))):
         raise ValueError(f"{name}: the forward SDE of {type(p).__name__} is singular at t = {t} (g^2 = inf, e.g. the "
                          "flow at t = 1); use flow_sde, ddpm, euler_ancestral or an ODE sampler")
@@ -78,7 +79,7 @@ def euler_maruyama(model: Predictor, x: Tensor, ts: Tensor, cond: Any = None, ge
                    callback: Callback = None) -> Tensor:
     """Reverse-time SDE dx = [f x - g^2 score] dt + g dw_bar by Euler-Maruyama (Song et al. 2021, Eq. 6)."""
     p = model.process
-    _finite_sde(p, float(ts[0]), "euler_maruyama")
+    check_finite_sde(p, float(ts[0]), "euler_maruyama")
     for i, (t, s, last) in enumerate(_pairs(ts)):
         x0, eps = model(x, t, cond)
         if callback is not None:
@@ -107,7 +108,7 @@ def predictor_corrector(model: Predictor, x: Tensor, ts: Tensor, cond: Any = Non
         raise ValueError(f"predictor must be 'reverse_diffusion' or 'euler', got {predictor!r}")
     p = model.process
     if predictor == "euler":
-        _finite_sde(p, float(ts[0]), "pc with predictor 'euler'")
+        check_finite_sde(p, float(ts[0]), "pc with predictor 'euler'")
     for i, (t, s, last) in enumerate(_pairs(ts)):
         a, var = p.transition(t, s)
         a, var = float(a), float(var)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ldm.config import LDMConfig, load_config
+from tests.conftest import CHAIN
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,12 +37,13 @@ def clip_folder(tmp_path_factory) -> Path:
 
 
 def _export(out: Path, autoencoder: Path, overrides: list[str]) -> Path:
-    """An export of a random-weight tiny UNet under the emoji config with ``overrides``, written by save_export."""
+    """An export of a random-weight tiny UNet under the emoji config on the DDPM chain (``CHAIN``) with ``overrides``,
+    written by save_export."""
     from ldm.assemble import assemble
     from ldm.export import save_export
 
     cfg = load_config(LDMConfig, ROOT / "configs/ldm/emoji.yaml",
-                      [f"autoencoder.path={autoencoder}", "data.image_size=16", "model.preset=tiny",
+                      [*CHAIN, f"autoencoder.path={autoencoder}", "data.image_size=16", "model.preset=tiny",
                        "sampling.steps=5", "sampling.guidance=3.0", *overrides])
     parts = assemble(cfg)
     torch.manual_seed(0)

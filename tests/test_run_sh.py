@@ -14,10 +14,13 @@ from tests.conftest import ROOT
 from tests.launch.test_launch import shellcheck_binary
 
 FAKE_PYTHON = """#!/usr/bin/env bash
-# venv python stand-in: record pip calls; `-c` probes (is CUDA there?) answer no
+# venv python stand-in: record pip calls; `-c` probes (is CUDA there?) answer no; pytest exits $FAKE_PYTEST_RC
 case "$1" in
   -m) echo "$*" >> "$(dirname "$0")/../pip.log"
-      [[ "$2" != pytest ]] || echo "LDM_GPU_TESTS_ON_CPU=${LDM_GPU_TESTS_ON_CPU-unset} $*" >> "$(dirname "$0")/../pytest.log" ;;
+      if [[ "$2" == pytest ]]; then
+        echo "LDM_GPU_TESTS_ON_CPU=${LDM_GPU_TESTS_ON_CPU-unset} $*" >> "$(dirname "$0")/../pytest.log"
+        exit "${FAKE_PYTEST_RC:-0}"
+      fi ;;
   -c) exit 1 ;;
 esac
 """
@@ -74,6 +77,25 @@ def test_the_test_command_runs_the_cpu_capable_gpu_tests(project):
         assert proc.returncode == 0, proc.stderr
         log = project / "venv" / "pytest.log"
         assert log.read_text().splitlines() == [f"LDM_GPU_TESTS_ON_CPU={expected} -m pytest -q -x"]
+        log.unlink()
+
+
+def test_the_whole_suite_runs_the_cluster_tests_after_a_failed_main_suite(project):
+    """./run.sh test without arguments (what .ci/run calls) runs the main suite, then the cluster tests even when the
+    main suite failed, and exits with the first failure's code."""
+    stubs = project / "stubs"
+    stubs.mkdir()
+    (stubs / "apt-get").write_text("#!/usr/bin/env bash\nexit 0\n")
+    (stubs / "apt-get").chmod(0o755)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("LDM_")}
+    environ["PATH"] = f"{stubs}{os.pathsep}{environ['PATH']}"
+    for rc, expected in (("0", 0), ("1", 1), ("5", 1)):  # 5: pytest collected nothing, a failure too
+        proc = subprocess.run(["bash", str(project / "run.sh"), "test"], capture_output=True, text=True, timeout=60,
+                              env={**environ, "LDM_VENV": "venv", "FAKE_PYTEST_RC": rc})
+        assert proc.returncode == expected, (rc, proc.stderr)
+        log = project / "venv" / "pytest.log"
+        assert log.read_text().splitlines() == ["LDM_GPU_TESTS_ON_CPU=1 -m pytest -q -m not cluster",
+                                                "LDM_GPU_TESTS_ON_CPU=1 -m pytest -q -m cluster"], rc
         log.unlink()
 
 

@@ -36,7 +36,7 @@ def test_default_network_is_the_packaged_inception(inception):
     assert hashlib.sha1(path.read_bytes()).hexdigest() == FID_HELPER_SHA1
     grey = torch.full((1, 3, 32, 32), 128 / 255)
     x = to_inception_input(grey)
-    assert x.shape == (1, 3, 299, 299) and torch.allclose(x, torch.zeros_like(x))  # 128 / 128 - 1 = 0
+    assert x.shape == (1, 3, 299, 299) and x.abs().max() < 1e-6  # 128 / 128 - 1 = 0 (float32 rounding, thread-dependent)
     assert to_inception_input(torch.ones(1, 3, 8, 8)).max() == pytest.approx(255 / 128 - 1)
 
 

@@ -21,7 +21,10 @@ PENDING = {"eval.md": "the sampler table of the earlier eps default (2026-12-04)
                       "the sampler study again on the flow default",
            "recipe.md": "the recipe study (hours of CPU) was measured at 2b4fa82, before the glue refactor's merge, and "
                         "bench_recipe writes no provenance line yet (issue 28); each run records its commit in "
-                        "recipe.json"}
+                        "recipe.json",
+           "sampler_choice.md": "the flow default's guidance chosen with `ldm-eval --prompt-set tuning` (the command and "
+                                "commit are in the file), not by a bench script; issue 28 moves the choice into "
+                                "bench_recipe, which will write the provenance line"}
 
 
 def cited() -> list[str]:

@@ -14,6 +14,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Mapping
 
 import torch
@@ -172,6 +173,35 @@ def init_distributed(device: str = "auto") -> DistInfo:
         # abort the process in gloo's threads ("terminate called without an active exception") after a clean run
         atexit.register(_destroy_group)
     return DistInfo(rank, world, local_rank, dev)
+
+
+def align_collective_timeouts(timeout: timedelta | None = None) -> int:
+    """Give every process group of this rank one collective timeout: ``timeout``, by default DeepSpeed's (10 minutes;
+    ``DEEPSPEED_TIMEOUT=<minutes>`` changes it). Call it once the engine exists.
+
+    DeepSpeed gives the timeout to the default group only; the groups it makes for ZeRO get torch's default (30
+    minutes under gloo), so a rank left in a ZeRO all-gather by a peer whose link was cut waited 30 minutes whatever
+    DEEPSPEED_TIMEOUT said. Returns how many groups were set (0 for one process)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return 0
+    if timeout is None:
+        from deepspeed.constants import default_pg_timeout as timeout
+    from torch.distributed import distributed_c10d
+
+    set_timeout = getattr(torch.distributed, "set_timeout", None) or getattr(distributed_c10d, "_set_pg_timeout", None)
+    groups = getattr(getattr(distributed_c10d, "_world", None), "pg_map", None)
+    if set_timeout is None or groups is None:  # torch < 2.3
+        log.warning("torch %s cannot change a process group's timeout: groups made after the first keep torch's "
+                    "default", torch.__version__)
+        return 0
+    count = 0
+    for group in list(groups):
+        try:
+            set_timeout(timeout, group)
+        except ValueError:  # not a member
+            continue
+        count += 1
+    return count
 
 
 def _destroy_group() -> None:

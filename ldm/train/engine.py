@@ -11,7 +11,7 @@ import torch
 
 from ldm.config import ConfigError, TrainConfig
 from ldm.precision import use_tf32
-from ldm.train.distributed import any_across_ranks
+from ldm.train.distributed import align_collective_timeouts, any_across_ranks
 
 def deepspeed_config(cfg: TrainConfig, micro_batch: int) -> dict[str, Any]:
     """The DeepSpeed JSON config from the typed training section (extra keys in train.deepspeed win)."""
@@ -68,6 +68,7 @@ def build_engine(unet: torch.nn.Module, cfg: TrainConfig, micro_batch: int, devi
         config=deepspeed_config(cfg, micro_batch),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
     )
+    align_collective_timeouts()  # ZeRO's groups too: a rank waiting on a dead peer fails after the one timeout
     if cfg.zero_stage == 0 and engine.world_size == 1:
         # one process has nothing to all-reduce, yet DeepSpeed flattens, "all-reduces" and unflattens every gradient
         # at each boundary (6-8 % of an emoji-cpu step on CPU); the gradients are the same bits without it

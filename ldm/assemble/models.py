@@ -46,13 +46,20 @@ def unet_kwargs(cfg: UNetConfig, in_channels: int, context_dim: int, pooled_dim:
     if kwargs.get("addition_time_embed_dim") is None:
         kwargs.pop("pooled_dim", None)
         return kwargs
+    return {**kwargs, "pooled_dim": _pooled_dim(cfg, pooled_dim, "model.addition_time_embed_dim: SDXL's added "
+                                                "conditioning needs a pooled text vector")}
+
+
+def _pooled_dim(cfg: UNetConfig, pooled_dim: int | None, needs: str) -> int:
+    """The pooled width of a network that embeds the pooled text vector: the text encoder's (model.pooled_dim, when
+    set, must agree)."""
     if pooled_dim is None:
-        raise ConfigError("model.addition_time_embed_dim: SDXL's added conditioning needs a pooled text vector, and "
-                          "the text encoder gives none: set text_encoder.pooled (or an encoder's pooled) to true")
+        raise ConfigError(f"{needs}, and the text encoder gives none: set text_encoder.pooled (or an encoder's "
+                          "pooled) to true")
     if cfg.pooled_dim is not None and cfg.pooled_dim != pooled_dim:
         raise ConfigError(f"model.pooled_dim: {cfg.pooled_dim}, but the text encoder's pooled vector has {pooled_dim} "
                           "entries (leave it unset to take the encoder's)")
-    return {**kwargs, "pooled_dim": pooled_dim}
+    return pooled_dim
 
 
 def _transformer_kwargs(cfg: UNetConfig, kwargs: dict, pooled_dim: int | None, latent_size: int | None) -> dict:
@@ -63,12 +70,7 @@ def _transformer_kwargs(cfg: UNetConfig, kwargs: dict, pooled_dim: int | None, l
     kwargs["sample_size"] = latent_size
     if cfg.kind == "dit":
         return kwargs
-    if pooled_dim is None:
-        raise ConfigError("model.kind: the MMDiT embeds a pooled text vector, and the text encoder gives none: set "
-                          "text_encoder.pooled (or an encoder's pooled) to true")
-    if cfg.pooled_dim is not None and cfg.pooled_dim != pooled_dim:
-        raise ConfigError(f"model.pooled_dim: {cfg.pooled_dim}, but the text encoder's pooled vector has {pooled_dim} "
-                          "entries (leave it unset to take the encoder's)")
+    pooled_dim = _pooled_dim(cfg, pooled_dim, "model.kind: the MMDiT embeds a pooled text vector")
     most = kwargs.get("pos_embed_max_size")
     if most is not None and most * patch < latent_size:
         raise ConfigError(f"model.pos_embed_max_size: {most} patches of {patch} do not cover the latent side "

@@ -132,7 +132,27 @@ class DiTBlock(nn.Module):
         return x + gate_mlp * self.ff(layer_norm(x) * (1 + scale_mlp) + shift_mlp)  # (B, N, D)
 
 
-class DiT(nn.Module):
+class BlockStack(nn.Module):
+    """What DiT and MMDiT share beyond their blocks: ``self.transformer_blocks`` run one after another, with
+    activation checkpointing and regional compilation over them."""
+
+    config: dict[str, Any]
+    transformer_blocks: nn.ModuleList
+    gradient_checkpointing: bool
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in backward instead of storing them."""
+        self.gradient_checkpointing = enabled
+        self.config["gradient_checkpointing"] = enabled
+
+    def compile_blocks(self, **options: Any) -> int:
+        """Regional compilation: ``torch.compile(**options)`` each transformer block in place. Returns how many."""
+        for block in self.transformer_blocks:
+            block.compile(**options)
+        return len(self.transformer_blocks)
+
+
+class DiT(BlockStack):
     """PixArt-alpha DiT: (x_t, t, context, context_mask) -> prediction (B, out_channels, H, W)."""
 
     def __init__(
@@ -201,17 +221,6 @@ class DiT(nn.Module):
     def micro_conditioned(self) -> bool:
         """True when forward needs the size/crop ``time_ids`` (PixArt's size conditioning)."""
         return self.config["size_conditioning"]
-
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each block's activations in backward instead of storing them."""
-        self.gradient_checkpointing = enabled
-        self.config["gradient_checkpointing"] = enabled
-
-    def compile_blocks(self, **options: Any) -> int:
-        """Regional compilation: ``torch.compile(**options)`` each transformer block in place. Returns how many."""
-        for block in self.transformer_blocks:
-            block.compile(**options)
-        return len(self.transformer_blocks)
 
     def forward(
         self,

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.models.attention import FeedForward, drop_padding
-from ldm.models.dit import FREQUENCY_DIM, check_latent, check_width, layer_norm, unpatchify
+from ldm.models.dit import FREQUENCY_DIM, BlockStack, check_latent, check_width, layer_norm, unpatchify
 from ldm.models.embeddings import PatchEmbed, ProjectionMLP, SinusoidalTimesteps, TimestepEmbedding, batch_timesteps
 
 
@@ -130,7 +130,7 @@ class MMDiTBlock(nn.Module):
         return x, c
 
 
-class MMDiT(nn.Module):
+class MMDiT(BlockStack):
     """SD3 MMDiT: (x_t, t, context, context_mask, pooled) -> prediction (B, out_channels, H, W)."""
 
     def __init__(
@@ -195,17 +195,6 @@ class MMDiT(nn.Module):
         nn.init.zeros_(self.proj_out.weight)
 
     micro_conditioned = False  # no size/crop time ids (the pooled text vector is always needed)
-
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each block's activations in backward instead of storing them."""
-        self.gradient_checkpointing = enabled
-        self.config["gradient_checkpointing"] = enabled
-
-    def compile_blocks(self, **options: Any) -> int:
-        """Regional compilation: ``torch.compile(**options)`` each transformer block in place. Returns how many."""
-        for block in self.transformer_blocks:
-            block.compile(**options)
-        return len(self.transformer_blocks)
 
     def forward(
         self,

@@ -67,6 +67,21 @@ def _stock(export: Path) -> tuple[torch.Tensor, dict, object]:
     return images, info, pipe
 
 
+@pytest.fixture(scope="module")
+def t5_folder(tmp_path_factory) -> Path:
+    """A random-weight T5 encoder with its tokenizer in one folder."""
+    from transformers import T5EncoderModel
+
+    from tests.conditioning.tiny import tiny_t5_config, tiny_t5_tokenizer
+
+    tokenizer = tiny_t5_tokenizer()
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("t5")
+    T5EncoderModel(tiny_t5_config(tokenizer, 32)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 CLIP = ["text_encoder.kind=clip", "text_encoder.max_length=16"]
 CASES = {
     "eps-ddim": (["sampling.sampler=ddim"], "DDIMScheduler"),
@@ -173,3 +188,51 @@ def test_folded_latent_shift_decodes_and_encodes_as_before(tiny_autoencoder):
         torch.testing.assert_close(folded.decode(z), model.decode(z), atol=1e-5, rtol=0)
         torch.testing.assert_close(folded.encode_dist(x).mean, model.encode_dist(x).mean - model.shift_factor,
                                    atol=1e-5, rtol=0)
+
+
+# PixArt-alpha's layout: a DiT under a T5 encoder that runs, and is attended, under the tokenizer's mask
+DIT = ["model.kind=dit", "text_encoder.kind=t5", "text_encoder.max_length=12", "text_encoder.mask_padding=true"]
+DIT_CASES = {
+    "eps-ddim": (["sampling.sampler=ddim"], "DDIMScheduler"),
+    "v-ddpm": (["diffusion.prediction=v", "sampling.sampler=ddpm"], "DDPMScheduler"),
+}
+
+
+@pytest.mark.parametrize("case", list(DIT_CASES))
+def test_pixart_pipeline_reproduces_our_dit_sample(case, tmp_path, tiny_autoencoder, t5_folder):
+    """The DiT's export is a PixArtAlphaPipeline folder: its stock call (T5 and the transformer under the mask, the
+    recorded length, no size bins) gives our sample with the same seeds, sampler and guidance."""
+    overrides, scheduler = DIT_CASES[case]
+    export = _export(tmp_path / "export", tiny_autoencoder, [*DIT, f"text_encoder.path={t5_folder}", *overrides])
+    theirs, info, pipe = _stock(export)
+    ours = _ours(export)
+    assert info["exact"] and info["differences"] == [] and info["scheduler"] == scheduler, info
+    assert type(pipe).__name__ == "PixArtAlphaPipeline" and type(pipe.scheduler).__name__ == scheduler
+    assert type(pipe.transformer).__name__ == "PixArtTransformer2DModel"
+    assert type(pipe.text_encoder).__name__ == "T5EncoderModel" and info["call"]["max_sequence_length"] == 12
+    assert ours.shape == theirs.shape == (2, 3, 16, 16) and float(ours.std()) > 0.01
+    err = float((ours - theirs).abs().max())
+    assert err < 1e-4, err
+    err_like = float((ours - _like(pipe, info)).abs().max())
+    assert err_like < 1e-4, err_like
+
+
+def test_pixart_flow_export_is_reproduced_by_sample_like_ldm(tmp_path, tiny_autoencoder, t5_folder):
+    """The flow DiT: PixArtAlphaPipeline cannot step the flow scheduler (recorded); its components on the recorded
+    sigmas give our sample. An upper-case prompt is where the stock call would differ (it lower-cases): recorded."""
+    export = _export(tmp_path / "export", tiny_autoencoder, [*DIT, f"text_encoder.path={t5_folder}", *FLOW])
+    info = json.loads((export / "diffusers" / "ldm_pipeline.json").read_text())
+    pipe = diffusers.DiffusionPipeline.from_pretrained(export / "diffusers")
+    assert type(pipe).__name__ == "PixArtAlphaPipeline" and info["call"] is None and info["unsupported"] == []
+    assert any("init_noise_sigma" in d for d in info["differences"]) and "lower-cases" in info["prompts"]
+    err = float((_ours(export) - _like(pipe, info)).abs().max())
+    assert err < 1e-4, err
+
+
+def test_dit_export_without_the_t5_mask_records_why(tmp_path, tiny_autoencoder, t5_folder):
+    """SD3's way of reading T5 (no mask) is not PixArt's: neither the stock call nor a reproduction is exact."""
+    export = _export(tmp_path / "export", tiny_autoencoder, [*DIT, f"text_encoder.path={t5_folder}",
+                                                             "text_encoder.mask_padding=false", "sampling.sampler=ddim"])
+    info = json.loads((export / "diffusers" / "ldm_pipeline.json").read_text())
+    assert not info["exact"] and info["reproduce"] is None
+    assert any("mask_padding=false" in d for d in info["unsupported"])

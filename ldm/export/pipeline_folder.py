@@ -1,9 +1,10 @@
 """An export's diffusers pipeline folder: ``DiffusionPipeline.from_pretrained(export / "diffusers")`` loads it.
 
-    diffusers/model_index.json      StableDiffusionPipeline: unet, vae, text_encoder, tokenizer, scheduler
+    diffusers/model_index.json      StableDiffusionPipeline (the UNet) or PixArtAlphaPipeline (the DiT with a T5
+                                    encoder): the network, vae, text_encoder, tokenizer, scheduler
     diffusers/unet/                 the EMA UNet (UNet2DConditionModel)
-    diffusers/transformer/          instead, a DiT's or MMDiT's EMA weights (PixArtTransformer2DModel,
-                                    SD3Transformer2DModel) beside vae/; no pipeline index for them yet
+    diffusers/transformer/          instead, a DiT's EMA weights (PixArtTransformer2DModel) or an MMDiT's
+                                    (SD3Transformer2DModel: beside vae/ only, no StableDiffusion3Pipeline index yet)
     diffusers/vae/                  the autoencoder (AutoencoderKL), its latent shift folded into its 1x1 convolutions
                                     (diffusers' Stable Diffusion pipelines ignore ``shift_factor``)
     diffusers/text_encoder/, tokenizer/   the frozen text encoder (transformers), tokenizer cut at the trained length
@@ -16,9 +17,11 @@
                                     pipeline's own components and loop, plus the text mask), exact for every setting
                                     not in ``unsupported``; ``differences``, why the stock call is not exact
 
-What the stock pipeline cannot express: our UNet's text mask (StableDiffusionPipeline passes no
-``encoder_attention_mask``; the MiniLM default masks padding), and stepping the flow scheduler (it reads the
-scheduler's ``init_noise_sigma``, which FlowMatchEulerDiscreteScheduler lacks). Time grids: that scheduler shifts its
+What the stock pipelines cannot express: our UNet's text mask (StableDiffusionPipeline passes no
+``encoder_attention_mask``; the MiniLM default masks padding; PixArtAlphaPipeline passes T5's mask, as the DiT was
+trained), and stepping the flow scheduler (both read the scheduler's ``init_noise_sigma``, which
+FlowMatchEulerDiscreteScheduler lacks). PixArtAlphaPipeline lower-cases and strips each prompt before T5 reads it,
+ours does not: the same image for prompts already in that form. Time grids: that scheduler shifts its
 smallest time twice when it makes its own grid (it ends at shift(shift(1/T)), 0.0089 at 12 steps and shift 3, where ours
 ends at shift(1/T), 0.0030); given ``sigmas = linspace(1, 1/T, steps)`` it shifts once, which is our grid, so
 ``reproduce`` carries those sigmas. Everything is written as plain files: exporting needs no diffusers.
@@ -38,6 +41,11 @@ PREDICTIONS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 BETA_RANGE = {"linear": (1e-4, 2e-2), "scaled_linear": (0.00085, 0.012), "cosine": (1e-4, 2e-2)}  # make_betas'
 FLOW_SAMPLERS = ("euler_ode", "ddim")  # on the rectified flow both are the Euler step of the velocity ODE
+# model.kind -> (its folder, the stock pipeline that loads the export (None: none yet), diffusers' class of the network)
+LAYOUTS = {"unet": ("unet", "StableDiffusionPipeline", "UNet2DConditionModel"),
+           "dit": ("transformer", "PixArtAlphaPipeline", "PixArtTransformer2DModel"),
+           "mmdit": ("transformer", None, "SD3Transformer2DModel")}
+PIPELINE_ENCODERS = {"unet": ("hf", "clip"), "dit": ("t5",)}  # the one transformers encoder each pipeline calls
 
 
 def scheduler_config(cfg) -> tuple[dict[str, Any] | None, dict[str, Any], list[str], list[str]]:
@@ -74,27 +82,34 @@ def scheduler_config(cfg) -> tuple[dict[str, Any] | None, dict[str, Any], list[s
         config = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": d.num_timesteps,
                   "shift": shift, "use_dynamic_shifting": False}
         sigmas = torch.linspace(1.0, 1.0 / d.num_timesteps, s.steps, dtype=torch.float64).tolist()
-        stock = ["StableDiffusionPipeline cannot step FlowMatchEulerDiscreteScheduler (it reads init_noise_sigma)"]
+        stock = [f"{LAYOUTS[cfg.model.kind][1]} cannot step FlowMatchEulerDiscreteScheduler (it reads "
+                 "init_noise_sigma)"]
         return config, {"sigmas": sigmas}, stock, unsupported  # our grid: the scheduler shifts these sigmas once
     unsupported.append(f"diffusion.process={d.process!r} with prediction {d.prediction!r} has no diffusers scheduler")
     return None, {}, [], unsupported
 
 
 def one_transformers_encoder(cfg) -> bool:
-    """True when the text encoder is one transformers model StableDiffusionPipeline can load and call."""
-    return cfg.text_encoder.kind in ("hf", "clip") and cfg.text_encoder.encoders is None
+    """True when the text encoder is the one transformers model the network's pipeline loads and calls."""
+    te = cfg.text_encoder
+    return te.kind in PIPELINE_ENCODERS.get(cfg.model.kind, ()) and te.encoders is None
 
 
 def masks_text(cfg) -> bool:
-    """True when our UNet cross-attends under the tokenizer's mask (MiniLM; CLIP with mask_padding)."""
+    """True when our network cross-attends under the tokenizer's mask (MiniLM; CLIP or T5 with mask_padding)."""
     return cfg.text_encoder.kind == "hf" or bool(cfg.text_encoder.mask_padding)
 
 
 def unsupported_settings(cfg) -> list[str]:
     """Settings that neither the stock pipeline nor ``sample_like_ldm`` reproduces."""
     te, s, out = cfg.text_encoder, cfg.sampling, []
+    pipeline = LAYOUTS[cfg.model.kind][1]
     if not one_transformers_encoder(cfg):
-        out.append(f"text_encoder.kind={te.kind!r} (or several encoders) is not one transformers text encoder")
+        out.append(f"text_encoder.kind={te.kind!r} (or several encoders): {pipeline} loads one "
+                   f"{' or '.join(PIPELINE_ENCODERS[cfg.model.kind])} encoder")
+    elif te.kind == "t5" and not te.mask_padding:
+        out.append("text_encoder.mask_padding=false: PixArtAlphaPipeline runs T5 and the transformer under the "
+                   "tokenizer's mask")
     elif te.kind == "clip" and (te.final_norm is False or te.projection):
         out.append("text_encoder.final_norm=false / projection=true: the pipeline reads a CLIPTextModel's hidden "
                    "states through its final norm")
@@ -104,7 +119,7 @@ def unsupported_settings(cfg) -> list[str]:
         out.append("sampling.guidance_interval: no diffusers pipeline guides only inside an interval")
     if s.guidance_rescale:
         out.append("sampling.guidance_rescale: not reproduced")
-    if cfg.model.addition_time_embed_dim is not None:
+    if cfg.model.kind == "unet" and cfg.model.addition_time_embed_dim is not None:
         out.append("SDXL micro-conditioning: StableDiffusionPipeline gives the UNet no pooled text or time ids")
     return out
 
@@ -127,25 +142,29 @@ def fold_latent_shift(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def write_pipeline(folder: Path, cfg, ema_state: dict, unet_kwargs: dict[str, Any], autoencoder_dir: Path) -> dict:
-    """Write ``folder`` (an export's diffusers/) as a StableDiffusionPipeline folder where the settings allow (the UNet
-    and the VAE always); returns what ldm_pipeline.json records."""
+    """Write ``folder`` (an export's diffusers/) as the network's pipeline folder (LAYOUTS) where the settings allow
+    (the network and the VAE always); returns what ldm_pipeline.json records."""
     import autoencoder
     from ldm.models import NETWORKS, save_diffusers
 
-    unet = NETWORKS[cfg.model.kind](**unet_kwargs)
-    unet.load_state_dict({k: v.float() for k, v in ema_state.items()})
+    kind = cfg.model.kind
+    net = NETWORKS[kind](**unet_kwargs)
+    net.load_state_dict({k: v.float() for k, v in ema_state.items()})
     autoencoder.save_diffusers(fold_latent_shift(autoencoder.load_pretrained(autoencoder_dir)), folder / "vae")
-    if cfg.model.kind != "unet":  # the transformer and the VAE in diffusers' layout; no pipeline folder yet
-        save_diffusers(unet, folder / "transformer")
-        why = (f"model.kind={cfg.model.kind!r}: the export writes the transformer and the VAE in diffusers' layout "
-               "(transformer/, vae/), not yet a PixArtAlphaPipeline / StableDiffusion3Pipeline folder")
+    net_folder, pipeline, net_class = LAYOUTS[kind]
+    save_diffusers(net, folder / net_folder)
+    if pipeline is None:
+        why = (f"model.kind={kind!r}: the export writes the transformer and the VAE in diffusers' layout "
+               "(transformer/, vae/), not yet a StableDiffusion3Pipeline folder")
         info = {"pipeline": None, "exact": False, "differences": [why], "unsupported": [why]}
         write_json(folder / INFO_FILE, info)
         return info
-    save_diffusers(unet, folder / "unet")
     scheduler, grid, stock, unsupported = scheduler_config(cfg)
     unsupported += unsupported_settings(cfg)
-    if masks_text(cfg):
+    if kind == "dit" and net.micro_conditioned:
+        unsupported.append("model.size_conditioning: PixArtAlphaPipeline gives resolution and aspect-ratio ids only "
+                           "to 1024-px transformers (sample_size 128)")
+    if kind == "unet" and masks_text(cfg):
         stock.append("the text mask: our UNet ignores padded tokens; StableDiffusionPipeline passes no "
                      "encoder_attention_mask to the UNet")
     penultimate = cfg.text_encoder.kind == "clip" and cfg.text_encoder.layer == "penultimate"
@@ -164,19 +183,23 @@ def write_pipeline(folder: Path, cfg, ema_state: dict, unet_kwargs: dict[str, An
     if components is not None:
         (folder / "scheduler").mkdir(parents=True, exist_ok=True)
         write_json(folder / "scheduler" / "scheduler_config.json", scheduler)
+        extra = {"requires_safety_checker": False, "safety_checker": [None, None], "feature_extractor": [None, None],
+                 "image_encoder": [None, None]} if pipeline == "StableDiffusionPipeline" else {}
         write_json(folder / "model_index.json", {
-            "_class_name": "StableDiffusionPipeline", "requires_safety_checker": False, "safety_checker": [None, None],
-            "feature_extractor": [None, None], "image_encoder": [None, None],
-            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+            "_class_name": pipeline, **extra, net_folder: ["diffusers", net_class], "vae": ["diffusers", "AutoencoderKL"],
             "scheduler": ["diffusers", scheduler["_class_name"]], **components})
         size, s = cfg.data.image_size, cfg.sampling
         common = {"height": size, "width": size, "guidance_scale": s.guidance}
         common.update({"clip_skip": 1} if penultimate else {})
-        info.update(pipeline="StableDiffusionPipeline", scheduler=scheduler["_class_name"],
-                    exact=not stock and not unsupported,
-                    call=None if stock else {**common, "num_inference_steps": s.steps, **grid},
+        call_only = {} if kind == "unet" else {  # PixArt: our length, no 1024-px size bins, the prompt as given
+            "max_sequence_length": cfg.text_encoder.max_length, "use_resolution_binning": False, "clean_caption": False}
+        info.update(pipeline=pipeline, scheduler=scheduler["_class_name"], exact=not stock and not unsupported,
+                    call=None if stock else {**common, **call_only, "num_inference_steps": s.steps, **grid},
                     reproduce=None if unsupported else {**common, "steps": s.steps, "mask_text": masks_text(cfg),
                                                         **grid})
+        if kind == "dit":
+            info["prompts"] = ("PixArtAlphaPipeline lower-cases and strips each prompt before T5 reads it, ours does "
+                               "not: the same image for prompts already in that form")
     write_json(folder / INFO_FILE, info)
     return info
 
@@ -188,7 +211,8 @@ def write_text_encoder(folder: Path, cfg) -> dict[str, list[str]]:
     te = cfg.text_encoder
     encoder = build_text_encoder(**te.spec(te.max_length))
     model, tokenizer = encoder.model, encoder.tokenizer
-    if te.kind == "hf":  # our encoder runs under the tokenizer's mask: the pipeline passes it when the config says so
+    if te.kind == "hf" or te.kind == "t5" and te.mask_padding:  # our encoder runs under the tokenizer's mask: the
+        # pipeline passes it when the config says so (PixArtAlphaPipeline always does)
         model.config.use_attention_mask = True
     tokenizer.model_max_length = te.max_length  # the pipeline pads and cuts prompts to this length
     model.save_pretrained(folder / "text_encoder")
@@ -204,11 +228,20 @@ def sample_like_ldm(pipe, prompts: list[str], seeds: list[int], *, steps: int, g
     """Our sample from an exported pipeline's own components: images (B, 3, H, W) in [0, 1]. Call it with
     ``**info["reproduce"]`` of the export's ldm_pipeline.json.
 
-    StableDiffusionPipeline's loop (text encoding, one latent per seed, classifier-free guidance over [empty prompt,
-    prompt], scheduler steps, decoding latents / scaling_factor), plus what its call cannot do: the tokenizer's mask as
-    the UNet's ``encoder_attention_mask`` (``mask_text``, as our UNet was trained), the flow's grid (``sigmas``) and
-    the penultimate CLIP layer for both prompts (``clip_skip``).
+    The loop of StableDiffusionPipeline and PixArtAlphaPipeline (text encoding, one latent per seed, classifier-free
+    guidance over [empty prompt, prompt], scheduler steps, decoding latents / scaling_factor) on the pipeline's UNet or
+    transformer, plus what their calls cannot do: the tokenizer's mask as the network's ``encoder_attention_mask``
+    (``mask_text``, as our network was trained), the flow's grid (``sigmas``), the penultimate CLIP layer for both
+    prompts (``clip_skip``), prompts as given (PixArt's lower-cases them).
     """
+    net = getattr(pipe, "unet", None) or pipe.transformer
+
+    def predict(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if net is getattr(pipe, "unet", None):
+            return net(x, t, context, encoder_attention_mask=mask).sample
+        return net(x, encoder_hidden_states=context, encoder_attention_mask=mask, timestep=t.expand(x.shape[0]),
+                   added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+
     def encode(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         tok = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt")
@@ -226,7 +259,7 @@ def sample_like_ldm(pipe, prompts: list[str], seeds: list[int], *, steps: int, g
     mask = torch.cat([null_mask, cond_mask]) if mask_text else None  # (2B, L)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    shape = (1, pipe.unet.config.in_channels, height // factor, width // factor)
+    shape = (1, net.config.in_channels, height // factor, width // factor)
     latents = torch.cat([torch.randn(shape, generator=g) for g in generators])  # (B, C, h, w)
     if sigmas is None:
         pipe.scheduler.set_timesteps(steps)
@@ -234,7 +267,7 @@ def sample_like_ldm(pipe, prompts: list[str], seeds: list[int], *, steps: int, g
         pipe.scheduler.set_timesteps(sigmas=sigmas)
     latents = latents * getattr(pipe.scheduler, "init_noise_sigma", 1.0)
     for t in pipe.scheduler.timesteps:
-        out = pipe.unet(torch.cat([latents, latents]), t, context, encoder_attention_mask=mask).sample
+        out = predict(torch.cat([latents, latents]), t, context, mask)
         uncond, text = out.chunk(2)  # (B, C, h, w) each
         guided = uncond + guidance_scale * (text - uncond)
         latents = pipe.scheduler.step(guided, t, latents, generator=generators).prev_sample

@@ -49,7 +49,10 @@ def test_a_transformer_trains_resumes_exports_and_samples(kind, tmp_path, tiny_s
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all() and torch.equal(images, again)
 
     info = json.loads((out / "export" / "diffusers" / "ldm_pipeline.json").read_text())
-    assert info["pipeline"] is None and kind in info["differences"][0]
+    # no stock pipeline loads this export: PixArt's calls T5 (MiniLM here; tests/test_export_pipeline.py exports a
+    # DiT under T5), and the MMDiT has no StableDiffusion3Pipeline folder yet
+    why = "PixArtAlphaPipeline loads one t5 encoder" if kind == "dit" else "model.kind='mmdit'"
+    assert info["pipeline"] is None and any(why in d for d in info["unsupported"]), info
     import diffusers
 
     cls = {"dit": diffusers.PixArtTransformer2DModel, "mmdit": diffusers.SD3Transformer2DModel}[kind]

@@ -1,7 +1,8 @@
 """The export as a diffusers pipeline: ``DiffusionPipeline.from_pretrained(export/diffusers)`` against our sampler with
 the same seeds, sampler and guidance: the stock call on the discrete chain (DDIM, DDPM), ``sample_like_ldm`` (the
 pipeline's components with the text mask and our flow grid) on the masked default and the shifted flow, the recorded
-differences, the folded latent shift."""
+differences, the folded latent shift; the DiT under T5 as PixArtAlphaPipeline and the MMDiT under SD3's encoders as
+StableDiffusion3Pipeline."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from ldm.config import LDMConfig, load_config
+from tests.conditioning.test_t5 import CLIP_LENGTH, T5_LENGTH, sd3_folder, t5_folder  # noqa: F401 (fixtures)
 from tests.conftest import CHAIN
 
 diffusers = pytest.importorskip("diffusers")
@@ -47,7 +49,12 @@ def _export(out: Path, autoencoder: Path, overrides: list[str]) -> Path:
                        "sampling.steps=5", "sampling.guidance=3.0", *overrides])
     parts = assemble(cfg)
     torch.manual_seed(0)
-    state = parts.unet().state_dict()
+    net = parts.unet()
+    # every weight random: the networks zero-init their output layers (the transformers' whole residual branches),
+    # which would make every prediction 0 and the text and guidance invisible in the image
+    g = torch.Generator().manual_seed(1)
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+             for k, v in net.state_dict().items()}
     return save_export(out, cfg, state, state, parts.null_cond, cfg.autoencoder.path, parts.unet_kwargs(), {"step": 0})
 
 
@@ -59,27 +66,20 @@ def _ours(export: Path) -> torch.Tensor:
     return pipe(PROMPTS, seeds=SEEDS, sampler=s.sampler, steps=s.steps, guidance=s.guidance)
 
 
-def _stock(export: Path) -> tuple[torch.Tensor, dict, object]:
+def _stock(export: Path, **change) -> tuple[torch.Tensor, dict, object]:
     info = json.loads((export / "diffusers" / "ldm_pipeline.json").read_text())
     pipe = diffusers.DiffusionPipeline.from_pretrained(export / "diffusers")
     generators = [torch.Generator().manual_seed(s) for s in SEEDS]
-    images = pipe(PROMPTS, generator=generators, output_type="pt", **info["call"]).images
+    images = pipe(PROMPTS, generator=generators, output_type="pt", **{**info["call"], **change}).images
     return images, info, pipe
 
 
-@pytest.fixture(scope="module")
-def t5_folder(tmp_path_factory) -> Path:
-    """A random-weight T5 encoder with its tokenizer in one folder."""
-    from transformers import T5EncoderModel
+def _guidance_shows(export: Path, ours: torch.Tensor, guidance: float) -> None:
+    """The sample depends on the text: the stock call at another guidance gives another image."""
+    other, _, _ = _stock(export, guidance_scale=guidance + 2.0)
+    assert float((other - ours).abs().max()) > 1e-3
 
-    from tests.conditioning.tiny import tiny_t5_config, tiny_t5_tokenizer
 
-    tokenizer = tiny_t5_tokenizer()
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("t5")
-    T5EncoderModel(tiny_t5_config(tokenizer, 32)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 CLIP = ["text_encoder.kind=clip", "text_encoder.max_length=16"]
@@ -191,7 +191,7 @@ def test_folded_latent_shift_decodes_and_encodes_as_before(tiny_autoencoder):
 
 
 # PixArt-alpha's layout: a DiT under a T5 encoder that runs, and is attended, under the tokenizer's mask
-DIT = ["model.kind=dit", "text_encoder.kind=t5", "text_encoder.max_length=12", "text_encoder.mask_padding=true"]
+DIT = ["model.kind=dit", "text_encoder.kind=t5", "text_encoder.max_length=12"]  # T5 masked: PixArt's (the default)
 DIT_CASES = {
     "eps-ddim": (["sampling.sampler=ddim"], "DDIMScheduler"),
     "v-ddpm": (["diffusion.prediction=v", "sampling.sampler=ddpm"], "DDPMScheduler"),
@@ -215,6 +215,7 @@ def test_pixart_pipeline_reproduces_our_dit_sample(case, tmp_path, tiny_autoenco
     assert err < 1e-4, err
     err_like = float((ours - _like(pipe, info)).abs().max())
     assert err_like < 1e-4, err_like
+    _guidance_shows(export, ours, info["call"]["guidance_scale"])
 
 
 def test_pixart_flow_export_is_reproduced_by_sample_like_ldm(tmp_path, tiny_autoencoder, t5_folder):
@@ -225,8 +226,11 @@ def test_pixart_flow_export_is_reproduced_by_sample_like_ldm(tmp_path, tiny_auto
     pipe = diffusers.DiffusionPipeline.from_pretrained(export / "diffusers")
     assert type(pipe).__name__ == "PixArtAlphaPipeline" and info["call"] is None and info["unsupported"] == []
     assert any("init_noise_sigma" in d for d in info["differences"]) and "lower-cases" in info["prompts"]
-    err = float((_ours(export) - _like(pipe, info)).abs().max())
+    ours, like = _ours(export), _like(pipe, info)
+    err = float((ours - like).abs().max())
     assert err < 1e-4, err
+    stronger = _like(pipe, {"reproduce": {**info["reproduce"], "guidance_scale": 5.0}})
+    assert float((stronger - like).abs().max()) > 1e-3  # the text shows in the image
 
 
 def test_dit_export_without_the_t5_mask_records_why(tmp_path, tiny_autoencoder, t5_folder):
@@ -236,3 +240,32 @@ def test_dit_export_without_the_t5_mask_records_why(tmp_path, tiny_autoencoder, 
     info = json.loads((export / "diffusers" / "ldm_pipeline.json").read_text())
     assert not info["exact"] and info["reproduce"] is None
     assert any("mask_padding=false" in d for d in info["unsupported"])
+
+
+def test_sd3_pipeline_call_reproduces_our_mmdit_sample_on_the_flow(tmp_path, tiny_autoencoder, sd3_folder):
+    """The MMDiT under SD3's three encoders exports a StableDiffusion3Pipeline folder; its stock call (our sigmas,
+    T5's length) gives our sample on the shifted flow."""
+    folder, _ = sd3_folder
+    export = _export(tmp_path / "export", tiny_autoencoder, [
+        "model.kind=mmdit", "text_encoder.kind=sd3", f"text_encoder.path={folder}",
+        f"text_encoder.max_length={CLIP_LENGTH}", f"text_encoder.t5_max_length={T5_LENGTH}", *FLOW])
+    theirs, info, pipe = _stock(export)
+    ours = _ours(export)
+    assert info["exact"] and info["differences"] == [] and info["scheduler"] == "FlowMatchEulerDiscreteScheduler", info
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline" and type(pipe.transformer).__name__ == "SD3Transformer2DModel"
+    assert [type(pipe.text_encoder_2).__name__, type(pipe.text_encoder_3).__name__] == [
+        "CLIPTextModelWithProjection", "T5EncoderModel"]
+    assert info["call"]["max_sequence_length"] == T5_LENGTH and len(info["call"]["sigmas"]) == 5
+    assert ours.shape == theirs.shape == (2, 3, 16, 16) and float(ours.std()) > 0.01
+    err = float((ours - theirs).abs().max())
+    assert err < 1e-4, err
+    _guidance_shows(export, ours, info["call"]["guidance_scale"])
+
+
+def test_sd3_export_on_the_discrete_chain_claims_no_call(tmp_path, tiny_autoencoder, sd3_folder):
+    folder, _ = sd3_folder
+    export = _export(tmp_path / "export", tiny_autoencoder, [
+        "model.kind=mmdit", "text_encoder.kind=sd3", f"text_encoder.path={folder}",
+        f"text_encoder.max_length={CLIP_LENGTH}", f"text_encoder.t5_max_length={T5_LENGTH}", "sampling.sampler=ddim"])
+    info = json.loads((export / "diffusers" / "ldm_pipeline.json").read_text())
+    assert not info["exact"] and any("written for the rectified flow" in d for d in info["unsupported"])

@@ -1,13 +1,16 @@
 """An export's diffusers pipeline folder: ``DiffusionPipeline.from_pretrained(export / "diffusers")`` loads it.
 
-    diffusers/model_index.json      StableDiffusionPipeline (the UNet) or PixArtAlphaPipeline (the DiT with a T5
-                                    encoder): the network, vae, text_encoder, tokenizer, scheduler
+    diffusers/model_index.json      StableDiffusionPipeline (the UNet), PixArtAlphaPipeline (the DiT with a T5
+                                    encoder) or StableDiffusion3Pipeline (the MMDiT with SD3's three encoders): the
+                                    network, vae, text encoders, tokenizers, scheduler
     diffusers/unet/                 the EMA UNet (UNet2DConditionModel)
     diffusers/transformer/          instead, a DiT's EMA weights (PixArtTransformer2DModel) or an MMDiT's
-                                    (SD3Transformer2DModel: beside vae/ only, no StableDiffusion3Pipeline index yet)
+                                    (SD3Transformer2DModel)
     diffusers/vae/                  the autoencoder (AutoencoderKL), its latent shift folded into its 1x1 convolutions
                                     (diffusers' Stable Diffusion pipelines ignore ``shift_factor``)
     diffusers/text_encoder/, tokenizer/   the frozen text encoder (transformers), tokenizer cut at the trained length
+                                    (SD3: also text_encoder_2/, tokenizer_2/ (CLIP-G) and text_encoder_3/,
+                                    tokenizer_3/ (T5))
     diffusers/scheduler/            the trained process as a scheduler: the discrete chain as DDIMScheduler (sampler
                                     ddim) or DDPMScheduler (the others; small variance) with the betas, prediction,
                                     zero-terminal-SNR rescale and our samplers' grid (trailing); the rectified flow as
@@ -20,7 +23,9 @@
 What the stock pipelines cannot express: our UNet's text mask (StableDiffusionPipeline passes no
 ``encoder_attention_mask``; the MiniLM default masks padding; PixArtAlphaPipeline passes T5's mask, as the DiT was
 trained), and stepping the flow scheduler (both read the scheduler's ``init_noise_sigma``, which
-FlowMatchEulerDiscreteScheduler lacks). PixArtAlphaPipeline lower-cases and strips each prompt before T5 reads it,
+FlowMatchEulerDiscreteScheduler lacks; StableDiffusion3Pipeline steps it, and takes our grid as ``sigmas``: its call is
+exact on the flow, and ``sample_like_ldm`` does not read SD3's three encoders). The MMDiT's pipeline is written for
+the rectified flow only: on the discrete chain StableDiffusion3Pipeline's loop gives the scheduler no generator. PixArtAlphaPipeline lower-cases and strips each prompt before T5 reads it,
 ours does not: the same image for prompts already in that form. Time grids: that scheduler shifts its
 smallest time twice when it makes its own grid (it ends at shift(shift(1/T)), 0.0089 at 12 steps and shift 3, where ours
 ends at shift(1/T), 0.0030); given ``sigmas = linspace(1, 1/T, steps)`` it shifts once, which is our grid, so
@@ -44,8 +49,9 @@ FLOW_SAMPLERS = ("euler_ode", "ddim")  # on the rectified flow both are the Eule
 # model.kind -> (its folder, the stock pipeline that loads the export (None: none yet), diffusers' class of the network)
 LAYOUTS = {"unet": ("unet", "StableDiffusionPipeline", "UNet2DConditionModel"),
            "dit": ("transformer", "PixArtAlphaPipeline", "PixArtTransformer2DModel"),
-           "mmdit": ("transformer", None, "SD3Transformer2DModel")}
-PIPELINE_ENCODERS = {"unet": ("hf", "clip"), "dit": ("t5",)}  # the one transformers encoder each pipeline calls
+           "mmdit": ("transformer", "StableDiffusion3Pipeline", "SD3Transformer2DModel")}
+PIPELINE_ENCODERS = {"unet": ("hf", "clip"), "dit": ("t5",), "mmdit": ("sd3",)}  # the encoders each pipeline calls
+SUFFIXES = ("", "_2", "_3")  # text_encoder/, text_encoder_2/, text_encoder_3/ (and their tokenizers)
 
 
 def scheduler_config(cfg) -> tuple[dict[str, Any] | None, dict[str, Any], list[str], list[str]]:
@@ -82,22 +88,25 @@ def scheduler_config(cfg) -> tuple[dict[str, Any] | None, dict[str, Any], list[s
         config = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": d.num_timesteps,
                   "shift": shift, "use_dynamic_shifting": False}
         sigmas = torch.linspace(1.0, 1.0 / d.num_timesteps, s.steps, dtype=torch.float64).tolist()
-        stock = [f"{LAYOUTS[cfg.model.kind][1]} cannot step FlowMatchEulerDiscreteScheduler (it reads "
-                 "init_noise_sigma)"]
+        pipeline = LAYOUTS[cfg.model.kind][1]
+        stock = [] if pipeline == "StableDiffusion3Pipeline" else [
+            f"{pipeline} cannot step FlowMatchEulerDiscreteScheduler (it reads init_noise_sigma)"]
         return config, {"sigmas": sigmas}, stock, unsupported  # our grid: the scheduler shifts these sigmas once
     unsupported.append(f"diffusion.process={d.process!r} with prediction {d.prediction!r} has no diffusers scheduler")
     return None, {}, [], unsupported
 
 
 def one_transformers_encoder(cfg) -> bool:
-    """True when the text encoder is the one transformers model the network's pipeline loads and calls."""
+    """True when the text encoder is what the network's pipeline loads and calls (one transformers model; SD3's
+    three)."""
     te = cfg.text_encoder
     return te.kind in PIPELINE_ENCODERS.get(cfg.model.kind, ()) and te.encoders is None
 
 
 def masks_text(cfg) -> bool:
     """True when our network cross-attends under the tokenizer's mask (MiniLM; CLIP or T5 with mask_padding)."""
-    return cfg.text_encoder.kind == "hf" or bool(cfg.text_encoder.mask_padding)
+    te = cfg.text_encoder
+    return te.kind == "hf" or te.kind == "t5" and te.mask_padding is not False or bool(te.mask_padding)
 
 
 def unsupported_settings(cfg) -> list[str]:
@@ -105,9 +114,9 @@ def unsupported_settings(cfg) -> list[str]:
     te, s, out = cfg.text_encoder, cfg.sampling, []
     pipeline = LAYOUTS[cfg.model.kind][1]
     if not one_transformers_encoder(cfg):
-        out.append(f"text_encoder.kind={te.kind!r} (or several encoders): {pipeline} loads one "
-                   f"{' or '.join(PIPELINE_ENCODERS[cfg.model.kind])} encoder")
-    elif te.kind == "t5" and not te.mask_padding:
+        out.append(f"text_encoder.kind={te.kind!r} (or several encoders): {pipeline} loads "
+                   f"{' or '.join(PIPELINE_ENCODERS[cfg.model.kind])} encoders")
+    elif te.kind == "t5" and te.mask_padding is False:
         out.append("text_encoder.mask_padding=false: PixArtAlphaPipeline runs T5 and the transformer under the "
                    "tokenizer's mask")
     elif te.kind == "clip" and (te.final_norm is False or te.projection):
@@ -119,6 +128,9 @@ def unsupported_settings(cfg) -> list[str]:
         out.append("sampling.guidance_interval: no diffusers pipeline guides only inside an interval")
     if s.guidance_rescale:
         out.append("sampling.guidance_rescale: not reproduced")
+    if cfg.model.kind == "mmdit" and cfg.diffusion.process != "flow":
+        out.append(f"diffusion.process={cfg.diffusion.process!r}: the MMDiT's pipeline is written for the rectified "
+                   "flow (StableDiffusion3Pipeline gives the scheduler's step no generator)")
     if cfg.model.kind == "unet" and cfg.model.addition_time_embed_dim is not None:
         out.append("SDXL micro-conditioning: StableDiffusionPipeline gives the UNet no pooled text or time ids")
     return out
@@ -153,12 +165,6 @@ def write_pipeline(folder: Path, cfg, ema_state: dict, unet_kwargs: dict[str, An
     autoencoder.save_diffusers(fold_latent_shift(autoencoder.load_pretrained(autoencoder_dir)), folder / "vae")
     net_folder, pipeline, net_class = LAYOUTS[kind]
     save_diffusers(net, folder / net_folder)
-    if pipeline is None:
-        why = (f"model.kind={kind!r}: the export writes the transformer and the VAE in diffusers' layout "
-               "(transformer/, vae/), not yet a StableDiffusion3Pipeline folder")
-        info = {"pipeline": None, "exact": False, "differences": [why], "unsupported": [why]}
-        write_json(folder / INFO_FILE, info)
-        return info
     scheduler, grid, stock, unsupported = scheduler_config(cfg)
     unsupported += unsupported_settings(cfg)
     if kind == "dit" and net.micro_conditioned:
@@ -183,20 +189,23 @@ def write_pipeline(folder: Path, cfg, ema_state: dict, unet_kwargs: dict[str, An
     if components is not None:
         (folder / "scheduler").mkdir(parents=True, exist_ok=True)
         write_json(folder / "scheduler" / "scheduler_config.json", scheduler)
-        extra = {"requires_safety_checker": False, "safety_checker": [None, None], "feature_extractor": [None, None],
-                 "image_encoder": [None, None]} if pipeline == "StableDiffusionPipeline" else {}
+        extra = {"feature_extractor": [None, None], "image_encoder": [None, None]}
+        extra = {**extra, "requires_safety_checker": False, "safety_checker": [None, None]} if kind == "unet" else (
+            extra if kind == "mmdit" else {})
         write_json(folder / "model_index.json", {
             "_class_name": pipeline, **extra, net_folder: ["diffusers", net_class], "vae": ["diffusers", "AutoencoderKL"],
             "scheduler": ["diffusers", scheduler["_class_name"]], **components})
         size, s = cfg.data.image_size, cfg.sampling
         common = {"height": size, "width": size, "guidance_scale": s.guidance}
         common.update({"clip_skip": 1} if penultimate else {})
-        call_only = {} if kind == "unet" else {  # PixArt: our length, no 1024-px size bins, the prompt as given
-            "max_sequence_length": cfg.text_encoder.max_length, "use_resolution_binning": False, "clean_caption": False}
+        call_only = {  # PixArt: our length, no 1024-px size bins, the prompt as given; SD3: T5's length
+            "unet": {}, "mmdit": {"max_sequence_length": cfg.text_encoder.t5_max_length},
+            "dit": {"max_sequence_length": cfg.text_encoder.max_length, "use_resolution_binning": False,
+                    "clean_caption": False}}[kind]
         info.update(pipeline=pipeline, scheduler=scheduler["_class_name"], exact=not stock and not unsupported,
                     call=None if stock else {**common, **call_only, "num_inference_steps": s.steps, **grid},
-                    reproduce=None if unsupported else {**common, "steps": s.steps, "mask_text": masks_text(cfg),
-                                                        **grid})
+                    reproduce=None if unsupported or kind == "mmdit" else {
+                        **common, "steps": s.steps, "mask_text": masks_text(cfg), **grid})
         if kind == "dit":
             info["prompts"] = ("PixArtAlphaPipeline lower-cases and strips each prompt before T5 reads it, ours does "
                                "not: the same image for prompts already in that form")
@@ -205,20 +214,29 @@ def write_pipeline(folder: Path, cfg, ema_state: dict, unet_kwargs: dict[str, An
 
 
 def write_text_encoder(folder: Path, cfg) -> dict[str, list[str]]:
-    """text_encoder/ and tokenizer/ of the one transformers encoder of ``cfg.text_encoder``; their index entries."""
-    from ldm.conditioning import build_text_encoder
+    """text_encoder/ and tokenizer/ of the one transformers encoder of ``cfg.text_encoder`` (SD3: text_encoder_2/,
+    text_encoder_3/ and their tokenizers too); their index entries."""
+    from ldm.conditioning import build_text_encoder, sd3_text_encoders
 
     te = cfg.text_encoder
-    encoder = build_text_encoder(**te.spec(te.max_length))
-    model, tokenizer = encoder.model, encoder.tokenizer
-    if te.kind == "hf" or te.kind == "t5" and te.mask_padding:  # our encoder runs under the tokenizer's mask: the
-        # pipeline passes it when the config says so (PixArtAlphaPipeline always does)
-        model.config.use_attention_mask = True
-    tokenizer.model_max_length = te.max_length  # the pipeline pads and cuts prompts to this length
-    model.save_pretrained(folder / "text_encoder")
-    tokenizer.save_pretrained(folder / "tokenizer")
-    return {"text_encoder": ["transformers", type(model).__name__],
-            "tokenizer": ["transformers", type(tokenizer).__name__]}
+    if te.kind == "sd3":  # CLIP-L, CLIP-G, then T5
+        sd3 = sd3_text_encoders(te.path, te.max_length, te.t5_max_length)
+        specs = [*sd3["specs"], *sd3["appended"]]
+    else:
+        specs = [te.spec(te.max_length)]
+    entries = {}
+    for spec, suffix in zip(specs, SUFFIXES):
+        encoder = build_text_encoder(**spec)
+        model, tokenizer = encoder.model, encoder.tokenizer
+        if spec["kind"] == "hf" or spec["kind"] == "t5" and spec.get("mask_padding") is not False:  # our encoder
+            # runs under the tokenizer's mask: the pipeline passes it when the config says so (PixArt's always does)
+            model.config.use_attention_mask = True
+        tokenizer.model_max_length = spec["max_length"]  # the pipeline pads and cuts prompts to this length
+        model.save_pretrained(folder / f"text_encoder{suffix}")
+        tokenizer.save_pretrained(folder / f"tokenizer{suffix}")
+        entries.update({f"text_encoder{suffix}": ["transformers", type(model).__name__],
+                        f"tokenizer{suffix}": ["transformers", type(tokenizer).__name__]})
+    return entries
 
 
 @torch.no_grad()

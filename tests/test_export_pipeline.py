@@ -269,3 +269,36 @@ def test_sd3_export_on_the_discrete_chain_claims_no_call(tmp_path, tiny_autoenco
         f"text_encoder.max_length={CLIP_LENGTH}", f"text_encoder.t5_max_length={T5_LENGTH}", "sampling.sampler=ddim"])
     info = json.loads((export / "diffusers" / "ldm_pipeline.json").read_text())
     assert not info["exact"] and any("written for the rectified flow" in d for d in info["unsupported"])
+
+
+def test_single_file_checkpoint_loads_in_diffusers_as_the_folder(tmp_path, tiny_autoencoder, clip_folder):
+    """sd_checkpoint.safetensors (CompVis layout: UNet, VAE, CLIP) loads through diffusers' from_single_file with the
+    export's folder as config: the UNet, VAE and text encoder equal the folder's bit for bit, and the image is ours."""
+    from safetensors.torch import load_file
+
+    export = _export(tmp_path / "export", tiny_autoencoder, [*CLIP, f"text_encoder.path={clip_folder}",
+                                                             "sampling.sampler=ddim"])
+    record = json.loads((export / "export.json").read_text())["single_file"]
+    keys = load_file(export / "sd_checkpoint.safetensors").keys()
+    assert record["file"] == "sd_checkpoint.safetensors" and "CLIP" in record["text_encoder"]
+    assert {k.split(".")[0] for k in keys} == {"model", "first_stage_model", "cond_stage_model"}
+    assert "model.diffusion_model.input_blocks.0.0.weight" in keys and not any("down_blocks" in k for k in keys)
+    folder = diffusers.DiffusionPipeline.from_pretrained(export / "diffusers")
+    single = diffusers.StableDiffusionPipeline.from_single_file(
+        str(export / "sd_checkpoint.safetensors"), config=str(export / "diffusers"), local_files_only=True,
+        tokenizer=folder.tokenizer)  # the file holds no tokenizer
+    for name in ("unet", "vae", "text_encoder"):
+        theirs, ours = getattr(single, name).state_dict(), getattr(folder, name).state_dict()
+        assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours), name
+    info = json.loads((export / "diffusers" / "ldm_pipeline.json").read_text())
+    images = single(PROMPTS, generator=[torch.Generator().manual_seed(s) for s in SEEDS], output_type="pt",
+                    **info["call"]).images
+    err = float((images - _ours(export)).abs().max())
+    assert err < 1e-4, err
+
+
+def test_transformer_exports_write_no_single_file(tmp_path, tiny_autoencoder, t5_folder):
+    export = _export(tmp_path / "export", tiny_autoencoder, [*DIT, f"text_encoder.path={t5_folder}",
+                                                             "sampling.sampler=ddim"])
+    assert not (export / "sd_checkpoint.safetensors").exists()
+    assert "single_file" not in json.loads((export / "export.json").read_text())

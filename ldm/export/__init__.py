@@ -4,11 +4,14 @@
     config.yaml                 resolved training config (UNet, process, text encoder, image size)
     unet.safetensors            raw trained weights
     unet_ema.safetensors        EMA weights (used for sampling by default)
-    diffusers/                  a diffusers pipeline folder: the EMA UNet (unet/), the autoencoder (vae/), and where
-                                the settings allow, text_encoder/, tokenizer/, scheduler/ and model_index.json, so
-                                ``DiffusionPipeline.from_pretrained(export/diffusers)`` loads a StableDiffusionPipeline;
+    diffusers/                  a diffusers pipeline folder: the EMA network (unet/ or transformer/), the autoencoder
+                                (vae/), and where the settings allow, the text encoders, tokenizers, scheduler/ and
+                                model_index.json, so ``DiffusionPipeline.from_pretrained(export/diffusers)`` loads a
+                                StableDiffusionPipeline (PixArtAlphaPipeline, StableDiffusion3Pipeline);
                                 diffusers/ldm_pipeline.json (and export.json's "diffusers") says whether it reproduces
                                 our sample and with which call arguments (``ldm.export.pipeline_folder``)
+    sd_checkpoint.safetensors   the UNet's: one file in the CompVis / Stability layout (EMA UNet, autoencoder, a CLIP
+                                text encoder) for single-file loaders (``ldm.export.single_file``)
     null_condition.safetensors  the empty-prompt embedding the model was trained with
     autoencoder/                the frozen first stage (model.safetensors + config.json with scale and shift)
     lora/                       LoRA runs: the adapters in diffusers' format (``pipe.load_lora_weights(export/lora)``
@@ -30,12 +33,13 @@ from typing import Any
 import torch
 
 from ldm.config import ConfigError, LDMConfig, load_config, save_config
+from ldm.export.single_file import write_single_file
 from ldm.io import load_tensors, save_tensors, write_folder_atomically, write_json
 
 MARKER = "export.json"
 FORMAT = "ldm-export"
 ENTRIES = {MARKER, "config.yaml", "unet.safetensors", "unet_ema.safetensors", "null_condition.safetensors",
-           "autoencoder", "diffusers", "lora"}
+           "autoencoder", "diffusers", "lora", "sd_checkpoint.safetensors"}
 LORA_FILES = {"ema": "pytorch_lora_weights.safetensors", "raw": "pytorch_lora_weights_raw.safetensors"}
 
 
@@ -94,12 +98,14 @@ def save_export(folder: str | Path, cfg: LDMConfig, unet_state: dict, ema_state:
         save_tensors(null_cond, tmp / "null_condition.safetensors")
         shutil.copytree(autoencoder_dir, tmp / "autoencoder")
         pipeline = _write_diffusers(tmp, cfg, ema_state, unet_kwargs)
+        single = write_single_file(tmp, cfg)
         if adapters:
             from ldm.models.lora import export_diffusers_lora
 
             for kind, unet in adapters.items():
                 export_diffusers_lora(unet, tmp / "lora" / LORA_FILES[kind])
-        write_json(tmp / MARKER, {"format": FORMAT, **(info or {}), "diffusers": pipeline})
+        write_json(tmp / MARKER, {"format": FORMAT, **(info or {}), "diffusers": pipeline,
+                                  **({"single_file": single} if single else {})})
 
     return write_folder_atomically(folder, fill)
 

@@ -114,8 +114,10 @@ def unsupported_settings(cfg) -> list[str]:
     te, s, out = cfg.text_encoder, cfg.sampling, []
     pipeline = LAYOUTS[cfg.model.kind][1]
     if not one_transformers_encoder(cfg):
-        out.append(f"text_encoder.kind={te.kind!r} (or several encoders): {pipeline} loads "
-                   f"{' or '.join(PIPELINE_ENCODERS[cfg.model.kind])} encoders")
+        wants = {"unet": "one transformers encoder (text_encoder.kind hf or clip)",
+                 "dit": "one T5 encoder (text_encoder.kind t5)",
+                 "mmdit": "SD3's CLIP-L, CLIP-G and T5 (text_encoder.kind sd3)"}[cfg.model.kind]
+        out.append(f"text_encoder.kind={te.kind!r} (or several encoders): {pipeline} loads {wants}")
     elif te.kind == "t5" and te.mask_padding is False:
         out.append("text_encoder.mask_padding=false: PixArtAlphaPipeline runs T5 and the transformer under the "
                    "tokenizer's mask")

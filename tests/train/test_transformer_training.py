@@ -49,9 +49,9 @@ def test_a_transformer_trains_resumes_exports_and_samples(kind, tmp_path, tiny_s
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all() and torch.equal(images, again)
 
     info = json.loads((out / "export" / "diffusers" / "ldm_pipeline.json").read_text())
-    # no stock pipeline loads this export: PixArt's calls T5 (MiniLM here; tests/test_export_pipeline.py exports a
-    # DiT under T5), and the MMDiT has no StableDiffusion3Pipeline folder yet
-    why = "PixArtAlphaPipeline loads one t5 encoder" if kind == "dit" else "model.kind='mmdit'"
+    # no stock pipeline loads this export: PixArt's calls T5 and SD3's its three encoders (MiniLM here;
+    # tests/test_export_pipeline.py exports a DiT under T5 and an MMDiT under SD3's encoders)
+    why = {"dit": "PixArtAlphaPipeline loads one T5 encoder", "mmdit": "StableDiffusion3Pipeline loads SD3's"}[kind]
     assert info["pipeline"] is None and any(why in d for d in info["unsupported"]), info
     import diffusers
 

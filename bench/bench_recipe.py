@@ -60,6 +60,11 @@ RECIPES: dict[str, list[str]] = {
     # EMA widths post hoc (--phema): EDM2's power EMAs tracked, snapshots every 1/32 of the run
     "flow-ln-phema": [*FLOW, "diffusion.time_sampling=logit_normal", "train.power_ema=[0.05,0.15]",
                       "train.power_ema_snapshot_every={steps32}"],
+    # the backbones at equal wall-clock (issue 27): PixArt-alpha's DiT and SD3's MMDiT at their emoji-cpu presets, the
+    # default's flow recipe; the MMDiT embeds the MiniLM's mean-pooled vector (its own text cache)
+    "dit-flow-ln": [*FLOW, "diffusion.time_sampling=logit_normal", "model.kind=dit", "model.preset=emoji-cpu"],
+    "mmdit-flow-ln": [*FLOW, "diffusion.time_sampling=logit_normal", "model.kind=mmdit", "model.preset=emoji-cpu",
+                      "text_encoder.pooled=true"],
     "default": [],  # configs/ldm/emoji.yaml as it stands
 }
 METRICS = ("fid", "kid", "class_acc")  # lower, lower, higher is better
@@ -114,6 +119,19 @@ def caches(args) -> tuple[Path, Path]:
         run_logged([sys.executable, "-m", "ldm.cli.shards", "text", "--config", str(rr.CONFIG), "--data",
                     str(latents), "--out", str(text)], args.out / "text.log")
     return latents, text
+
+
+def own_text_cache(ctx, overrides: list[str]) -> list[str]:
+    """A recipe that changes the text encoder reads its own text cache (made here if missing): the override of
+    data.text_cache it needs, after the shared one."""
+    text = sorted(o for o in overrides if o.startswith("text_encoder."))
+    if not text:
+        return []
+    folder = ctx.out / ("text-" + "-".join(o.split(".", 1)[1].replace("=", "_") for o in text))
+    if not (folder / "index.json").is_file():
+        run_logged([sys.executable, "-m", "ldm.cli.shards", "text", "--config", str(rr.CONFIG), "--data",
+                    str(ctx.latents), "--out", str(folder), *text], folder.parent / f"{folder.name}.log")
+    return [f"data.text_cache={folder}"]
 
 
 def run_logged(cmd: list[str], log: Path) -> None:
@@ -283,7 +301,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     curve = {n for n in args.curve.split(",") if n}
     ctx = Context(args)
-    ours = {n: RECIPES[n] for n in names}
+    ours = {n: [*RECIPES[n], *own_text_cache(ctx, RECIPES[n])] for n in names}
     ours.update({f"ours-with-{n}": ours_with_peer_hparams(all_peers[n]) for n in hparam_names})
     if not args.table:
         times = step_times(ctx, ours, bool(peer_names))

@@ -1,7 +1,8 @@
 """Benchmark the GPU path in one shot, most important first: the SD-1.5-shaped UNet's train step, ours against
 diffusers' UNet2DConditionModel (same weights), with MFU against the bf16 matmul peak measured in the same run; the
 whole trainer's images/s and peak memory from cached latents under DeepSpeed ZeRO-2 bf16; then compiled, channels-last,
-512 px, ZeRO-3, sampling, checkpoint save/load and bf16-vs-fp32 losses (PARTS below, in priority order).
+512 px, the published transformers (PixArt-alpha XL/2, SD3-medium), ZeRO-3, sampling, checkpoint save/load and
+bf16-vs-fp32 losses (PARTS below, in priority order).
 
 UNet train step = forward + MSE loss + backward + fused AdamW under bf16 autocast with fp32 weights (AMP), 77 tokens
 of 768-d context with padding masked; the batch fills the GPU (doubled from 8 while a step of every model of the part
@@ -61,6 +62,8 @@ PARTS = [
     Part("compiled-diffusers-256", "diffusers', torch.compile (inductor; cold compile), 256 px", 150, 300),
     Part("channels-last-256", "ours eager with channels-last activations (train.channels_last), 256 px", 45, 120),
     Part("unet-512", "UNet train step, ours vs diffusers, eager, 512 px, batch filling the GPU", 75, 180),
+    Part("transformers-512", "DiT (PixArt-alpha XL/2) and MMDiT (SD3-medium) train steps, ours vs diffusers, 512 px",
+         150, 360),
     Part("trainer-zero3-256", "the trainer from cached latents, ZeRO-3 bf16, SD-1.5 UNet, 256 px", 100, 240),
     Part("sampling-256", "pipeline img/s: DDIM 20 steps with guidance, 256 px, fp32 and bf16 UNet", 60, 150),
     Part("checkpoint", "checkpoint save and load of the SD-1.5 UNet (860M), ZeRO-2 bf16, with EMA", 75, 200),
@@ -171,6 +174,45 @@ def measure_unet(ctx: Context, level: int, models: tuple[str, ...], compiled: bo
     if len(rows) == 2:
         result["speedup_vs_diffusers"] = rows[1]["step_s"] / rows[0]["step_s"]
     return result
+
+
+# the published transformers at 512 px (64x64 latents): preset, latent channels, text tokens, their width, the pooled
+# width, batch (fixed: SD3-medium's pair with its optimizer state fills most of an H100); tiny: the dry run's
+PUBLISHED = {"dit": ("pixart-xl-2-512", 4, 120, 4096, 0, 16), "mmdit": ("sd3-medium", 16, 333, 4096, 2048, 4)}
+TINY_PUBLISHED = {"dit": ("tiny", 4, 8, 32, 0, 2), "mmdit": ("tiny", 4, 8, 32, 32, 2)}
+
+
+def measure_transformers(ctx: Context) -> dict[str, Any]:
+    """Train steps of our DiT and MMDiT against diffusers' PixArtTransformer2DModel / SD3Transformer2DModel at the
+    published shapes (the same weights, bf16 autocast, one model pair at a time). The optimizer is SGD: two 2B-parameter
+    models with AdamW's state do not fit an H100 together, and the optimizer step is the same arithmetic for both."""
+    import diffusers
+
+    from bench.bench_transformers import make_inputs as transformer_inputs
+    from bench.bench_transformers import pairs
+
+    args, device, rows, ratios = ctx.args, ctx.device, [], {}
+    side = ctx.sizes[1]
+    for kind, (preset, channels, tokens, dim, pooled, batch) in (TINY_PUBLISHED if ctx.tiny else PUBLISHED).items():
+        inp = {k: v.to(device) for k, v in transformer_inputs(batch, tokens, channels, side, dim, pooled or dim).items()}
+        with torch.device(device):  # made on the GPU: a 2B-parameter initialisation on the CPU takes minutes
+            runs = pairs([kind], preset, channels, inp, mmdit_mask=False, unet=False)
+        steps = {}
+        for name, (forward, opt) in runs.items():
+            sgd = torch.optim.SGD([p for g in opt.param_groups for p in g["params"]], lr=1e-6)
+            steps[name] = Step(torch.nn.Module(), lambda _model, _inp, forward=forward: forward(), device, sgd)
+        flops = next(iter(steps.values())).flops(inp)
+        for name, step in steps.items():
+            if ctx.cuda:
+                torch.cuda.reset_peak_memory_stats()
+            med = statistics.median(step.time(inp, args.warmup, args.steps))
+            rows.append({"label": f"{name} ({preset}), {side * 8} px", "model": name, "batch": batch, "step_s": med,
+                         "img_per_s": batch / med, "tflops": flops / med / 1e12, "mfu": flops / med / ctx.peak(),
+                         **memory(device)})
+        ratios[kind] = rows[-1]["step_s"] / rows[-2]["step_s"]  # diffusers' time over ours
+        del runs, steps
+        free_memory()
+    return {"rows": rows, "latent": side, "speedup_vs_diffusers": ratios, "diffusers": diffusers.__version__}
 
 
 def measure_peak(ctx: Context) -> dict[str, Any]:
@@ -356,6 +398,7 @@ MEASURE: dict[str, Callable[[Context], dict[str, Any]]] = {
     "compiled-diffusers-256": partial(measure_unet, level=0, models=("diffusers",), compiled=True),
     "channels-last-256": partial(measure_unet, level=0, models=("ours",), channels_last=True),
     "unet-512": partial(measure_unet, level=1, models=("ours", "diffusers")),
+    "transformers-512": measure_transformers,
     "trainer-zero3-256": partial(measure_trainer, zero_stage=3),
     "sampling-256": measure_sampling,
     "checkpoint": measure_checkpoint,
@@ -426,6 +469,8 @@ def render(data: dict[str, Any]) -> str:
     if "speedup_vs_diffusers" in unet:
         lines.append(f"ours vs diffusers, eager: {unet['speedup_vs_diffusers']:.2f}x "
                      f"(target >= {TARGETS['speedup_vs_diffusers']}x)")
+    for kind, ratio in parts.get("transformers-512", {}).get("speedup_vs_diffusers", {}).items():
+        lines.append(f"{kind} ours vs diffusers at the published shape: {ratio:.2f}x")
     if trainer.get("rows"):
         row = trainer["rows"][0]
         memory = f", peak {row['peak_gib']:.1f} GiB allocated" if row.get("peak_gib") is not None else ""

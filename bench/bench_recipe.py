@@ -68,6 +68,7 @@ RECIPES: dict[str, list[str]] = {
     "default": [],  # configs/ldm/emoji.yaml as it stands
 }
 METRICS = ("fid", "kid", "class_acc")  # lower, lower, higher is better
+TEXT_KEYS = ("text_encoder.", "data.text_cache")  # not a step's cost (text is cached), but its network needs them
 
 
 def peers() -> dict:
@@ -147,7 +148,7 @@ def step_times(ctx, ours: dict[str, list[str]], peer: bool) -> dict[str, float]:
     calibration.json; classes measured later are scaled by the default's time in both measurements."""
     file = ctx.out / "calibration.json"
     known = json.loads(file.read_text()) if file.is_file() else {"times": {}}
-    need = {rr.cost_key(o): [x.replace("{steps32}", "50") for x in o if x.startswith(rr.COST_KEYS)]
+    need = {rr.cost_key(o): [x.replace("{steps32}", "50") for x in o if x.startswith(rr.COST_KEYS + TEXT_KEYS)]
             for o in ours.values()}
     missing = {k: v for k, v in need.items() if k not in known["times"]}
     want_peer = peer and "diffusers" not in known["times"]

@@ -238,7 +238,8 @@ def table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         s = r.get("sampling", {})
-        recipe = ", ".join(o for o in r["overrides"] if not o.startswith(("eval.", "sampling."))) or "(the config)"
+        recipe = ", ".join(o for o in r["overrides"] if not o.startswith(("eval.", "sampling.", "data.text_cache"))
+                           ) or "(the config)"
         lines.append("| " + " | ".join([
             r["name"], r["impl"], recipe, f"{s.get('sampler')} x{s.get('steps')} g{s.get('guidance', 0):g}",
             str(r["steps"]), f"{r['seconds_per_step']:.3f}", f"{r['train_wall_s'] / 60:.1f} / {r['train_cpu_s'] / 60:.1f}",
@@ -248,8 +249,11 @@ def table(rows: list[dict]) -> str:
                  f"alignment ceiling {100 * f.get('class_acc_real', float('nan')):.1f} %, chance "
                  f"{100 * f.get('class_chance', float('nan')):.1f} %; {int(f['num_images'])} generated images.")
     m = f["machine"]
-    lines.append(f"Measured on {m['cpu']} ({m['cores']} cores, {m['threads'] or 'default'} threads), commit "
-                 f"{m['commit']}, {m['date']}.")
+    commits: dict[str, list[str]] = {}
+    for r in rows:
+        commits.setdefault(r["machine"]["commit"], []).append(r["name"])
+    lines.append(f"Measured on {m['cpu']} ({m['cores']} cores, {m['threads'] or 'default'} threads), {m['date']}; "
+                 "commits: " + "; ".join(f"{c} ({', '.join(names)})" for c, names in commits.items()) + ".")
     return "\n".join(lines)
 
 

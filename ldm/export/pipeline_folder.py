@@ -25,8 +25,9 @@ What the stock pipelines cannot express: our UNet's text mask (StableDiffusionPi
 trained), and stepping the flow scheduler (both read the scheduler's ``init_noise_sigma``, which
 FlowMatchEulerDiscreteScheduler lacks; StableDiffusion3Pipeline steps it, and takes our grid as ``sigmas``: its call is
 exact on the flow, and ``sample_like_ldm`` does not read SD3's three encoders). The MMDiT's pipeline is written for
-the rectified flow only: on the discrete chain StableDiffusion3Pipeline's loop gives the scheduler no generator. PixArtAlphaPipeline lower-cases and strips each prompt before T5 reads it,
-ours does not: the same image for prompts already in that form. Time grids: that scheduler shifts its
+the rectified flow only: on the discrete chain StableDiffusion3Pipeline's loop gives the scheduler no generator.
+PixArtAlphaPipeline lower-cases and strips each prompt before T5 reads it, ours does not: the same image for prompts
+already in that form. Time grids: that scheduler shifts its
 smallest time twice when it makes its own grid (it ends at shift(shift(1/T)), 0.0089 at 12 steps and shift 3, where ours
 ends at shift(1/T), 0.0030); given ``sigmas = linspace(1, 1/T, steps)`` it shifts once, which is our grid, so
 ``reproduce`` carries those sigmas. Everything is written as plain files: exporting needs no diffusers.
@@ -46,7 +47,7 @@ PREDICTIONS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
 SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 BETA_RANGE = {"linear": (1e-4, 2e-2), "scaled_linear": (0.00085, 0.012), "cosine": (1e-4, 2e-2)}  # make_betas'
 FLOW_SAMPLERS = ("euler_ode", "ddim")  # on the rectified flow both are the Euler step of the velocity ODE
-# model.kind -> (its folder, the stock pipeline that loads the export (None: none yet), diffusers' class of the network)
+# model.kind -> (the network's folder, the stock pipeline that loads the export, diffusers' class of the network)
 LAYOUTS = {"unet": ("unet", "StableDiffusionPipeline", "UNet2DConditionModel"),
            "dit": ("transformer", "PixArtAlphaPipeline", "PixArtTransformer2DModel"),
            "mmdit": ("transformer", "StableDiffusion3Pipeline", "SD3Transformer2DModel")}
@@ -106,7 +107,7 @@ def one_transformers_encoder(cfg) -> bool:
 def masks_text(cfg) -> bool:
     """True when our network cross-attends under the tokenizer's mask (MiniLM; CLIP or T5 with mask_padding)."""
     te = cfg.text_encoder
-    return te.kind == "hf" or te.kind == "t5" and te.mask_padding is not False or bool(te.mask_padding)
+    return te.kind == "hf" or (te.kind == "t5" and te.mask_padding is not False) or bool(te.mask_padding)
 
 
 def unsupported_settings(cfg) -> list[str]:
@@ -191,9 +192,9 @@ def write_pipeline(folder: Path, cfg, ema_state: dict, unet_kwargs: dict[str, An
     if components is not None:
         (folder / "scheduler").mkdir(parents=True, exist_ok=True)
         write_json(folder / "scheduler" / "scheduler_config.json", scheduler)
-        extra = {"feature_extractor": [None, None], "image_encoder": [None, None]}
-        extra = {**extra, "requires_safety_checker": False, "safety_checker": [None, None]} if kind == "unet" else (
-            extra if kind == "mmdit" else {})
+        optional = {"feature_extractor": [None, None], "image_encoder": [None, None]}  # components left out
+        extra = {"unet": {**optional, "requires_safety_checker": False, "safety_checker": [None, None]},
+                 "mmdit": optional, "dit": {}}[kind]
         write_json(folder / "model_index.json", {
             "_class_name": pipeline, **extra, net_folder: ["diffusers", net_class], "vae": ["diffusers", "AutoencoderKL"],
             "scheduler": ["diffusers", scheduler["_class_name"]], **components})
@@ -230,7 +231,7 @@ def write_text_encoder(folder: Path, cfg) -> dict[str, list[str]]:
     for spec, suffix in zip(specs, SUFFIXES):
         encoder = build_text_encoder(**spec)
         model, tokenizer = encoder.model, encoder.tokenizer
-        if spec["kind"] == "hf" or spec["kind"] == "t5" and spec.get("mask_padding") is not False:  # our encoder
+        if spec["kind"] == "hf" or (spec["kind"] == "t5" and spec.get("mask_padding") is not False):  # our encoder
             # runs under the tokenizer's mask: the pipeline passes it when the config says so (PixArt's always does)
             model.config.use_attention_mask = True
         tokenizer.model_max_length = spec["max_length"]  # the pipeline pads and cuts prompts to this length
@@ -254,11 +255,12 @@ def sample_like_ldm(pipe, prompts: list[str], seeds: list[int], *, steps: int, g
     (``mask_text``, as our network was trained), the flow's grid (``sigmas``), the penultimate CLIP layer for both
     prompts (``clip_skip``), prompts as given (PixArt's lower-cases them).
     """
-    net = getattr(pipe, "unet", None) or pipe.transformer
+    unet = getattr(pipe, "unet", None)
+    net = unet if unet is not None else pipe.transformer
 
     def predict(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        if net is getattr(pipe, "unet", None):
-            return net(x, t, context, encoder_attention_mask=mask).sample
+        if unet is not None:
+            return unet(x, t, context, encoder_attention_mask=mask).sample
         return net(x, encoder_hidden_states=context, encoder_attention_mask=mask, timestep=t.expand(x.shape[0]),
                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
 

@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from ldm.assemble import build_evaluator
     from ldm.config import LDMConfig, load_config
     from ldm.eval.evaluate import summary
+    from ldm.eval.prepare import CLASSIFIER_POOL
     from ldm.eval.realset import read_split, split_pool
 
     prov = record(MEASURES)
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     e, d = cfg.eval, cfg.data
     n = args.num_images or e.num_images
     evaluator = build_evaluator(cfg, num_images=n)
-    pool = read_split(args.data, "train", d.image_size, d.caption, e.classifier_label, limit=n + e.reference_images)
+    pool = read_split(args.data, "train", d.image_size, d.caption, e.classifier_label,  # the protocol's pool
+                      limit=n + e.reference_images + (CLASSIFIER_POOL if e.classifier else 0))
     floor = pool.subset(split_pool(len(pool), n, e.reference_images, e.seed).floor)
     if floor.keys != evaluator.floor.keys:
         raise RuntimeError("the floor set read here is not the protocol's (keys differ)")

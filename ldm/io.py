@@ -1,5 +1,5 @@
 """Weights and files on disk, for every package: reading tensors safely, checking them against a model, and
-writing files and folders atomically.
+writing files and folders atomically, and where caches live.
 
 Tensors are read with safetensors or ``torch.load(weights_only=True)``, so loading never runs pickled code; a file
 that is cut short or is not what its suffix says fails with one error naming the file. Writes go to a temporary
@@ -162,6 +162,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def cache_dir(name: str) -> Path:
+    """The project's cache folder ``name``: ``$LDM_CACHE/<name>``, else ``~/.cache/ldm/<name>``."""
+    root = os.environ.get("LDM_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "ldm") / name
 
 
 def write_folder_atomically(folder: str | os.PathLike, fill: Callable[[Path], None]) -> Path:

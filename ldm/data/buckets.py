@@ -38,7 +38,7 @@ from webdataset.tariterators import base_plus_ext
 
 from ldm.data.decode import IMAGE_EXTENSIONS, collate, decode_sample
 from ldm.data.split import KeyHoldout
-from ldm.io import atomic_write_bytes
+from ldm.io import atomic_write_bytes, cache_dir
 
 log = logging.getLogger(__name__)
 Size = tuple[int, int]  # (width, height)
@@ -73,11 +73,6 @@ def nearest_bucket(sizes: Sequence[Size], log_ratio: float) -> int:
 
 
 # --- the manifest ----------------------------------------------------------------------------------------
-def _cache_root() -> Path:
-    root = os.environ.get("LDM_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "ldm") / "buckets"
-
-
 def scan_shard(path: str) -> dict:
     """{"samples": [[key, {ext: [offset, size]}, width, height], ...], "skipped": n} of one tar shard, read from the
     tar headers and each image's header; samples are grouped as webdataset's group_by_keys groups them."""
@@ -149,7 +144,7 @@ def cached_scan(path: str) -> dict:
     ident = f"{SCAN_FORMAT}:{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
     name = hashlib.sha256(ident.encode()).hexdigest()[:32] + ".json"
     if name not in _scans:
-        file = _cache_root() / name
+        file = cache_dir("buckets") / name
         try:
             _scans[name] = json.loads(file.read_text())
         except (OSError, ValueError):

@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 
 from ldm.data.decode import to_rgb
+from ldm.io import cache_dir
 
 STYLES = ("google", "twitter")
 DATASOURCE_VERSION = "16.0.0"
@@ -57,8 +58,7 @@ class EmojiRecord:
 
 def default_cache_dir() -> Path:
     """Folder for npm tarballs: `$LDM_CACHE/npm`, else `~/.cache/ldm/npm`."""
-    root = os.environ.get("LDM_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "ldm") / "npm"
+    return cache_dir("npm")
 
 
 def fetch_npm_package(name: str, version: str, cache_dir: Path) -> Path:

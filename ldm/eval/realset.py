@@ -35,7 +35,7 @@ from ldm.data.decode import pick_caption, resize_center_crop, to_rgb
 from ldm.data.skips import SkipCounter, raw_samples
 from ldm.data.stream import resolve_shards
 from ldm.eval.inception import file_hash
-from ldm.io import atomic_write_bytes, load_tensors, save_tensors
+from ldm.io import atomic_write_bytes, cache_dir, load_tensors, save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,7 @@ class Split:
 
 def default_cache_dir() -> Path:
     """`$LDM_CACHE/eval`, else `~/.cache/ldm/eval` (the npm cache's sibling)."""
-    root = os.environ.get("LDM_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "ldm") / "eval"
+    return cache_dir("eval")
 
 
 def shards_hash(urls: list[str]) -> str:

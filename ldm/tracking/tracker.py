@@ -7,8 +7,10 @@ training: it is logged once as a warning and the metrics are kept and retried wi
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +22,7 @@ log = logging.getLogger(__name__)
 DEFAULT_STORE = "runs"
 RETRY_SECONDS = 30.0
 SYSTEM_METRICS_SECONDS = 10.0
+_PINNED = re.compile(r"^(runs:/[0-9a-f]{32}/|models:/[^/@]+/[0-9]+/?$)")  # URIs whose content cannot change
 
 
 def default_tracking_uri(root: str | Path = DEFAULT_STORE) -> str:
@@ -34,13 +37,33 @@ def tracking_uri(explicit: str | None = None, configured: str | None = None) -> 
 
 
 def download_artifacts(artifact_uri: str, uri: str | None = None) -> Path:
-    """Fetch ``runs:/<id>/<path>`` or ``models:/<name>/<version>`` into MLflow's local cache; returns the folder."""
+    """Fetch ``runs:/<id>/<path>`` or ``models:/<name>/<version>`` into ``$LDM_CACHE/mlflow``; returns the folder.
+
+    One folder per tracking server and URI, written atomically: a pinned URI (a run id, a version number) is
+    downloaded once and then read from the cache; one that can move (``models:/<name>/latest``, an alias) is
+    fetched again each time, replacing its previous copy. (MLflow's own default is a new temporary folder per
+    call, never removed: a model's size of /tmp lost on every sample.)
+    """
     import mlflow
+
+    from ldm.io import cache_dir, write_folder_atomically  # torch, which the tracker does not need otherwise
 
     uri = tracking_uri(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, tracking_uri=uri))
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", artifact_uri).strip("-")[:80]
+    digest = hashlib.sha256(f"{uri}\n{artifact_uri}".encode()).hexdigest()[:12]
+    folder = cache_dir("mlflow") / f"{name}-{digest}"
+    if _PINNED.match(artifact_uri) and (folder / "artifacts").is_dir():
+        return folder / "artifacts"
+
+    def fill(tmp: Path) -> None:
+        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, tracking_uri=uri,
+                                                       dst_path=str(tmp / "download")))
+        got.rename(tmp / "artifacts")
+
+    write_folder_atomically(folder, fill)
+    return folder / "artifacts"
 
 
 class Tracker:

@@ -15,17 +15,18 @@ from PIL import Image
 from tests.conftest import ROOT, tiny_ldm_overrides
 
 
-def _env():
-    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+def _env(cwd):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    return {**env, "LDM_CACHE": str(cwd / "cache")}  # where downloaded models go
 
 
 def _sample(args, cwd):
     """Run the installed console script, as a user would."""
     script = Path(sys.executable).parent / "ldm-sample"
-    return subprocess.run([str(script), *args], capture_output=True, text=True, env=_env(), cwd=cwd)
+    return subprocess.run([str(script), *args], capture_output=True, text=True, env=_env(cwd), cwd=cwd)
 
 
-def test_sample_from_mlflow_server(tmp_path, tiny_shards, tiny_autoencoder, mlflow_server):
+def test_sample_from_mlflow_server(tmp_path, tiny_shards, tiny_autoencoder, mlflow_server, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from ldm.cli.train import main as train_main
@@ -59,6 +60,21 @@ def test_sample_from_mlflow_server(tmp_path, tiny_shards, tiny_autoencoder, mlfl
     assert alone.returncode == 0, alone.stderr[-2000:]
     np.testing.assert_allclose(np.asarray(Image.open(tmp_path / "c" / "00000.png"), dtype=float),
                                np.asarray(Image.open(tmp_path / "a" / "00001.png"), dtype=float), atol=1)
+
+    # the downloads went to $LDM_CACHE/mlflow, one folder per URI; a pinned URI is not fetched again, and one that
+    # can move (latest) is fetched again into its one folder
+    from ldm.tracking import download_artifacts
+
+    cached = sorted((tmp_path / "cache" / "mlflow").iterdir())
+    assert [p.name.split("-")[0] for p in cached] == ["models", "runs"]
+    monkeypatch.setenv("LDM_CACHE", str(tmp_path / "cache"))
+    pinned = download_artifacts("models:/served-ldm/1", mlflow_server)
+    assert pinned.parent == cached[0] and pinned.stat().st_ino == (cached[0] / "artifacts").stat().st_ino
+    latest = download_artifacts("models:/served-ldm/latest", mlflow_server)
+    inode = latest.stat().st_ino
+    assert download_artifacts("models:/served-ldm/latest", mlflow_server) == latest
+    assert (latest / "config.yaml").is_file() and latest.stat().st_ino != inode
+    assert len(list((tmp_path / "cache" / "mlflow").iterdir())) == 3
 
     missing = _sample(["--model", "models:/no-such-model/7", "--tracking-uri", mlflow_server, "--prompt", "x"], tmp_path)
     assert missing.returncode == 2 and "models:/no-such-model/7" in missing.stderr

@@ -13,6 +13,7 @@ import os
 import re
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,6 @@ def download_artifacts(artifact_uri: str, uri: str | None = None) -> Path:
     from ldm.io import cache_dir, write_folder_atomically  # torch, which the tracker does not need otherwise
 
     uri = tracking_uri(uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", artifact_uri).strip("-")[:80]
     digest = hashlib.sha256(f"{uri}\n{artifact_uri}".encode()).hexdigest()[:12]
     folder = cache_dir("mlflow") / f"{name}-{digest}"
@@ -58,12 +57,36 @@ def download_artifacts(artifact_uri: str, uri: str | None = None) -> Path:
         return folder / "artifacts"
 
     def fill(tmp: Path) -> None:
-        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, tracking_uri=uri,
-                                                       dst_path=str(tmp / "download")))
+        with _mlflow_uris(uri):  # models:/ is resolved through MLflow's global registry URI
+            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(tmp / "download")))
         got.rename(tmp / "artifacts")
 
     write_folder_atomically(folder, fill)
     return folder / "artifacts"
+
+
+@contextmanager
+def _mlflow_uris(uri: str):
+    """MLflow's global tracking and registry URIs (and the environment variables it sets with them) at ``uri`` for
+    the block, then as they were: a caller in the same process keeps its own stores."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry
+    from mlflow.tracking._tracking_service import utils as tracking
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = tracking._tracking_uri, registry._registry_uri, {k: os.environ.get(k) for k in names}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        registry._registry_uri = saved[1]
+        for k, v in saved[2].items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class Tracker:

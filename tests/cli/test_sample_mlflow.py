@@ -75,6 +75,9 @@ def test_sample_from_mlflow_server(tmp_path, tiny_shards, tiny_autoencoder, mlfl
     assert download_artifacts("models:/served-ldm/latest", mlflow_server) == latest
     assert (latest / "config.yaml").is_file() and latest.stat().st_ino != inode
     assert len(list((tmp_path / "cache" / "mlflow").iterdir())) == 3
+    import mlflow  # and this process's MLflow URIs are as they were (a later test's sqlite store stays its own)
+
+    assert mlflow.get_registry_uri() != mlflow_server and mlflow.get_tracking_uri() != mlflow_server
 
     missing = _sample(["--model", "models:/no-such-model/7", "--tracking-uri", mlflow_server, "--prompt", "x"], tmp_path)
     assert missing.returncode == 2 and "models:/no-such-model/7" in missing.stderr

@@ -158,13 +158,15 @@ def train_peer(trainer: PeerTrainer, batches: Iterator, steps: int,
 
 def sweep(base: PeerRecipe = SCRIPT_DEFAULTS) -> dict[str, PeerRecipe]:
     """The peer's tuning sweep: learning rate, schedule and warm-up, as many points as our recipes' sweep had, and
-    4e-3 beyond them (2e-3, the highest of the six, was the best: the sweep must bracket the peer's best rate)."""
+    4e-3 and 8e-3 beyond them (2e-3, the highest of the six, was the best: the sweep must bracket the peer's best
+    rate)."""
     return {
         "diffusers-lr2.5e-4-cosine": replace(base, lr=2.5e-4, lr_schedule="cosine", warmup_steps=100),
         "diffusers-lr5e-4-cosine": replace(base, lr=5e-4, lr_schedule="cosine", warmup_steps=100),
         "diffusers-lr1e-3-cosine": replace(base, lr=1e-3, lr_schedule="cosine", warmup_steps=100),
         "diffusers-lr2e-3-cosine": replace(base, lr=2e-3, lr_schedule="cosine", warmup_steps=100),
         "diffusers-lr4e-3-cosine": replace(base, lr=4e-3, lr_schedule="cosine", warmup_steps=100),
+        "diffusers-lr8e-3-cosine": replace(base, lr=8e-3, lr_schedule="cosine", warmup_steps=100),
         "diffusers-lr5e-4-constant": replace(base, lr=5e-4),
         "diffusers-lr1e-3-cosine-warmup500": replace(base, lr=1e-3, lr_schedule="cosine", warmup_steps=500),
     }

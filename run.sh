@@ -65,6 +65,13 @@ case "$cmd" in
     # the whole suite (what CI runs): the main tests, then the cluster tests (daemons, namespaces) in their own
     # session; pytest's exit code 5 (nothing collected) is a failure; the exit code is the first failure's
     status=0
+    # a full disk shows up as tmp_path errors in unrelated tests: say so first
+    local_tmp="${TMPDIR:-/tmp}"
+    free_gib=$(df -Pk "$local_tmp" | awk 'NR == 2 {print int($4 / 1048576)}')
+    if [[ "$free_gib" -lt 5 ]]; then
+      echo "[test] warning: ${free_gib} GiB free in $local_tmp; the suite keeps up to about 3 GiB there (checkpoints," \
+           "exports): below that tests fail with 'No space left on device'" >&2
+    fi
     for marker in "not cluster" "cluster"; do
       echo "[test] pytest -m \"$marker\""
       rc=0

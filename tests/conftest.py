@@ -116,6 +116,7 @@ def tiny_ldm_overrides(shards: Path, autoencoder: Path, out: Path, tracking_uri:
     return [*(CHAIN if recipe == "chain" else []), f"data.train={shards}", f"data.val={shards}", "data.image_size=16", "data.batch_size=4",
             "data.shuffle_buffer=8", f"autoencoder.path={autoencoder}", "model.preset=tiny", "text_encoder.max_length=8",
             "train.max_steps=4", "train.ckpt_every=2", "train.log_every=1", "train.warmup_steps=1",
+            "train.lr=5.0e-4",  # the rate the tests' tolerances were set at, whatever the default's
             "sampling.steps=3", "sampling.images_per_prompt=1", "sampling.prompts=[red apple, dog face]",
             "train.val_every=0", "eval.final=false",
             f"run.output_dir={out}",

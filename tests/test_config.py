@@ -30,7 +30,9 @@ def test_bad_override_names_the_key(override, key):
 
 def test_cli_exits_2_on_unknown_key_in_file(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text((ROOT / "configs/ldm/emoji.yaml").read_text().replace("  lr: 5.0e-4", "  lr: 5.0e-4\n  lr_warmup: 3"))
+    text = (ROOT / "configs/ldm/emoji.yaml").read_text()
+    assert "\ntrain:\n" in text
+    bad.write_text(text.replace("\ntrain:\n", "\ntrain:\n  lr_warmup: 3\n"))
     proc = subprocess.run([sys.executable, "-m", "ldm.cli.train", "--config", str(bad)], capture_output=True,
                           text=True, cwd=ROOT)
     assert proc.returncode == 2

@@ -257,7 +257,9 @@ def table(rows: list[dict]) -> str:
     commits: dict[str, list[str]] = {}
     for r in rows:
         commits.setdefault(r["machine"]["commit"], []).append(r["name"])
-    lines.append(f"Measured on {m['cpu']} ({m['cores']} cores, {m['threads'] or 'default'} threads), {m['date']}; "
+    dates = sorted({r["machine"]["date"] for r in rows})
+    lines.append(f"Measured on {m['cpu']} ({m['cores']} cores, {m['threads'] or 'default'} threads), "
+                 f"{' to '.join(dict.fromkeys([dates[0], dates[-1]]))}; "
                  "commits: " + "; ".join(f"{c} ({', '.join(names)})" for c, names in commits.items()) + ".")
     return "\n".join(lines)
 

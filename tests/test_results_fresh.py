@@ -20,11 +20,11 @@ README = ROOT / "README.md"
 PENDING = {"eval.md": "the sampler table of the earlier eps default (2026-12-04): no provenance line; issue 28 measures "
                       "the sampler study again on the flow default",
            "recipe.md": "the recipe study (hours of CPU) was measured row by row at several commits (2b4fa82 to "
-                        "175cdd4, before and after the glue refactor), each named in recipe.json and the table's "
+                        "4181cfb, before and after the glue refactor), each named in recipe.json and the table's "
                         "footer; bench_recipe writes no provenance line yet (issue 28)",
            "sampler_choice.md": "the flow default's guidance chosen with `ldm-eval --prompt-set tuning` (the command and "
-                                "commit are in the file), not by a bench script; issue 28 moves the choice into "
-                                "bench_recipe, which will write the provenance line"}
+                                "commit are in the file; on the model at lr 5e-4), not by a bench script; issue 28 "
+                                "moves the choice into bench_recipe, which will write the provenance line"}
 
 
 def cited() -> list[str]:

@@ -40,7 +40,7 @@ from typing import Any, Callable
 
 import torch
 
-from bench.gpu_runner import STOP_GRACE_S, Part, Results, plan, read_record, run_parts, run_process, write_atomic
+from bench.gpu_runner import Part, Results, plan, read_record, run_parts, run_process, write_atomic
 from bench.gpu_step import (Step, channels_last_forward, diffusers_forward, fill_batch, make_inputs, matmul_peak,
                             memory, ours_forward, peak_setting, sync)
 
@@ -421,8 +421,8 @@ def running_test(log: str) -> str | None:
     return started[-1][0] if started and not started[-1][1] else None
 
 
-def run_gpu_tests(limit_s: float, log: Path, work: Path, grace_s: float = STOP_GRACE_S) -> dict[str, Any]:
-    record = run_process(gpu_tests_command(), limit_s, work / "tests.json", log=log, grace_s=grace_s, cwd=ROOT,
+def run_gpu_tests(limit_s: float, log: Path, work: Path) -> dict[str, Any]:
+    record = run_process(gpu_tests_command(), limit_s, work / "tests.json", log=log, cwd=ROOT,
                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
     text = log.read_text(errors="replace") if log.exists() else ""
     summary = re.findall(r"^=+ (.* in [\d.]+s.*?) =+$", text, re.M)

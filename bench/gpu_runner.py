@@ -92,19 +92,26 @@ def run_parts(parts: list[Part], launch: Callable[[Part, float], dict[str, Any]]
     return ok
 
 
-def run_process(cmd: list[str], limit_s: float, result: Path, log: Path | None = None, grace_s: float = STOP_GRACE_S,
-                **popen: Any) -> dict[str, Any]:
-    """Run ``cmd`` (in this process group) for at most ``limit_s`` (then ``stop``, with ``grace_s``); its record is the
-    JSON it wrote to ``result``, with status failed when it exited non-zero or was stopped. Output goes to ``log``
-    (appended) or is inherited."""
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT's default action. A check started in the background by a shell (``cmd &``,
+    ``nohup``) inherits SIGINT ignored, and a Python started so never raises KeyboardInterrupt: ``stop``'s SIGINT
+    would do nothing and SIGKILL would come without a word of where the part was."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def run_process(cmd: list[str], limit_s: float, result: Path, log: Path | None = None, **popen: Any) -> dict[str, Any]:
+    """Run ``cmd`` (in this process group, SIGINT at its default) for at most ``limit_s``; its record is the JSON it
+    wrote to ``result``, with status failed when it exited non-zero or was stopped. Output goes to ``log`` (appended)
+    or is inherited."""
     result.unlink(missing_ok=True)
     out = open(log, "a") if log else None
     try:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, **popen)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                preexec_fn=_default_sigint, **popen)
         try:
             rc = proc.wait(timeout=limit_s)
         except subprocess.TimeoutExpired:
-            stop(proc, grace_s)
+            stop(proc)
             record = read_record(result)
             return {**record, "status": "failed", "note": f"stopped at its limit of {limit_s:.0f} s"}
         except BaseException:
@@ -126,12 +133,12 @@ def read_record(path: Path) -> dict[str, Any]:
         return {}
 
 
-def stop(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
-    """SIGINT (a Python process prints its traceback: where it was), SIGKILL after ``grace_s``; reaped."""
+def stop(proc: subprocess.Popen) -> None:
+    """SIGINT (a Python process prints its traceback: where it was), SIGKILL after STOP_GRACE_S; reaped."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(timeout=grace_s)
+            proc.wait(timeout=STOP_GRACE_S)
         except subprocess.TimeoutExpired:
             proc.kill()
     proc.wait()

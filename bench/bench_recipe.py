@@ -243,8 +243,9 @@ def table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         s = r.get("sampling", {})
-        recipe = ", ".join(o for o in r["overrides"] if not o.startswith(("eval.", "sampling.", "data.text_cache"))
-                           ) or "(the config)"
+        shown = {o.split("=", 1)[0]: o for o in r["overrides"]  # a key given twice: its last value, as the run had
+                 if not o.startswith(("eval.", "sampling.", "data.text_cache"))}
+        recipe = ", ".join(shown.values()) or "(the config)"
         lines.append("| " + " | ".join([
             r["name"], r["impl"], recipe, f"{s.get('sampler')} x{s.get('steps')} g{s.get('guidance', 0):g}",
             str(r["steps"]), f"{r['seconds_per_step']:.3f}", f"{r['train_wall_s'] / 60:.1f} / {r['train_cpu_s'] / 60:.1f}",

@@ -50,6 +50,8 @@ RECIPES: dict[str, list[str]] = {
     "flow-ln-lr2.5e-4": [*FLOW, "diffusion.time_sampling=logit_normal", "train.lr=2.5e-4"],
     "flow-ln-lr1e-3-ema0.999": [*FLOW, "diffusion.time_sampling=logit_normal", "train.lr=1.0e-3",
                                 "train.ema_decay=0.999"],
+    "flow-ln-lr1e-3-drop0.2": [*FLOW, "diffusion.time_sampling=logit_normal", "train.lr=1.0e-3",
+                               "diffusion.cond_dropout=0.2"],
     "flow-ln-constant": [*FLOW, "diffusion.time_sampling=logit_normal", "train.lr_schedule=constant"],
     "flow-ln-warmup500": [*FLOW, "diffusion.time_sampling=logit_normal", "train.warmup_steps=500"],
     "flow-ln-batch64": [*FLOW, "diffusion.time_sampling=logit_normal", "data.batch_size=64"],
